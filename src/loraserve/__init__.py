@@ -1,0 +1,1 @@
+"""loraserve: one base LLM, thousands of LoRA adapters."""
