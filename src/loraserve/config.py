@@ -1,0 +1,275 @@
+"""Frozen configuration dataclasses. Each validates itself in ``__post_init__``.
+
+``ModelConfig`` is read from an HF ``config.json`` (or built from a named preset for
+dummy weights); ``CacheConfig`` sizes the page pool; ``SchedulerConfig`` bounds a step;
+``EngineConfig`` composes them with the device and dtype.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """'float32' | 'float16' | 'bfloat16' (or a torch.dtype) -> torch.dtype."""
+    if isinstance(dtype, torch.dtype):
+        if dtype in _DTYPES.values():
+            return dtype
+        raise ValueError(f"dtype {dtype} is not supported; use float32, float16 or bfloat16")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use float32, float16 or bfloat16")
+    return _DTYPES[dtype]
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency settings: theta, and the optional scaling transform."""
+
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"config field rope_scaling.rope_type={self.rope_type!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of a Llama-family model (Llama 2/3, Mistral, Qwen2, SmolLM2)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int = 4096
+    rms_norm_eps: float = 1e-6
+    rope: RopeScaling = field(default_factory=RopeScaling)
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    architecture: str = "LlamaForCausalLM"
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):
+            if getattr(self, f) <= 0:
+                raise ValueError(f"config field {f} must be positive, got {getattr(self, f)}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"config field num_attention_heads={self.num_attention_heads} must be a multiple "
+                f"of num_key_value_heads={self.num_key_value_heads}"
+            )
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise FileNotFoundError(
+                f"{cfg_file} not found: a model directory needs an HF config.json "
+                "(as written by transformers' save_pretrained)"
+            )
+        try:
+            raw = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_file} is not valid JSON: {e}") from e
+        gen_file = path / "generation_config.json"
+        gen = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+        return cls.from_hf_dict(raw, name=path.name, generation_config=gen)
+
+    @classmethod
+    def from_hf_dict(
+        cls,
+        raw: dict[str, Any],
+        name: str = "",
+        generation_config: dict[str, Any] | None = None,
+    ) -> ModelConfig:
+        arch = _architecture(raw)
+        _reject_sliding_window(raw)
+        hidden = _required(raw, "hidden_size")
+        heads = _required(raw, "num_attention_heads")
+        head_dim = raw.get("head_dim") or hidden // heads
+        eos = _ids(raw.get("eos_token_id")) | _ids((generation_config or {}).get("eos_token_id"))
+        return cls(
+            vocab_size=_required(raw, "vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=_required(raw, "intermediate_size"),
+            num_hidden_layers=_required(raw, "num_hidden_layers"),
+            num_attention_heads=heads,
+            num_key_value_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            max_position_embeddings=raw.get("max_position_embeddings", 4096),
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+            rope=_rope(raw),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            qkv_bias=arch == "Qwen2ForCausalLM" or bool(raw.get("attention_bias", False)),
+            o_bias=arch != "Qwen2ForCausalLM" and bool(raw.get("attention_bias", False)),
+            mlp_bias=bool(raw.get("mlp_bias", False)),
+            architecture=arch,
+            eos_token_ids=tuple(sorted(eos)),
+            bos_token_id=raw.get("bos_token_id"),
+            name=name or raw.get("_name_or_path", ""),
+        )
+
+
+def _required(raw: dict[str, Any], key: str) -> Any:
+    if key not in raw:
+        raise ValueError(f"config.json has no field {key!r}, which a Llama-family model needs")
+    return raw[key]
+
+
+def _ids(value: int | list[int] | None) -> set[int]:
+    if value is None:
+        return set()
+    return {value} if isinstance(value, int) else set(value)
+
+
+def _architecture(raw: dict[str, Any]) -> str:
+    archs = raw.get("architectures") or []
+    for a in archs:
+        if a in SUPPORTED_ARCHITECTURES:
+            return a
+    model_type = raw.get("model_type")
+    for a, t in SUPPORTED_ARCHITECTURES.items():
+        if not archs and model_type == t:
+            return a
+    raise ValueError(
+        f"config field architectures={archs} (model_type={model_type!r}) is not supported; "
+        f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+    )
+
+
+def _reject_sliding_window(raw: dict[str, Any]) -> None:
+    window = raw.get("sliding_window")
+    use = raw.get("use_sliding_window", raw.get("model_type") == "mistral")
+    if window is not None and use:
+        raise ValueError(
+            f"config field sliding_window={window} is not supported yet (sliding-window "
+            "attention); set it to null in config.json if the model never exceeds that length"
+        )
+
+
+def _rope(raw: dict[str, Any]) -> RopeScaling:
+    """Reads rope_theta/rope_scaling (transformers 4) or rope_parameters (transformers 5)."""
+    params = dict(raw.get("rope_parameters") or {})
+    scaling = raw.get("rope_scaling") or {}
+    params = {**scaling, **params}
+    theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    kw: dict[str, Any] = {"theta": float(theta), "rope_type": rope_type}
+    for key in (
+        "factor",
+        "low_freq_factor",
+        "high_freq_factor",
+        "original_max_position_embeddings",
+    ):
+        if params.get(key) is not None:
+            kw[key] = params[key]
+    return RopeScaling(**kw)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """How the one page pool is sized and cut.
+
+    A page holds ``block_size`` tokens of K and V for every layer (see memory/pool.py).
+    The pool size comes from exactly one of: ``num_pages``; ``pool_bytes``; or, on CUDA,
+    ``gpu_memory_utilization`` of the device's memory minus what is already in use.
+    """
+
+    block_size: int = 16
+    num_pages: int | None = None
+    pool_bytes: int | None = None
+    gpu_memory_utilization: float = 0.90
+    cpu_pool_bytes: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.num_pages is not None and self.num_pages <= 0:
+            raise ValueError(f"num_pages must be positive, got {self.num_pages}")
+        if self.pool_bytes is not None and self.pool_bytes <= 0:
+            raise ValueError(f"pool_bytes must be positive, got {self.pool_bytes}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Bounds on one engine step."""
+
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs <= 0:
+            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens <= 0:
+            raise ValueError(
+                f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}"
+            )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
+    max_model_len: int = 4096
+    attention_backend: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(
+                f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}"
+            )
+        if self.max_model_len <= 0:
+            raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")

@@ -1,0 +1,136 @@
+"""EngineArgs: the user-facing knobs of an engine, shared by LLM(), the CLI and the server.
+
+Each field carries its help text; ``add_cli_args`` turns the dataclass into argparse flags
+and ``from_cli`` back, so there is one list of options, not one per entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loraserve.config import (
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    parse_dtype,
+)
+from loraserve.engine.engine import LLMEngine, resolve_model_path
+from loraserve.model.loader import PRESETS, build_model, init_dummy_weights, load_weights
+from loraserve.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+def _opt(default, help: str, **kw):  # noqa: A002 - mirrors argparse
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = _opt(
+        None,
+        "HF model directory, or a preset name with --load-format dummy; "
+        "default: the embedded SmolLM2-135M-Instruct",
+    )
+    load_format: str = _opt(
+        "auto", "auto (safetensors) | dummy (random weights)", choices=("auto", "dummy")
+    )
+    dtype: str = _opt(
+        "auto", "auto | float32 | float16 | bfloat16 (auto: bf16 on CUDA, fp32 on CPU)"
+    )
+    device: str | None = _opt(None, "cpu | cuda | cuda:N (default: cuda if available)")
+    max_model_len: int | None = _opt(None, "context window (default: the model's)")
+    block_size: int = _opt(16, "tokens per KV page")
+    num_pages: int | None = _opt(None, "page pool size in pages (overrides the byte budget)")
+    pool_bytes: int | None = _opt(None, "page pool size in bytes")
+    gpu_memory_utilization: float = _opt(0.9, "share of GPU memory loraserve may use")
+    max_num_seqs: int = _opt(256, "most sequences in one step")
+    max_num_batched_tokens: int = _opt(8192, "most tokens in one step (prefill is chunked)")
+    attention_backend: str = _opt(
+        "auto", "auto | torch | triton", choices=("auto", "torch", "triton")
+    )
+    seed: int = _opt(0, "seed of the sampler for requests without their own seed")
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("engine")
+        for f in dataclasses.fields(cls):
+            kind = _field_type(f)
+            extra = {k: v for k, v in f.metadata.items() if k != "help"}
+            group.add_argument(
+                "--" + f.name.replace("_", "-"),
+                type=kind,
+                default=f.default,
+                help=f"{f.metadata['help']} (default: {f.default})",
+                **extra,
+            )
+
+    @classmethod
+    def from_cli(cls, ns: argparse.Namespace) -> EngineArgs:
+        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+
+    def create_engine(self) -> LLMEngine:
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = _resolve_dtype(self.dtype, device)
+        model_config, path = self._model_config()
+        max_len = self.max_model_len or model_config.max_position_embeddings
+        if max_len > model_config.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len={max_len} exceeds the model's max_position_embeddings="
+                f"{model_config.max_position_embeddings}"
+            )
+        config = EngineConfig(
+            model=model_config,
+            cache=CacheConfig(
+                block_size=self.block_size,
+                num_pages=self.num_pages,
+                pool_bytes=self.pool_bytes,
+                gpu_memory_utilization=self.gpu_memory_utilization,
+            ),
+            scheduler=SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens),
+            device=device,
+            dtype=dtype,
+            max_model_len=max_len,
+            attention_backend=self.attention_backend,
+            seed=self.seed,
+        )
+        model = build_model(model_config, dtype, device, max_len)
+        if self.load_format == "dummy":
+            init_dummy_weights(model, self.seed)
+        else:
+            load_weights(model, path)
+        tokenizer = Tokenizer.from_dir(path) if path is not None else None
+        return LLMEngine(config, model, tokenizer, model_path=str(path or self.model))
+
+    def _model_config(self) -> tuple[ModelConfig, Path | None]:
+        if self.load_format == "dummy" and self.model in PRESETS:
+            return PRESETS[self.model], None
+        if self.load_format == "dummy" and self.model is None:
+            raise ValueError(
+                f"--load-format dummy needs --model: a preset ({', '.join(PRESETS)}) "
+                "or a directory with config.json"
+            )
+        path = resolve_model_path(self.model)
+        return ModelConfig.from_dir(path), path
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    text = str(f.type)
+    if "int" in text:
+        return int
+    if "float" in text:
+        return float
+    return str
+
+
+def _resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return parse_dtype(dtype)

@@ -1,0 +1,325 @@
+"""LLMEngine: requests in, one step at a time, outputs back.
+
+add_request ──> Scheduler.waiting ──schedule()──> ModelRunner.step ──> sample
+                     ^      │ (pages from the PagePool)                  │
+                     └──────┴── preempted: back to the queue   append token, check stops
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loraserve.config import CacheConfig, EngineConfig, ModelConfig
+from loraserve.engine.runner import ModelRunner
+from loraserve.engine.sampler import Sampler
+from loraserve.engine.scheduler import Scheduler
+from loraserve.memory.kv_cache import KVCacheManager
+from loraserve.memory.pool import PageKind, PagePool, kv_page_elems, pages_for_budget
+from loraserve.model.llama import LlamaForCausalLM
+from loraserve.request import (
+    FinishReason,
+    Request,
+    RequestOutput,
+    SamplingParams,
+)
+from loraserve.tokenizer import IncrementalDetokenizer, Tokenizer
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[int]
+
+
+class PromptError(ValueError):
+    """A prompt that this engine cannot serve (too long, bad token ids, ...)."""
+
+
+@dataclass
+class _Tracked:
+    request: Request
+    detokenizer: IncrementalDetokenizer | None
+    text: str = ""
+    stop_strings: list[str] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        config: EngineConfig,
+        model: LlamaForCausalLM,
+        tokenizer: Tokenizer | None,
+        model_path: str = "",
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_path = model_path
+        self.device = torch.device(config.device)
+        mc = config.model
+        page_elems = kv_page_elems(
+            mc.num_hidden_layers, config.cache.block_size, mc.num_key_value_heads, mc.head_dim
+        )
+        num_pages = _num_pages(config, page_elems)
+        self.pool = PagePool(num_pages, page_elems, config.dtype, self.device)
+        kv = self.pool.kv_view(
+            mc.num_hidden_layers, config.cache.block_size, mc.num_key_value_heads, mc.head_dim
+        )
+        model.bind_kv_cache(kv, backend=config.attention_backend)
+        self.kv = KVCacheManager(self.pool, config.cache.block_size)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.sampler = Sampler(self.device, seed=config.seed)
+        self.runner = ModelRunner(model, config.cache.block_size, self.device, self.sampler)
+        self.eos_token_ids = frozenset(mc.eos_token_ids) | (
+            tokenizer.eos_token_ids if tokenizer else frozenset()
+        )
+        self._requests: dict[str, _Tracked] = {}
+        self._ids = itertools.count()
+        logger.info(
+            "page pool: %d pages of %.1f KiB (%d tokens each), %.2f GiB on %s",
+            num_pages,
+            self.pool.page_bytes / 1024,
+            config.cache.block_size,
+            num_pages * self.pool.page_bytes / 2**30,
+            self.device,
+        )
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_model_len
+
+    # ---- requests -------------------------------------------------------------------
+
+    def add_request(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; returns its id. Raises PromptError / ValueError for bad input
+        (nothing else in the engine is affected)."""
+        params = params or SamplingParams()
+        params.validate()
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        token_ids = self._tokenize(prompt)
+        self._check_fits(token_ids, params)
+        request = Request(request_id, token_ids, params, prompt=text)
+        if params.seed is not None:
+            request.generator = self.sampler.make_generator(params.seed)
+        detok = (
+            IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
+            if self.tokenizer
+            else None
+        )
+        self._requests[request_id] = _Tracked(request, detok, stop_strings=list(params.stop))
+        self.scheduler.add(request)
+        return request_id
+
+    def _tokenize(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise PromptError(
+                    f"the model at {self.model_path!r} has no tokenizer.json: "
+                    "send prompts as lists of token ids"
+                )
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            vocab = self.config.model.vocab_size
+            bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+            if bad:
+                raise PromptError(
+                    f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})"
+                )
+        if not ids:
+            raise PromptError("the prompt is empty: give at least one token")
+        return ids
+
+    def _check_fits(self, token_ids: list[int], params: SamplingParams) -> None:
+        n = len(token_ids)
+        if n >= self.max_model_len:
+            raise PromptError(
+                f"the prompt has {n} tokens but the context window (max_model_len) is "
+                f"{self.max_model_len}: shorten it to at most {self.max_model_len - 1} tokens"
+            )
+        longest = min(n + params.max_tokens, self.max_model_len)
+        pages = self.kv.blocks_needed(longest)
+        if pages > self.pool.num_pages:
+            raise PromptError(
+                f"the request needs up to {longest} tokens ({pages} pages) but the page pool has "
+                f"{self.pool.num_pages} pages: lower max_tokens or give the pool more memory"
+            )
+
+    def abort(self, request_id: str) -> None:
+        tracked = self._requests.pop(request_id, None)
+        if tracked is None or tracked.request.finished:
+            return
+        tracked.request.finish_reason = FinishReason.ABORT
+        self.scheduler.finish(tracked.request)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # ---- the step loop -----------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; returns an output for every request that got a new token."""
+        scheduled = self.scheduler.schedule()
+        if scheduled.empty:
+            return []
+        result = self.runner.step(scheduled)
+        for request, n in zip(scheduled.requests, scheduled.num_scheduled, strict=True):
+            request.num_computed_tokens += n
+        outputs = []
+        samples = result.samples
+        for request, token, logprobs in zip(
+            result.sampled, samples.token_ids, samples.logprobs, strict=True
+        ):
+            tracked = self._requests[request.request_id]
+            self._append(tracked, token, logprobs)
+            outputs.append(self._output(tracked))
+            if request.finished:
+                del self._requests[request.request_id]
+        return outputs
+
+    def _append(self, tracked: _Tracked, token: int, logprobs: dict[int, float] | None) -> None:
+        request = tracked.request
+        params = request.params
+        request.output_token_ids.append(token)
+        if logprobs is not None:
+            request.output_logprobs.append(logprobs)
+        if request.first_token_time is None:
+            request.first_token_time = time.monotonic()
+        reason, stop = self._stop_reason(tracked, token)
+        if reason is None and len(request.output_token_ids) >= params.max_tokens:
+            reason = FinishReason.LENGTH
+        if reason is None and request.num_tokens >= self.max_model_len:
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            request.finish_reason, request.stop_reason = reason, stop
+            self.scheduler.finish(request)
+
+    def _stop_reason(
+        self, tracked: _Tracked, token: int
+    ) -> tuple[FinishReason | None, str | int | None]:
+        params = tracked.request.params
+        if not params.ignore_eos and token in self.eos_token_ids:
+            return FinishReason.STOP, None
+        if token in params.stop_token_ids:
+            return FinishReason.STOP, token
+        if tracked.detokenizer is None:
+            return None, None
+        before = len(tracked.text)
+        tracked.text += tracked.detokenizer.add(token)
+        return self._stop_string(tracked, before)
+
+    def _stop_string(
+        self, tracked: _Tracked, before: int
+    ) -> tuple[FinishReason | None, str | None]:
+        for stop in tracked.stop_strings:
+            start = tracked.text.find(stop, max(0, before - len(stop) + 1))
+            if start >= 0:
+                end = (
+                    start + len(stop)
+                    if tracked.request.params.include_stop_str_in_output
+                    else start
+                )
+                tracked.text = tracked.text[:end]
+                return FinishReason.STOP, stop
+        return None, None
+
+    def _output(self, tracked: _Tracked) -> RequestOutput:
+        r = tracked.request
+        return RequestOutput(
+            request_id=r.request_id,
+            prompt=r.prompt,
+            prompt_token_ids=r.prompt_token_ids,
+            text=self._visible_text(tracked),
+            token_ids=list(r.output_token_ids),
+            logprobs=list(r.output_logprobs) if r.params.logprobs is not None else None,
+            finished=r.finished,
+            finish_reason=r.finish_reason.value if r.finish_reason else None,
+            stop_reason=r.stop_reason,
+            num_preemptions=r.num_preemptions,
+        )
+
+    def _visible_text(self, tracked: _Tracked) -> str:
+        """While a stop string could still be forming at the end of the text, hold that
+        tail back (streaming clients must never see text that a stop string removes)."""
+        text = tracked.text
+        if tracked.request.finished or not tracked.stop_strings:
+            return text
+        hold = 0
+        for stop in tracked.stop_strings:
+            for k in range(min(len(stop) - 1, len(text)), 0, -1):
+                if text.endswith(stop[:k]):
+                    hold = max(hold, k)
+                    break
+        return text[: len(text) - hold]
+
+    def check_integrity(self) -> None:
+        """Pages in use are exactly the block tables of running requests."""
+        self.pool.check_integrity()
+        held = [p for r in self.scheduler.running for p in r.block_table]
+        held += [p for r in self.scheduler.waiting for p in r.block_table]
+        assert len(held) == len(set(held)), "a KV page is in two block tables"
+        assert self.pool.num_used(PageKind.KV) == len(held), (
+            f"{self.pool.num_used(PageKind.KV)} KV pages in use, {len(held)} in block tables"
+        )
+
+
+def _num_pages(config: EngineConfig, page_elems: int) -> int:
+    cache: CacheConfig = config.cache
+    useful = config.scheduler.max_num_seqs * -(-config.max_model_len // cache.block_size) + 1
+    if cache.num_pages is not None:
+        return cache.num_pages
+    if cache.pool_bytes is not None:
+        budget = cache.pool_bytes
+    elif config.device.startswith("cuda"):
+        budget = _cuda_budget(config)
+    else:
+        budget = cache.cpu_pool_bytes
+    pages = min(pages_for_budget(budget, page_elems, config.dtype), useful)
+    if pages < 1:
+        raise ValueError(
+            f"the page pool budget ({budget} bytes) is smaller than one page: give more memory"
+        )
+    return pages
+
+
+def _cuda_budget(config: EngineConfig) -> int:
+    """Bytes for the pool: the share of device memory we may use, less what is in use
+    (weights) and an estimate of the activations of the largest step."""
+    device = torch.device(config.device)
+    free, total = torch.cuda.mem_get_info(device)
+    in_use = total - free
+    mc: ModelConfig = config.model
+    itemsize = torch.tensor([], dtype=config.dtype).element_size()
+    tokens = config.scheduler.max_num_batched_tokens
+    per_token = (
+        mc.q_size + 2 * mc.kv_size + 4 * mc.intermediate_size + 4 * mc.hidden_size
+    ) * itemsize
+    logits = config.scheduler.max_num_seqs * mc.vocab_size * 4 * 4
+    reserve = tokens * per_token * 2 + logits + (512 << 20)
+    return int(total * config.cache.gpu_memory_utilization) - in_use - reserve
+
+
+def resolve_model_path(model: str | None) -> Path:
+    if model is None:
+        from loraserve.model.embedded import embedded_model_dir
+
+        return embedded_model_dir()
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"model directory {model!r} not found: give a local HF model directory "
+            "(config.json + *.safetensors), or no model for the embedded default"
+        )
+    return path

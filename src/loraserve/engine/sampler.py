@@ -1,0 +1,104 @@
+"""Sampling the next token of every sequence in a step, vectorised over the batch.
+
+Order as in transformers: temperature, then top-k, then top-p. Sampling uses the
+exponential-race trick (argmax of p / E with E ~ Exp(1)), so a seeded request draws its
+noise from its own generator and gets the same tokens whatever else is in the batch.
+Logprobs are of the model's distribution (log_softmax of the raw logits), as vLLM reports
+them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from loraserve.request import Request
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[dict[int, float] | None]
+
+
+class Sampler:
+    def __init__(self, device: torch.device | str, seed: int = 0) -> None:
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    def make_generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
+        # logits [N, vocab] fp32, one row per request
+        greedy = torch.tensor([r.params.greedy for r in requests], device=logits.device)
+        if bool(greedy.all()):
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = self._sample(logits, requests, greedy)
+        logprobs = self._logprobs(logits, tokens, requests)
+        return SampleResult(tokens.tolist(), logprobs)
+
+    def _sample(
+        self, logits: torch.Tensor, requests: list[Request], greedy: torch.Tensor
+    ) -> torch.Tensor:
+        temps = torch.tensor(
+            [r.params.temperature or 1.0 for r in requests], device=logits.device
+        ).unsqueeze(1)
+        scaled = _top_k_top_p(logits / temps, requests)
+        probs = scaled.softmax(dim=-1)
+        noise = self._noise(probs, requests)
+        sampled = (probs / noise).argmax(dim=-1)
+        return torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+    def _noise(self, probs: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for i, r in enumerate(requests):
+            if r.generator is not None:
+                noise[i].exponential_(generator=r.generator)
+        return noise
+
+    def _logprobs(
+        self, logits: torch.Tensor, tokens: torch.Tensor, requests: list[Request]
+    ) -> list[dict[int, float] | None]:
+        wanted = [r.params.logprobs for r in requests]
+        if all(k is None for k in wanted):
+            return [None] * len(requests)
+        logp = logits.log_softmax(dim=-1)
+        k = max(w or 0 for w in wanted)
+        top_vals, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], tokens[:, None][:, :0])
+        chosen = logp.gather(1, tokens[:, None]).squeeze(1)
+        top_vals, top_ids, chosen, tok = (
+            top_vals.tolist(),
+            top_ids.tolist(),
+            chosen.tolist(),
+            tokens.tolist(),
+        )
+        out: list[dict[int, float] | None] = []
+        for i, w in enumerate(wanted):
+            if w is None:
+                out.append(None)
+                continue
+            entry = dict(zip(top_ids[i][:w], top_vals[i][:w], strict=True))
+            entry[tok[i]] = chosen[i]
+            out.append(entry)
+        return out
+
+
+def _top_k_top_p(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    top_k = [r.params.top_k if r.params.top_k > 0 else vocab for r in requests]
+    top_p = [r.params.top_p for r in requests]
+    if all(k >= vocab for k in top_k) and all(p >= 1.0 for p in top_p):
+        return logits
+    k = torch.tensor(top_k, device=logits.device).unsqueeze(1)
+    p = torch.tensor(top_p, device=logits.device, dtype=logits.dtype).unsqueeze(1)
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)
+    sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    # Drop a token when the mass before it already reaches top_p (the first always stays).
+    drop = (probs.cumsum(dim=-1) - probs) >= p
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)

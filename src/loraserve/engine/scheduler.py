@@ -1,0 +1,129 @@
+"""Iteration-level (continuous) batching.
+
+Every step the scheduler hands out a budget of ``max_num_batched_tokens`` tokens:
+
+1. Running requests first, oldest first: each gets the tokens it still has to compute
+   (1 in decode; the rest of its prompt, possibly in chunks, in prefill). If the pool has
+   no page for one, the NEWEST running request is preempted (pages freed, progress reset,
+   back to the front of the queue to be recomputed) until the page is found.
+2. Then waiting requests, in arrival order, while the budget, ``max_num_seqs`` and the
+   pool allow: admission takes the pages for the tokens scheduled now and leaves a small
+   watermark of free pages so that running requests can grow.
+
+A request never waits behind the budget forever: a prompt larger than the budget is
+prefilled in chunks over several steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from loraserve.config import SchedulerConfig
+from loraserve.memory.kv_cache import KVCacheManager
+from loraserve.request import Request, RequestStatus
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ScheduledBatch:
+    requests: list[Request] = field(default_factory=list)
+    num_scheduled: list[int] = field(default_factory=list)  # new tokens per request
+    preempted: list[Request] = field(default_factory=list)
+
+    def add(self, request: Request, n: int) -> None:
+        self.requests.append(request)
+        self.num_scheduled.append(n)
+
+    @property
+    def empty(self) -> bool:
+        return not self.requests
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_scheduled)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv: KVCacheManager,
+        watermark: float = 0.01,
+    ) -> None:
+        self.config = config
+        self.kv = kv
+        self.watermark_pages = int(watermark * kv.pool.num_pages)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add(self, request: Request) -> None:
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self._schedule_running(batch, self.config.max_num_batched_tokens)
+        if not batch.preempted:
+            self._schedule_waiting(batch, budget)
+        return batch
+
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._grow_or_preempt(request, request.num_computed_tokens + n, batch):
+                break  # ``request`` itself was preempted: it was the newest
+            batch.add(request, n)
+            budget -= n
+            i += 1
+        return budget
+
+    def _grow_or_preempt(self, request: Request, num_tokens: int, batch: ScheduledBatch) -> bool:
+        while not self.kv.allocate(request, num_tokens):
+            victim = self.running.pop()
+            self._preempt(victim)
+            batch.preempted.append(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        logger.debug("preempting %s (%d tokens)", request.request_id, request.num_tokens)
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+
+    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            end = request.num_computed_tokens + n
+            reserve = self.watermark_pages if self.running else 0
+            if self.kv.pool.num_free < self.kv.extra_blocks(request, end) + reserve:
+                break
+            if not self.kv.allocate(request, end):
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            batch.add(request, n)
+            budget -= n
+
+    def finish(self, request: Request) -> None:
+        """Remove a finished or aborted request and return its pages."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv.free(request)
+        request.status = RequestStatus.FINISHED

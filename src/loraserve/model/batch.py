@@ -1,0 +1,33 @@
+"""ForwardBatch: everything one model forward needs, passed explicitly (no global context).
+
+Tokens of all scheduled sequences are concatenated; sequence s owns token rows
+``query_start_loc[s] : query_start_loc[s+1]``, which are the last ``q_len`` tokens of its
+context of ``seq_lens[s]`` tokens (prefill, chunked prefill and decode look the same).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ForwardBatch:
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    slot_mapping: torch.Tensor  # [num_tokens] int64, page * block_size + offset
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32, context length after this step
+    query_start_loc: torch.Tensor  # [num_seqs + 1] int32
+    logits_indices: torch.Tensor  # [num_sampled] int64, rows whose logits are needed
+    max_q_len: int
+    max_seq_len: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]

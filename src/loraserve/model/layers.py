@@ -1,0 +1,74 @@
+"""Building blocks of the Llama-family model: packed linear layers and RMSNorm.
+
+A ``PackedLinear`` stores several checkpoint projections that read the same input as one
+weight (q|k|v, gate|up), so the base matmul is one dense GEMM. Each projection keeps its
+name and output range: that is where a LoRA target attaches (one A per target, the input
+read once) and how checkpoint tensors are loaded into the packed weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T (+ b), W packed from named projections along the output dimension.
+
+    weight [sum(out_sizes), in_features]; projection ``name`` owns rows
+    ``offsets[name] : offsets[name] + sizes[name]``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        projections: dict[str, int],
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.sizes = dict(projections)
+        self.offsets: dict[str, int] = {}
+        total = 0
+        for name, size in projections.items():
+            self.offsets[name] = total
+            total += size
+        self.out_features = total
+        self.weight = nn.Parameter(torch.empty(total, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(total), requires_grad=False) if bias else None
+
+    def load(self, projection: str, param: str, tensor: torch.Tensor) -> None:
+        """Copy a checkpoint tensor (``param`` = "weight" | "bias") into its slice."""
+        start, size = self.offsets[projection], self.sizes[projection]
+        target = getattr(self, param)
+        if target is None:
+            raise ValueError(f"{projection} has no {param} in this architecture")
+        expected = (size, *target.shape[1:])
+        if tuple(tensor.shape) != expected:
+            raise ValueError(
+                f"{projection}.{param}: checkpoint shape {tuple(tensor.shape)}, expected {expected}"
+            )
+        target.data[start : start + size].copy_(tensor)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x [T, in_features] -> [T, out_features]
+        return F.linear(x, self.weight, self.bias)
+
+    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(y.split(list(self.sizes.values()), dim=-1))
+
+
+class RMSNorm(nn.Module):
+    """HF Llama's RMSNorm: normalise in fp32, cast back, then scale."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)

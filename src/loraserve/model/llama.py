@@ -1,0 +1,132 @@
+"""One Llama-family model: Llama 2/3 (GQA, llama3 RoPE), Mistral, Qwen2 (qkv bias),
+SmolLM2 (tied embeddings). Plain PyTorch, read top to bottom; attention reads and writes
+the paged KV cache in the shared page pool.
+
+Checkpoint names -> modules (HF layout):
+    model.embed_tokens.weight                       -> embed_tokens
+    model.layers.{i}.self_attn.{q,k,v}_proj.*       -> layers[i].attn.qkv  (packed)
+    model.layers.{i}.self_attn.o_proj.weight        -> layers[i].attn.o_proj
+    model.layers.{i}.mlp.{gate,up}_proj.weight      -> layers[i].mlp.gate_up (packed)
+    model.layers.{i}.mlp.down_proj.weight           -> layers[i].mlp.down_proj
+    model.layers.{i}.{input,post_attention}_layernorm.weight, model.norm.weight
+    lm_head.weight (absent when tie_word_embeddings)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loraserve.config import ModelConfig
+from loraserve.kernels.attention import paged_attention, store_kv
+from loraserve.model.batch import ForwardBatch
+from loraserve.model.layers import PackedLinear, RMSNorm
+from loraserve.model.rope import RotaryEmbedding
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        self.qkv = PackedLinear(
+            config.hidden_size,
+            {"q_proj": config.q_size, "k_proj": config.kv_size, "v_proj": config.kv_size},
+            bias=config.qkv_bias,
+        )
+        self.o_proj = PackedLinear(config.q_size, {"o_proj": config.hidden_size}, config.o_bias)
+        self.rotary = rotary
+        self.backend = "auto"
+        self.k_cache: torch.Tensor | None = None  # [num_pages, block_size, kv_heads, head_dim]
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        # x [T, hidden]
+        q, k, v = self.qkv.split(self.qkv(x))
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(batch.positions, q, k)
+        store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
+        o = paged_attention(
+            q,
+            self.k_cache,
+            self.v_cache,
+            batch.block_tables,
+            batch.seq_lens,
+            batch.query_start_loc,
+            self.scale,
+            backend=self.backend,
+            max_q_len=batch.max_q_len,
+        )  # [T, heads, head_dim]
+        return self.o_proj(o.reshape(-1, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        inter = config.intermediate_size
+        bias = config.mlp_bias
+        self.gate_up = PackedLinear(
+            config.hidden_size, {"gate_proj": inter, "up_proj": inter}, bias
+        )
+        self.down_proj = PackedLinear(inter, {"down_proj": config.hidden_size}, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up.split(self.gate_up(x))
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, rotary: RotaryEmbedding) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config, layer_idx, rotary)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        x = x + self.attn(self.input_layernorm(x), batch)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, max_positions: int) -> None:
+        super().__init__()
+        self.config = config
+        rotary = RotaryEmbedding(config.head_dim, max_positions, config.rope)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, rotary) for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nn.Parameter(
+                torch.empty(config.vocab_size, config.hidden_size), requires_grad=False
+            )
+
+    def bind_kv_cache(self, kv: torch.Tensor, backend: str = "auto") -> None:
+        """kv: the pool viewed as [num_pages, num_layers, 2, block_size, kv_heads, head_dim]."""
+        for i, layer in enumerate(self.layers):
+            layer.attn.k_cache = kv[:, i, 0]
+            layer.attn.v_cache = kv[:, i, 1]
+            layer.attn.backend = backend
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Hidden states after the final norm, only for ``batch.logits_indices`` rows."""
+        x = self.embed_tokens(batch.input_ids)  # [T, hidden]
+        for layer in self.layers:
+            x = layer(x, batch)
+        return self.norm(x[batch.logits_indices])
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden [N, hidden] -> logits [N, vocab] fp32
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head
+        return F.linear(hidden, weight).float()
