@@ -56,25 +56,30 @@ class EngineArgs:
     attention_backend: str = _opt(
         "auto", "auto | torch | triton", choices=("auto", "torch", "triton")
     )
-    seed: int = _opt(0, "seed of the sampler for requests without their own seed")
+    seed: int = _opt(
+        0, "seed of the sampler for requests without their own seed", flag="engine-seed"
+    )
 
     @classmethod
     def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("engine")
         for f in dataclasses.fields(cls):
             kind = _field_type(f)
-            extra = {k: v for k, v in f.metadata.items() if k != "help"}
+            extra = {k: v for k, v in f.metadata.items() if k not in ("help", "flag")}
             group.add_argument(
-                "--" + f.name.replace("_", "-"),
+                "--" + _flag(f),
+                dest=_flag(f).replace("-", "_"),
                 type=kind,
                 default=f.default,
-                help=f"{f.metadata['help']} (default: {f.default})",
+                help=_help(f),
                 **extra,
             )
 
     @classmethod
     def from_cli(cls, ns: argparse.Namespace) -> EngineArgs:
-        return cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls)})
+        return cls(
+            **{f.name: getattr(ns, _flag(f).replace("-", "_")) for f in dataclasses.fields(cls)}
+        )
 
     def create_engine(self) -> LLMEngine:
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -119,6 +124,15 @@ class EngineArgs:
             )
         path = resolve_model_path(self.model)
         return ModelConfig.from_dir(path), path
+
+
+def _help(f: dataclasses.Field) -> str:
+    text = f.metadata["help"]
+    return text if "default" in text else f"{text} (default: {f.default})"
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag", f.name.replace("_", "-"))
 
 
 def _field_type(f: dataclasses.Field) -> type:

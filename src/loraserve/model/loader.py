@@ -116,7 +116,10 @@ def load_weights(model: LlamaForCausalLM, model_dir: Path) -> None:
             raise ValueError(
                 f"{file.name}: unexpected tensor {name!r} for {model.config.architecture}"
             )
-        _load_one(model, name, tensor)
+        try:
+            _load_one(model, name, tensor)
+        except ValueError as e:
+            raise ValueError(f"{file.name}: tensor {name!r} does not fit the config: {e}") from e
         seen.add(name)
     missing = sorted(expected - seen)
     if missing:
