@@ -3,6 +3,8 @@ joining a running batch."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import transformers
@@ -11,6 +13,8 @@ from loraserve.engine.args import EngineArgs
 from loraserve.request import SamplingParams
 
 NEW_TOKENS = 32
+# On the GPU machine: LORASERVE_TEST_DEVICE=cuda runs these with the Triton attention path.
+DEVICE = os.environ.get("LORASERVE_TEST_DEVICE", "cpu")
 
 MODELS = {
     "mha": dict(num_attention_heads=4, num_key_value_heads=4),
@@ -61,7 +65,7 @@ def prompts(vocab: int, lengths: list[int], seed: int = 1) -> list[list[int]]:
 @pytest.mark.parametrize("name", list(MODELS))
 def test_greedy_matches_hf_with_late_arrivals(tiny_model_factory, name):
     model_dir = tiny_model_factory(**MODELS[name])
-    engine = EngineArgs(model=str(model_dir), dtype="float32", device="cpu").create_engine()
+    engine = EngineArgs(model=str(model_dir), dtype="float32", device=DEVICE).create_engine()
     ps = prompts(engine.config.model.vocab_size, [5, 17, 33, 9, 21])
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, logprobs=3, ignore_eos=True)
     results = {}
@@ -86,3 +90,29 @@ def test_greedy_matches_hf_with_late_arrivals(tiny_model_factory, name):
                 assert abs(value - lp_hf[tok].item()) < 1e-4, (i, step, tok)
             top = lp_hf.topk(3).indices.tolist()
             assert set(top) <= set(lp_ours), (i, step)
+
+
+@pytest.mark.parametrize("name", ["gqa", "head-dim-24"])
+def test_triton_attention_path_gives_same_tokens(tiny_model_factory, name):
+    """The engine with the Triton attention kernel (interpreted on the CPU) against the torch
+    reference path, on a batch with late arrivals."""
+    model_dir = tiny_model_factory(**MODELS[name])
+    ps = prompts(211, [7, 19, 4])
+    params = SamplingParams(max_tokens=12, temperature=0.0, logprobs=2, ignore_eos=True)
+    results = {}
+    for backend in ("torch", "triton"):
+        engine = EngineArgs(
+            model=str(model_dir), dtype="float32", device=DEVICE, attention_backend=backend
+        ).create_engine()
+        engine.add_request(ps[0], params, request_id="0")
+        engine.step()
+        engine.add_request(ps[1], params, request_id="1")
+        engine.add_request(ps[2], params, request_id="2")
+        outs = {}
+        while engine.has_unfinished():
+            outs.update({o.request_id: o for o in engine.step()})
+        results[backend] = outs
+    for i in "012":
+        assert results["torch"][i].token_ids == results["triton"][i].token_ids
+        for a, b in zip(results["torch"][i].logprobs, results["triton"][i].logprobs, strict=True):
+            assert max(abs(a[t] - b[t]) for t in a) < 1e-4

@@ -1,0 +1,312 @@
+"""Paged, variable-length, causal attention over a KV cache kept in the shared page pool.
+
+Each KV page holds ``block_size`` consecutive tokens of one sequence for every layer. The
+caller hands one layer's K and V as strided views into the pool buffer:
+
+    pool  [num_pages, num_layers, 2, block_size, num_kv_heads, head_dim]   (page stride >= this)
+                          |       |
+                        layer   0 = K, 1 = V
+    k_cache = pool[:, layer, 0]  ->  [num_pages, block_size, num_kv_heads, head_dim]
+    v_cache = pool[:, layer, 1]      (not contiguous: only the last dim has stride 1)
+
+A sequence's KV position ``p`` lives in page ``block_tables[s, p // block_size]`` at offset
+``p % block_size``. Pages of one sequence may lie anywhere in the pool:
+
+    block_tables[s] = [ 7, 2, 9, ... ]
+    positions         0..bs-1 | bs..2bs-1 | 2bs..3bs-1 | ...
+    pool pages      ... [2] ... [7] ... [9] ...
+
+The query tokens of all sequences are concatenated in batch order; sequence ``s`` owns rows
+``query_start_loc[s] : query_start_loc[s + 1]`` of ``q``. They are the last ``q_len`` tokens
+of its ``seq_len``-token context, so one call serves decode (q_len = 1), prefill
+(q_len = seq_len) and chunked prefill (1 < q_len < seq_len) alike:
+
+    q_len = query_start_loc[s + 1] - query_start_loc[s]
+    query j sits at position  seq_len - q_len + j  and sees KV positions 0 .. that position
+
+The K/V of the query tokens must already be in the cache (``store_kv``) before attention runs.
+Query head ``h`` reads KV head ``h // (num_heads // num_kv_heads)`` (MHA, GQA and MQA).
+
+The Triton kernel feeds tl.dot with operands in the cache dtype (fp16/bf16 tensor cores, fp32
+in IEEE precision) and keeps the softmax state and accumulator in fp32. Triton's CPU
+interpreter gets bf16 dots wrong, so on the CPU it is tested in fp32 and fp16 only.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+_LOG2E = 1.4426950408889634
+
+
+def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+    """Write each token's K and V into its cache slot.
+
+    k, v: [num_tokens, num_kv_heads, head_dim]
+    k_cache, v_cache: [num_pages, block_size, num_kv_heads, head_dim], strided views into the pool
+    slot_mapping: int64 [num_tokens], slot = page * block_size + offset_in_page
+    """
+    block_size = k_cache.shape[1]
+    pages = slot_mapping // block_size  # [num_tokens]
+    offsets = slot_mapping % block_size  # [num_tokens]
+    k_cache[pages, offsets] = k.to(k_cache.dtype)
+    v_cache[pages, offsets] = v.to(v_cache.dtype)
+
+
+def _gather_kv(cache: Tensor, pages: Tensor, seq_len: int) -> Tensor:
+    """One sequence's KV, contiguous.
+
+    cache: [num_pages, block_size, kv_heads, head_dim]; pages: [n] -> [seq_len, kv_heads, head_dim]
+    """
+    gathered = cache[pages]  # [n, block_size, kv_heads, head_dim], a contiguous copy
+    return gathered.flatten(0, 1)[:seq_len]
+
+
+def _attend_ref(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Causal attention of the last q_len positions, fp32.
+
+    q: [q_len, num_heads, head_dim]; k, v: [seq_len, num_heads, head_dim]
+    returns [q_len, num_heads, head_dim]
+    """
+    q_len, seq_len = q.shape[0], k.shape[0]
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # [num_heads, q_len, seq_len]
+    q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)  # [q_len]
+    k_pos = torch.arange(seq_len, device=q.device)  # [seq_len]
+    future = k_pos[None, :] > q_pos[:, None]  # [q_len, seq_len]
+    probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    return torch.einsum("hqk,khd->qhd", probs, v)
+
+
+def paged_attention_ref(
+    q: Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: Tensor,  # [num_pages, block_size, num_kv_heads, head_dim]
+    v_cache: Tensor,  # [num_pages, block_size, num_kv_heads, head_dim]
+    block_tables: Tensor,  # int32 [num_seqs, max_blocks_per_seq]
+    seq_lens: Tensor,  # int32 [num_seqs]
+    query_start_loc: Tensor,  # int32 [num_seqs + 1]
+    scale: float,
+) -> Tensor:  # [num_tokens, num_heads, head_dim], dtype of q
+    """Plain torch paged attention: one sequence at a time, fp32 inside."""
+    block_size = k_cache.shape[1]
+    group = q.shape[1] // k_cache.shape[2]
+    out = torch.empty_like(q)
+    starts = query_start_loc.tolist()
+    for s, seq_len in enumerate(seq_lens.tolist()):
+        pages = block_tables[s, : -(-seq_len // block_size)].long()
+        k = _gather_kv(k_cache, pages, seq_len).float().repeat_interleave(group, dim=1)
+        v = _gather_kv(v_cache, pages, seq_len).float().repeat_interleave(group, dim=1)
+        rows = slice(starts[s], starts[s + 1])
+        out[rows] = _attend_ref(q[rows].float(), k, v, scale).to(q.dtype)
+    return out
+
+
+@triton.jit
+def _kv_slots(
+    block_table_ptr,  # this sequence's row of block_tables
+    k_pos,  # [BLOCK_N] absolute KV positions
+    kv_ok,  # [BLOCK_N] position is inside the context
+    PAGE_SIZE: tl.constexpr,
+):
+    """(page id as int64, offset in page) of each KV position: [BLOCK_N] each."""
+    page = tl.load(block_table_ptr + k_pos // PAGE_SIZE, mask=kv_ok, other=0).to(tl.int64)
+    return page, k_pos % PAGE_SIZE
+
+
+@triton.jit
+def _paged_attention_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    out_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    query_start_loc_ptr,
+    scale_log2,  # softmax scale * log2(e): the kernel uses exp2
+    stride_q_tok,
+    stride_q_head,
+    stride_k_page,
+    stride_k_off,
+    stride_k_head,
+    stride_v_page,
+    stride_v_off,
+    stride_v_head,
+    stride_o_tok,
+    stride_o_head,
+    stride_bt_seq,
+    HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    GROUP: tl.constexpr,  # query heads per kv head
+    BLOCK_M: tl.constexpr,  # rows = (query token, query head of the group) pairs
+    BLOCK_N: tl.constexpr,  # KV positions per tile
+    BLOCK_D: tl.constexpr,  # head_dim padded to a power of two
+    DOT_PRECISION: tl.constexpr,
+):
+    """One program: BLOCK_M // GROUP query tokens of one sequence x GROUP heads of one kv head."""
+    q_block = tl.program_id(0)
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    TOKENS: tl.constexpr = BLOCK_M // GROUP
+
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    if q_block * TOKENS >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+
+    rows = tl.arange(0, BLOCK_M)
+    tok = q_block * TOKENS + rows // GROUP  # [BLOCK_M] query token index within the sequence
+    head = kv_head * GROUP + rows % GROUP  # [BLOCK_M] query head
+    row_ok = (rows < TOKENS * GROUP) & (tok < q_len)
+    q_pos = seq_len - q_len + tok  # [BLOCK_M] absolute position of the query
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+
+    q_rows = (q_start + tok).to(tl.int64) * stride_q_tok + head * stride_q_head
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + q_rows[:, None] + d[None, :], mask=q_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # running max (log2 units)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running softmax denominator
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # KV positions past the last query of this block are never attended: skip those tiles.
+    kv_end = tl.minimum(seq_len, seq_len - q_len + (q_block + 1) * TOKENS)
+    block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
+    k_base = k_ptr + kv_head * stride_k_head
+    v_base = v_ptr + kv_head * stride_v_head
+    for start in range(0, kv_end, BLOCK_N):
+        k_pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        kv_ok = k_pos < kv_end
+        kv_mask = kv_ok[:, None] & d_ok[None, :]
+        page, offset = _kv_slots(block_table, k_pos, kv_ok, PAGE_SIZE)
+        k_off = page * stride_k_page + offset * stride_k_off  # [BLOCK_N]
+        v_off = page * stride_v_page + offset * stride_v_off  # [BLOCK_N]
+        k = tl.load(k_base + k_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + v_off[:, None] + d[None, :], mask=kv_mask, other=0.0)
+
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+        visible = kv_ok[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])  # masked entries: exp2(-inf) = 0
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    o_rows = (q_start + tok).to(tl.int64) * stride_o_tok + head * stride_o_head
+    tl.store(out_ptr + o_rows[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+def _max_q_len(query_start_loc: Tensor) -> int:
+    """Longest query run in the batch (syncs with the device)."""
+    return int((query_start_loc[1:] - query_start_loc[:-1]).max().item())
+
+
+def _block_m(group: int, max_q_len: int) -> int:
+    """Rows per program: every head of the group, and up to 64 rows of query tokens."""
+    rows = triton.next_power_of_2(group * max_q_len)
+    return max(16, triton.next_power_of_2(group), min(64, rows))
+
+
+def _check_inputs(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> None:
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+    if k_cache.shape != v_cache.shape or k_cache.shape[3] != head_dim:
+        raise ValueError(f"cache shapes {k_cache.shape}, {v_cache.shape} do not fit q {q.shape}")
+    if block_size & (block_size - 1):
+        raise ValueError(f"block_size={block_size} must be a power of two")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("q, k_cache and v_cache need a contiguous last dim")
+
+
+def paged_attention_triton(
+    q: Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: Tensor,  # [num_pages, block_size, num_kv_heads, head_dim]
+    v_cache: Tensor,  # [num_pages, block_size, num_kv_heads, head_dim]
+    block_tables: Tensor,  # int32 [num_seqs, max_blocks_per_seq]
+    seq_lens: Tensor,  # int32 [num_seqs]
+    query_start_loc: Tensor,  # int32 [num_seqs + 1]
+    scale: float,
+    out: Tensor | None = None,  # [num_tokens, num_heads, head_dim], dtype of q
+    max_q_len: int | None = None,  # longest query run; computed (device sync) when None
+) -> Tensor:  # [num_tokens, num_heads, head_dim], dtype of q
+    """Flash-attention style paged attention in one Triton kernel launch.
+
+    A given max_q_len must be at least the longest query run: it sizes the grid, and query
+    tokens past it are left unwritten.
+    """
+    _check_inputs(q, k_cache, v_cache)
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    num_seqs = seq_lens.shape[0]
+    if out is None:
+        out = torch.empty_like(q)
+    if q.shape[0] == 0 or num_seqs == 0:
+        return out
+    if max_q_len is None:
+        max_q_len = _max_q_len(query_start_loc)
+
+    group = num_heads // num_kv_heads
+    block_m = _block_m(group, max_q_len)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    grid = (triton.cdiv(max_q_len, block_m // group), num_seqs, num_kv_heads)
+    _paged_attention_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        out,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        scale * _LOG2E,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
+        HEAD_DIM=head_dim,
+        PAGE_SIZE=block_size,
+        GROUP=group,
+        BLOCK_M=block_m,
+        BLOCK_N=64 if block_d <= 128 else 32,
+        BLOCK_D=block_d,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+    return out
+
+
+def paged_attention(
+    q: Tensor,  # [num_tokens, num_heads, head_dim]
+    k_cache: Tensor,  # [num_pages, block_size, num_kv_heads, head_dim]
+    v_cache: Tensor,  # [num_pages, block_size, num_kv_heads, head_dim]
+    block_tables: Tensor,  # int32 [num_seqs, max_blocks_per_seq]
+    seq_lens: Tensor,  # int32 [num_seqs]
+    query_start_loc: Tensor,  # int32 [num_seqs + 1]
+    scale: float,
+    backend: str = "auto",  # "auto": triton on CUDA, torch elsewhere; "torch" | "triton"
+    max_q_len: int | None = None,  # only used by the triton backend
+) -> Tensor:  # [num_tokens, num_heads, head_dim], dtype of q
+    """Causal paged attention of the batch's query tokens over their cached contexts."""
+    if backend == "auto":
+        backend = "triton" if q.is_cuda else "torch"
+    args = (q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
+    if backend == "torch":
+        return paged_attention_ref(*args)
+    if backend == "triton":
+        return paged_attention_triton(*args, max_q_len=max_q_len)
+    raise ValueError(f"unknown attention backend {backend!r}")
