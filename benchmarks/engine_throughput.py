@@ -117,19 +117,26 @@ def main() -> None:
     results = [run_engine(args, b, prompts) for b in args.backends.split(",")]
     if len(results) > 1:
         a, b = results[0]["tokens"], results[1]["tokens"]
-        same = sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb))
-        print(f"greedy tokens equal between {results[0]['backend']} and {results[1]['backend']}: "
-              f"{same}/{sum(map(len, a))}; sequences fully equal: "
-              f"{sum(ra == rb for ra, rb in zip(a, b))}/{len(a)}")
+        same = sum(
+            x == y for ra, rb in zip(a, b, strict=False) for x, y in zip(ra, rb, strict=False)
+        )
+        print(
+            f"greedy tokens equal between {results[0]['backend']} and {results[1]['backend']}: "
+            f"{same}/{sum(map(len, a))}; sequences fully equal: "
+            f"{sum(ra == rb for ra, rb in zip(a, b, strict=False))}/{len(a)}"
+        )
     if args.hf:
         results.append(run_hf(args, prompts))
     for r in results:
         r.pop("tokens", None)
-        print(f"{r['backend']:>12}: {r['tok_per_s']:9.1f} tok/s  ({r['seconds']:.2f} s"
-              + (f", {r['ms_per_step']:.2f} ms/step)" if "ms_per_step" in r else ")"))
+        print(
+            f"{r['backend']:>12}: {r['tok_per_s']:9.1f} tok/s  ({r['seconds']:.2f} s"
+            + (f", {r['ms_per_step']:.2f} ms/step)" if "ms_per_step" in r else ")")
+        )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "device": torch.cuda.get_device_name(), "results": results}, f, indent=1)
+            record = {"args": vars(args), "device": torch.cuda.get_device_name()}
+            json.dump({**record, "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":
