@@ -21,6 +21,9 @@ SUPPORTED_ARCHITECTURES = {
 }
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
+# The linear layers a LoRA adapter may target, in the order kernels and tables index them.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -102,6 +105,20 @@ class ModelConfig:
     @property
     def kv_size(self) -> int:
         return self.num_key_value_heads * self.head_dim
+
+    def lora_shape(self, target: str) -> tuple[int, int]:
+        """(in_features, out_features) of a LoRA target projection."""
+        h, q, kv, i = self.hidden_size, self.q_size, self.kv_size, self.intermediate_size
+        shapes = {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+        return shapes[target]
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
