@@ -79,10 +79,81 @@ def build_parser() -> argparse.ArgumentParser:
         help="wrap each prompt as a user message in the model's chat template",
     )
     gen.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    gen.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="register a PEFT adapter directory (repeatable)",
+    )
+    gen.add_argument(
+        "--use",
+        default=None,
+        metavar="NAME",
+        help="the adapter every prompt uses (default: the base model)",
+    )
     _add_sampling_args(gen)
     EngineArgs.add_cli_args(gen)
     gen.set_defaults(func=_generate)
+
+    make = sub.add_parser("make-adapters", help="write random adapters in PEFT's format")
+    make.add_argument("--model", default=None, help="HF model directory (default: embedded)")
+    make.add_argument("--out", required=True, help="folder to write adapter-0000, ... into")
+    make.add_argument("-n", type=int, default=10, help="how many adapters (default: 10)")
+    make.add_argument(
+        "--ranks", default="8,16,32,64", help="ranks, assigned round-robin (default: 8,16,32,64)"
+    )
+    make.add_argument(
+        "--targets",
+        default="q_proj,k_proj,v_proj,o_proj",
+        help="comma-separated projections, or 'all' (default: q,k,v,o)",
+    )
+    make.add_argument("--seed", type=int, default=0)
+    make.set_defaults(func=_make_adapters)
     return parser
+
+
+def _parse_adapters(specs: list[str]) -> dict[str, str]:
+    adapters = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter {spec!r}: expected NAME=PATH")
+        adapters[name] = path
+    return adapters
+
+
+def _make_adapters(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from loraserve.adapters.peft import make_random_adapter
+    from loraserve.config import LORA_TARGETS, ModelConfig
+    from loraserve.engine.engine import resolve_model_path
+
+    model_dir = resolve_model_path(ns.model)
+    config = ModelConfig.from_dir(model_dir)
+    ranks = [int(r) for r in ns.ranks.split(",") if r.strip()]
+    targets = list(LORA_TARGETS) if ns.targets == "all" else ns.targets.split(",")
+    unknown = sorted(set(targets) - set(LORA_TARGETS))
+    if unknown or not ranks or ns.n < 1:
+        raise ValueError(
+            f"--targets {unknown} not in {', '.join(LORA_TARGETS)}"
+            if unknown
+            else "give -n >= 1 and at least one rank"
+        )
+    out = Path(ns.out)
+    for i in range(ns.n):
+        path = out / f"adapter-{i:04d}"
+        make_random_adapter(
+            path,
+            config,
+            ranks[i % len(ranks)],
+            targets,
+            seed=ns.seed + i,
+            base_model_name_or_path=str(model_dir),
+        )
+        sys.stdout.write(f"{path}\n")
+    return 0
 
 
 def _generate(ns: argparse.Namespace) -> int:
@@ -94,7 +165,7 @@ def _generate(ns: argparse.Namespace) -> int:
         raise ValueError("give at least one prompt (text, or --token-ids 1,2,3)")
     params = _sampling_params(ns)
     args = EngineArgs.from_cli(ns)
-    llm = LLM(**vars(args))
+    llm = LLM(adapters=_parse_adapters(ns.adapter), **vars(args))
     if ns.chat:
         if llm.tokenizer is None:
             raise ValueError("--chat needs a model with a tokenizer")
@@ -104,7 +175,7 @@ def _generate(ns: argparse.Namespace) -> int:
             else p
             for p in prompts
         ]
-    outputs = llm.generate(prompts, params)
+    outputs = llm.generate(prompts, params, adapter=ns.use)
     for out in outputs:
         if ns.json:
             sys.stdout.write(json.dumps(_as_json(out)) + "\n")
@@ -134,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=ns.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         return ns.func(ns)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, OSError, KeyError) as e:
         sys.stderr.write(f"loraserve: error: {e}\n")
         return 2
 

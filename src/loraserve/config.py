@@ -273,20 +273,42 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """Adapter tiers: at most ``max_loras`` resident in the pool at once, ranks up to
+    ``max_lora_rank``; a host-memory LRU of ``host_cache_bytes`` in front of the disk."""
+
+    max_loras: int = 128
+    max_lora_rank: int = 64
+    host_cache_bytes: int = 8 << 30
+    prefetch: int = 16  # adapters of queued requests to prefetch per step
+
+    def __post_init__(self) -> None:
+        if self.max_loras <= 0:
+            raise ValueError(f"max_loras must be positive, got {self.max_loras}")
+        if self.max_lora_rank <= 0:
+            raise ValueError(f"max_lora_rank must be positive, got {self.max_lora_rank}")
+        if self.host_cache_bytes < 0:
+            raise ValueError(f"host_cache_bytes must be >= 0, got {self.host_cache_bytes}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     device: str = "cpu"
     dtype: torch.dtype = torch.float32
     max_model_len: int = 4096
     attention_backend: str = "auto"
+    lora_backend: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.attention_backend not in ("auto", "torch", "triton"):
-            raise ValueError(
-                f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}"
-            )
+        for name in ("attention_backend", "lora_backend"):
+            if getattr(self, name) not in ("auto", "torch", "triton"):
+                raise ValueError(
+                    f"{name} must be auto, torch or triton, got {getattr(self, name)!r}"
+                )
         if self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")

@@ -103,6 +103,9 @@ class Request:
     first_token_time: float | None = None
     generator: torch.Generator | None = None
     prompt: str | None = None
+    adapter: str | None = None  # None: the base model
+    adapter_slot: int | None = None  # set while the adapter is pinned for this request
+    error: str | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -140,3 +143,4 @@ class RequestOutput:
     stop_reason: str | int | None = None
     error: str | None = None
     num_preemptions: int = 0
+    adapter: str | None = None

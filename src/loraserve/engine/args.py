@@ -17,6 +17,7 @@ import torch
 from loraserve.config import (
     CacheConfig,
     EngineConfig,
+    LoRAConfig,
     ModelConfig,
     SchedulerConfig,
     parse_dtype,
@@ -56,6 +57,12 @@ class EngineArgs:
     attention_backend: str = _opt(
         "auto", "auto | torch | triton", choices=("auto", "torch", "triton")
     )
+    lora_backend: str = _opt(
+        "auto", "LoRA kernels: auto | torch | triton", choices=("auto", "torch", "triton")
+    )
+    max_loras: int = _opt(128, "most adapters resident in the page pool at once")
+    max_lora_rank: int = _opt(64, "largest adapter rank served")
+    adapter_host_cache_bytes: int = _opt(8 << 30, "host-memory LRU of adapter weights, bytes")
     seed: int = _opt(
         0, "seed of the sampler for requests without their own seed", flag="engine-seed"
     )
@@ -100,6 +107,8 @@ class EngineArgs:
                 gpu_memory_utilization=self.gpu_memory_utilization,
             ),
             scheduler=SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens),
+            lora=LoRAConfig(self.max_loras, self.max_lora_rank, self.adapter_host_cache_bytes),
+            lora_backend=self.lora_backend,
             device=device,
             dtype=dtype,
             max_model_len=max_len,

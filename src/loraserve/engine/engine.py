@@ -15,10 +15,13 @@ from pathlib import Path
 
 import torch
 
+from loraserve.adapters.store import AdapterStore
 from loraserve.config import CacheConfig, EngineConfig, ModelConfig
+from loraserve.engine.adapters import AdapterManager
 from loraserve.engine.runner import ModelRunner
 from loraserve.engine.sampler import Sampler
 from loraserve.engine.scheduler import Scheduler
+from loraserve.memory.adapter_cache import AdapterCache
 from loraserve.memory.kv_cache import KVCacheManager
 from loraserve.memory.pool import PageKind, PagePool, kv_page_elems, pages_for_budget
 from loraserve.model.llama import LlamaForCausalLM
@@ -71,9 +74,23 @@ class LLMEngine:
         )
         model.bind_kv_cache(kv, backend=config.attention_backend)
         self.kv = KVCacheManager(self.pool, config.cache.block_size)
-        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.adapter_store = AdapterStore(
+            mc, config.dtype, config.lora.host_cache_bytes, pin_memory=self.device.type == "cuda"
+        )
+        self.adapter_cache = AdapterCache(
+            self.pool, mc, config.lora.max_loras, config.lora.max_lora_rank
+        )
+        self.adapters = AdapterManager(self.adapter_store, self.adapter_cache)
+        self.scheduler = Scheduler(config.scheduler, self.kv, self.adapters)
         self.sampler = Sampler(self.device, seed=config.seed)
-        self.runner = ModelRunner(model, config.cache.block_size, self.device, self.sampler)
+        self.runner = ModelRunner(
+            model,
+            config.cache.block_size,
+            self.device,
+            self.sampler,
+            self.adapter_cache,
+            config.lora_backend,
+        )
         self.eos_token_ids = frozenset(mc.eos_token_ids) | (
             tokenizer.eos_token_ids if tokenizer else frozenset()
         )
@@ -99,18 +116,21 @@ class LLMEngine:
         prompt: Prompt,
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        adapter: str | None = None,
     ) -> str:
-        """Queue a request; returns its id. Raises PromptError / ValueError for bad input
-        (nothing else in the engine is affected)."""
+        """Queue a request; returns its id. ``adapter`` names a registered adapter (None:
+        the base model). Raises KeyError for an unknown adapter, PromptError / ValueError
+        for bad input (nothing else in the engine is affected)."""
         params = params or SamplingParams()
         params.validate()
+        self.check_adapter(adapter)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
         token_ids = self._tokenize(prompt)
         self._check_fits(token_ids, params)
-        request = Request(request_id, token_ids, params, prompt=text)
+        request = Request(request_id, token_ids, params, prompt=text, adapter=adapter)
         if params.seed is not None:
             request.generator = self.sampler.make_generator(params.seed)
         detok = (
@@ -157,6 +177,29 @@ class LLMEngine:
                 f"{self.pool.num_pages} pages: lower max_tokens or give the pool more memory"
             )
 
+    def check_adapter(self, adapter: str | None) -> None:
+        if adapter is not None and adapter not in self.adapter_store:
+            known = ", ".join(sorted(self.adapter_store.names())[:10]) or "none"
+            raise KeyError(f"unknown adapter {adapter!r} (registered: {known})")
+
+    # ---- adapters ---------------------------------------------------------------------
+
+    def add_adapter(self, name: str, path: str | Path) -> None:
+        """Register a PEFT adapter directory under ``name`` (reads only its config)."""
+        self.adapter_store.register(name, path)
+        self.adapters.clear_failure(name)
+
+    def remove_adapter(self, name: str) -> None:
+        """Unregister ``name``. Raises RuntimeError while requests still use it; see
+        ``adapter_in_use``."""
+        if self.adapter_in_use(name):
+            raise RuntimeError(f"adapter {name!r} is still used by queued or running requests")
+        self.adapters.forget(name)
+        self.adapter_store.unregister(name)
+
+    def adapter_in_use(self, name: str) -> bool:
+        return any(t.request.adapter == name for t in self._requests.values())
+
     def abort(self, request_id: str) -> None:
         tracked = self._requests.pop(request_id, None)
         if tracked is None or tracked.request.finished:
@@ -170,17 +213,21 @@ class LLMEngine:
     # ---- the step loop -----------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one iteration; returns an output for every request that got a new token."""
+        """Run one iteration; returns an output for every request that got a new token or
+        failed."""
         scheduled = self.scheduler.schedule()
+        outputs = [self._fail(r) for r in scheduled.failed]
         if scheduled.empty:
-            return []
-        result = self.runner.step(scheduled)
+            self.adapters.prefetch(self.scheduler.waiting_adapters(self.config.lora.prefetch))
+            return outputs
+        pending = self.runner.launch(scheduled)
+        # The device is computing: bring the queue's adapters closer meanwhile.
+        self.adapters.prefetch(self.scheduler.waiting_adapters(self.config.lora.prefetch))
+        result = self.runner.collect(pending)
         for request, n in zip(scheduled.requests, scheduled.num_scheduled, strict=True):
             request.num_computed_tokens += n
-        outputs = []
-        samples = result.samples
         for request, token, logprobs in zip(
-            result.sampled, samples.token_ids, samples.logprobs, strict=True
+            result.sampled, result.token_ids, result.logprobs, strict=True
         ):
             tracked = self._requests[request.request_id]
             self._append(tracked, token, logprobs)
@@ -188,6 +235,12 @@ class LLMEngine:
             if request.finished:
                 del self._requests[request.request_id]
         return outputs
+
+    def _fail(self, request: Request) -> RequestOutput:
+        request.finish_reason = FinishReason.ERROR
+        self.scheduler.finish(request)
+        tracked = self._requests.pop(request.request_id)
+        return self._output(tracked)
 
     def _append(self, tracked: _Tracked, token: int, logprobs: dict[int, float] | None) -> None:
         request = tracked.request
@@ -203,6 +256,8 @@ class LLMEngine:
         if reason is None and request.num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH
         if reason is not None:
+            if tracked.detokenizer is not None and not isinstance(stop, str):
+                tracked.text += tracked.detokenizer.flush()  # a trailing partial character
             request.finish_reason, request.stop_reason = reason, stop
             self.scheduler.finish(request)
 
@@ -247,7 +302,9 @@ class LLMEngine:
             finished=r.finished,
             finish_reason=r.finish_reason.value if r.finish_reason else None,
             stop_reason=r.stop_reason,
+            error=r.error,
             num_preemptions=r.num_preemptions,
+            adapter=r.adapter,
         )
 
     def _visible_text(self, tracked: _Tracked) -> str:
@@ -265,8 +322,19 @@ class LLMEngine:
         return text[: len(text) - hold]
 
     def check_integrity(self) -> None:
-        """Pages in use are exactly the block tables of running requests."""
+        """Pages in use are exactly the block tables of running requests plus the pages of
+        resident adapters; adapter pins match the running requests."""
         self.pool.check_integrity()
+        self.adapter_cache.check_integrity()
+        pins: dict[str, int] = {}
+        for r in self.scheduler.running:
+            if r.adapter is not None:
+                pins[r.adapter] = pins.get(r.adapter, 0) + 1
+        for adapter in self.adapter_cache.resident():
+            assert adapter.refcount == pins.get(adapter.name, 0), (
+                f"adapter {adapter.name!r} pinned {adapter.refcount} times, "
+                f"used by {pins.get(adapter.name, 0)} running requests"
+            )
         held = [p for r in self.scheduler.running for p in r.block_table]
         held += [p for r in self.scheduler.waiting for p in r.block_table]
         assert len(held) == len(set(held)), "a KV page is in two block tables"

@@ -1,7 +1,11 @@
 """ModelRunner: turns a scheduled batch into a ForwardBatch, runs the model, samples.
 
-Host-side metadata is built in Python lists and moved to the device in one go; the only
-device->host synchronisation of a step is reading the sampled tokens (and logprobs).
+Requests are ordered by adapter slot (base-model requests last), so the token rows of each
+adapter form one segment for the LoRA kernels and base-only rows cost them nothing.
+
+A step is split in two: ``launch`` enqueues the forward pass and sampling on the device and
+returns at once; ``collect`` reads the sampled tokens back (the step's one device->host
+synchronisation). Between the two the engine prefetches adapters for queued requests.
 """
 
 from __future__ import annotations
@@ -10,17 +14,26 @@ from dataclasses import dataclass
 
 import torch
 
-from loraserve.engine.sampler import Sampler, SampleResult
+from loraserve.engine.sampler import Sampler, SampleTensors
 from loraserve.engine.scheduler import ScheduledBatch
-from loraserve.model.batch import ForwardBatch
+from loraserve.kernels.lora import LoRABatch
+from loraserve.memory.adapter_cache import AdapterCache
+from loraserve.model.batch import ForwardBatch, LoRAInputs
 from loraserve.model.llama import LlamaForCausalLM
 from loraserve.request import Request
 
 
 @dataclass
+class PendingStep:
+    sampled: list[Request]  # requests that produce a token this step, in batch order
+    samples: SampleTensors | None
+
+
+@dataclass
 class StepResult:
-    sampled: list[Request]  # requests that produced a token this step, in batch order
-    samples: SampleResult
+    sampled: list[Request]
+    token_ids: list[int]
+    logprobs: list[dict[int, float] | None]
 
 
 class ModelRunner:
@@ -30,13 +43,23 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         sampler: Sampler,
+        adapter_cache: AdapterCache | None = None,
+        lora_backend: str = "auto",
     ) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
         self.sampler = sampler
+        self.adapter_cache = adapter_cache
+        self.lora_backend = lora_backend
 
     def prepare(self, scheduled: ScheduledBatch) -> tuple[ForwardBatch, list[Request]]:
+        order = sorted(
+            range(len(scheduled.requests)),
+            key=lambda i: _slot_key(scheduled.requests[i]),
+        )
+        requests = [scheduled.requests[i] for i in order]
+        counts = [scheduled.num_scheduled[i] for i in order]
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -44,7 +67,7 @@ class ModelRunner:
         query_start = [0]
         logits_rows: list[int] = []
         sampling: list[Request] = []
-        for request, n in zip(scheduled.requests, scheduled.num_scheduled, strict=True):
+        for request, n in zip(requests, counts, strict=True):
             start = request.num_computed_tokens
             end = start + n
             input_ids += request.tokens_slice(start, end)
@@ -55,10 +78,8 @@ class ModelRunner:
             if end == request.num_tokens:
                 logits_rows.append(query_start[-1] - 1)
                 sampling.append(request)
-        max_blocks = max(len(r.block_table) for r in scheduled.requests)
-        tables = [
-            r.block_table + [0] * (max_blocks - len(r.block_table)) for r in scheduled.requests
-        ]
+        max_blocks = max(len(r.block_table) for r in requests)
+        tables = [r.block_table + [0] * (max_blocks - len(r.block_table)) for r in requests]
         batch = ForwardBatch(
             input_ids=self._tensor(input_ids, torch.int64),
             positions=self._tensor(positions, torch.int64),
@@ -67,10 +88,40 @@ class ModelRunner:
             seq_lens=self._tensor(seq_lens, torch.int32),
             query_start_loc=self._tensor(query_start, torch.int32),
             logits_indices=self._tensor(logits_rows, torch.int64),
-            max_q_len=max(scheduled.num_scheduled),
+            max_q_len=max(counts),
             max_seq_len=max(seq_lens),
+            lora=self._lora_inputs(requests, query_start),
         )
         return batch, sampling
+
+    def _lora_inputs(self, requests: list[Request], query_start: list[int]) -> LoRAInputs | None:
+        """One segment per run of consecutive rows with the same adapter slot."""
+        seg_start: list[int] = []
+        seg_slot: list[int] = []
+        end = 0
+        for i, request in enumerate(requests):
+            if request.adapter_slot is None:
+                break  # base-model requests come last
+            if not seg_slot or seg_slot[-1] != request.adapter_slot:
+                seg_start.append(query_start[i])
+                seg_slot.append(request.adapter_slot)
+            end = query_start[i + 1]
+        if not seg_slot:
+            return None
+        seg_start.append(end)
+        cache = self.adapter_cache
+        lengths = [b - a for a, b in zip(seg_start, seg_start[1:], strict=False)]
+        meta = LoRABatch(
+            seg_start=self._tensor(seg_start, torch.int32),
+            seg_slot=self._tensor(seg_slot, torch.int32),
+            row_offsets=cache.row_offsets,
+            ranks=cache.ranks,
+            scalings=cache.scalings,
+            max_rank=cache.max_rank,
+            max_seg_len=max(lengths),
+            num_segments=len(seg_slot),
+        )
+        return LoRAInputs(cache.pool.buffer.view(-1), meta, self.lora_backend)
 
     def _slot(self, request: Request, position: int) -> int:
         page = request.block_table[position // self.block_size]
@@ -83,10 +134,31 @@ class ModelRunner:
         return t.to(self.device)
 
     @torch.inference_mode()
-    def step(self, scheduled: ScheduledBatch) -> StepResult:
+    def launch(self, scheduled: ScheduledBatch) -> PendingStep:
         batch, sampling = self.prepare(scheduled)
+        self._wait_for_adapters(scheduled.requests)
         hidden = self.model(batch)
         if not sampling:
-            return StepResult([], SampleResult([], []))
+            return PendingStep([], None)
         logits = self.model.compute_logits(hidden)
-        return StepResult(sampling, self.sampler(logits, sampling))
+        return PendingStep(sampling, self.sampler.launch(logits, sampling))
+
+    def collect(self, pending: PendingStep) -> StepResult:
+        if pending.samples is None:
+            return StepResult([], [], [])
+        tokens, logprobs = self.sampler.collect(pending.samples, pending.sampled)
+        return StepResult(pending.sampled, tokens, logprobs)
+
+    def _wait_for_adapters(self, requests: list[Request]) -> None:
+        if self.adapter_cache is None or self.device.type != "cuda":
+            return
+        stream = torch.cuda.current_stream(self.device)
+        for name in {r.adapter for r in requests if r.adapter is not None}:
+            event = self.adapter_cache.get(name).ready_event
+            if event is not None:
+                stream.wait_event(event)
+
+
+def _slot_key(request: Request) -> tuple[int, int]:
+    slot = request.adapter_slot
+    return (1, 0) if slot is None else (0, slot)

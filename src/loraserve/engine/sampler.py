@@ -17,9 +17,13 @@ from loraserve.request import Request
 
 
 @dataclass
-class SampleResult:
-    token_ids: list[int]
-    logprobs: list[dict[int, float] | None]
+class SampleTensors:
+    """Sampling results still on the device (nothing has been synchronised yet)."""
+
+    tokens: torch.Tensor  # [N] int64
+    top_ids: torch.Tensor | None  # [N, k] int64, when any request asked for logprobs
+    top_logprobs: torch.Tensor | None  # [N, k] fp32
+    chosen_logprobs: torch.Tensor | None  # [N] fp32
 
 
 class Sampler:
@@ -30,15 +34,40 @@ class Sampler:
     def make_generator(self, seed: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampleResult:
-        # logits [N, vocab] fp32, one row per request
-        greedy = torch.tensor([r.params.greedy for r in requests], device=logits.device)
-        if bool(greedy.all()):
+    def launch(self, logits: torch.Tensor, requests: list[Request]) -> SampleTensors:
+        """Enqueue sampling of one token per row. logits [N, vocab] fp32."""
+        if all(r.params.greedy for r in requests):
             tokens = logits.argmax(dim=-1)
         else:
+            greedy = torch.tensor([r.params.greedy for r in requests], device=logits.device)
             tokens = self._sample(logits, requests, greedy)
-        logprobs = self._logprobs(logits, tokens, requests)
-        return SampleResult(tokens.tolist(), logprobs)
+        k = max((r.params.logprobs or 0) for r in requests)
+        if all(r.params.logprobs is None for r in requests):
+            return SampleTensors(tokens, None, None, None)
+        logp = logits.log_softmax(dim=-1)
+        top = logp.topk(k, dim=-1)
+        chosen = logp.gather(1, tokens[:, None]).squeeze(1)
+        return SampleTensors(tokens, top.indices, top.values, chosen)
+
+    def collect(
+        self, samples: SampleTensors, requests: list[Request]
+    ) -> tuple[list[int], list[dict[int, float] | None]]:
+        """Read the results back (synchronises) and shape the logprobs per request."""
+        tokens = samples.tokens.tolist()
+        if samples.top_ids is None:
+            return tokens, [None] * len(requests)
+        top_ids, top_vals = samples.top_ids.tolist(), samples.top_logprobs.tolist()
+        chosen = samples.chosen_logprobs.tolist()
+        out: list[dict[int, float] | None] = []
+        for i, r in enumerate(requests):
+            k = r.params.logprobs
+            if k is None:
+                out.append(None)
+                continue
+            entry = dict(zip(top_ids[i][:k], top_vals[i][:k], strict=True))
+            entry[tokens[i]] = chosen[i]
+            out.append(entry)
+        return tokens, out
 
     def _sample(
         self, logits: torch.Tensor, requests: list[Request], greedy: torch.Tensor
@@ -58,32 +87,6 @@ class Sampler:
             if r.generator is not None:
                 noise[i].exponential_(generator=r.generator)
         return noise
-
-    def _logprobs(
-        self, logits: torch.Tensor, tokens: torch.Tensor, requests: list[Request]
-    ) -> list[dict[int, float] | None]:
-        wanted = [r.params.logprobs for r in requests]
-        if all(k is None for k in wanted):
-            return [None] * len(requests)
-        logp = logits.log_softmax(dim=-1)
-        k = max(w or 0 for w in wanted)
-        top_vals, top_ids = logp.topk(k, dim=-1) if k else (logp[:, :0], tokens[:, None][:, :0])
-        chosen = logp.gather(1, tokens[:, None]).squeeze(1)
-        top_vals, top_ids, chosen, tok = (
-            top_vals.tolist(),
-            top_ids.tolist(),
-            chosen.tolist(),
-            tokens.tolist(),
-        )
-        out: list[dict[int, float] | None] = []
-        for i, w in enumerate(wanted):
-            if w is None:
-                out.append(None)
-                continue
-            entry = dict(zip(top_ids[i][:w], top_vals[i][:w], strict=True))
-            entry[tok[i]] = chosen[i]
-            out.append(entry)
-        return out
 
 
 def _top_k_top_p(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:

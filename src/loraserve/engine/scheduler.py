@@ -8,7 +8,9 @@ Every step the scheduler hands out a budget of ``max_num_batched_tokens`` tokens
    back to the front of the queue to be recomputed) until the page is found.
 2. Then waiting requests, in arrival order, while the budget, ``max_num_seqs`` and the
    pool allow: admission takes the pages for the tokens scheduled now and leaves a small
-   watermark of free pages so that running requests can grow.
+   watermark of free pages so that running requests can grow. A request whose adapter is
+   not yet resident in the pool stays in the queue (its load is started) and the requests
+   behind it may go first; admission pins the adapter, finishing or preemption unpins it.
 
 A request never waits behind the budget forever: a prompt larger than the budget is
 prefilled in chunks over several steps.
@@ -21,6 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from loraserve.config import SchedulerConfig
+from loraserve.engine.adapters import AdapterLoadError, AdapterManager
 from loraserve.memory.kv_cache import KVCacheManager
 from loraserve.request import Request, RequestStatus
 
@@ -32,6 +35,7 @@ class ScheduledBatch:
     requests: list[Request] = field(default_factory=list)
     num_scheduled: list[int] = field(default_factory=list)  # new tokens per request
     preempted: list[Request] = field(default_factory=list)
+    failed: list[Request] = field(default_factory=list)  # adapter could not be loaded
 
     def add(self, request: Request, n: int) -> None:
         self.requests.append(request)
@@ -51,10 +55,12 @@ class Scheduler:
         self,
         config: SchedulerConfig,
         kv: KVCacheManager,
+        adapters: AdapterManager | None = None,
         watermark: float = 0.01,
     ) -> None:
         self.config = config
         self.kv = kv
+        self.adapters = adapters
         self.watermark_pages = int(watermark * kv.pool.num_pages)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -98,26 +104,61 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         logger.debug("preempting %s (%d tokens)", request.request_id, request.num_tokens)
         self.kv.free(request)
+        self._unpin(request)
         request.num_computed_tokens = 0
         request.num_preemptions += 1
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
+        for request in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                return
+            if not self._adapter_ready(request, batch):
+                continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             end = request.num_computed_tokens + n
             reserve = self.watermark_pages if self.running else 0
             if self.kv.pool.num_free < self.kv.extra_blocks(request, end) + reserve:
-                break
+                return
             if not self.kv.allocate(request, end):
-                break
-            self.waiting.popleft()
+                return
+            self.waiting.remove(request)
+            self._pin(request)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             batch.add(request, n)
             budget -= n
+
+    def _adapter_ready(self, request: Request, batch: ScheduledBatch) -> bool:
+        if request.adapter is None:
+            return True
+        try:
+            return self.adapters.ensure(request.adapter)
+        except AdapterLoadError as e:
+            request.error = str(e)
+            self.waiting.remove(request)
+            batch.failed.append(request)
+            return False
+
+    def waiting_adapters(self, limit: int) -> list[str]:
+        """Adapters of queued requests, in queue order, for prefetching."""
+        names: list[str] = []
+        for request in self.waiting:
+            if request.adapter is not None and request.adapter not in names:
+                names.append(request.adapter)
+                if len(names) >= limit:
+                    break
+        return names
+
+    def _pin(self, request: Request) -> None:
+        if request.adapter is not None:
+            request.adapter_slot = self.adapters.cache.acquire(request.adapter)
+
+    def _unpin(self, request: Request) -> None:
+        if request.adapter_slot is not None:
+            self.adapters.cache.release(request.adapter)
+            request.adapter_slot = None
 
     def finish(self, request: Request) -> None:
         """Remove a finished or aborted request and return its pages."""
@@ -126,4 +167,5 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
         self.kv.free(request)
+        self._unpin(request)
         request.status = RequestStatus.FINISHED

@@ -9,7 +9,8 @@ outs[0].text, outs[0].token_ids, outs[0].logprobs
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -24,33 +25,60 @@ class LLM:
     """An engine in this process. Keyword arguments are EngineArgs fields
     (dtype, device, max_model_len, num_pages, max_num_seqs, ...)."""
 
-    def __init__(self, model: str | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        model: str | None = None,
+        adapters: Mapping[str, str | Path] | None = None,
+        **kwargs,
+    ) -> None:
         self.engine: LLMEngine = EngineArgs(model=model, **kwargs).create_engine()
+        for name, path in (adapters or {}).items():
+            self.add_adapter(name, path)
 
     @property
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def add_adapter(self, name: str, path: str | Path) -> None:
+        """Register a PEFT adapter directory (adapter_config.json + weights) as ``name``."""
+        self.engine.add_adapter(name, path)
+
+    def remove_adapter(self, name: str) -> None:
+        """Unregister ``name``, after any request still using it has finished."""
+        self.engine.check_adapter(name)
+        while self.engine.adapter_in_use(name):
+            self.engine.step()
+        self.engine.remove_adapter(name)
+
+    def list_adapters(self) -> list[str]:
+        return self.engine.adapter_store.names()
+
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
+        adapter: str | None | Sequence[str | None] = None,
         use_tqdm: bool = False,
     ) -> list[RequestOutput]:
         """Run every prompt to completion; results in the order of the prompts.
 
-        Invalid sampling values raise ValueError before anything runs. A prompt the engine
-        cannot serve (longer than the context window, say) gets an output with
+        ``adapter``: one adapter name for all prompts, or one per prompt (None = the base
+        model). Invalid sampling values raise ValueError and unknown adapters KeyError,
+        before anything runs. A prompt the engine cannot serve (longer than the context
+        window, say) or whose adapter fails to load gets an output with
         ``finish_reason == "error"`` and ``error`` set; the other prompts still run.
         """
         prompts = _as_list(prompts)
         params_list = _params_list(params, len(prompts))
+        adapters = _adapter_list(adapter, len(prompts))
         for p in params_list:
             p.validate()
+        for name in set(adapters):
+            self.engine.check_adapter(name)
         results: dict[str, RequestOutput] = {}
         ids: list[str] = []
-        for prompt, p in zip(prompts, params_list, strict=True):
-            ids.append(self._add(prompt, p, results))
+        for prompt, p, name in zip(prompts, params_list, adapters, strict=True):
+            ids.append(self._add(prompt, p, name, results))
         pending = {i for i in ids if i not in results}
         bar = tqdm(total=len(pending), disable=not use_tqdm, desc="generate")
         while pending:
@@ -62,9 +90,11 @@ class LLM:
         bar.close()
         return [results[i] for i in ids]
 
-    def _add(self, prompt: Prompt, params: SamplingParams, results: dict) -> str:
+    def _add(
+        self, prompt: Prompt, params: SamplingParams, adapter: str | None, results: dict
+    ) -> str:
         try:
-            return self.engine.add_request(prompt, params)
+            return self.engine.add_request(prompt, params, adapter=adapter)
         except PromptError as e:
             request_id = f"rejected-{len(results)}-{id(prompt)}"
             logger.warning("prompt rejected: %s", e)
@@ -92,6 +122,15 @@ def _params_list(
     if len(params) != n:
         raise ValueError(f"got {len(params)} SamplingParams for {n} prompts: give one or one each")
     return params
+
+
+def _adapter_list(adapter: str | None | Sequence[str | None], n: int) -> list[str | None]:
+    if adapter is None or isinstance(adapter, str):
+        return [adapter] * n
+    adapters = list(adapter)
+    if len(adapters) != n:
+        raise ValueError(f"got {len(adapters)} adapters for {n} prompts: give one or one each")
+    return adapters
 
 
 def _error_output(request_id: str, prompt: Prompt, error: str) -> RequestOutput:

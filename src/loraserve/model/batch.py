@@ -11,6 +11,17 @@ from dataclasses import dataclass
 
 import torch
 
+from loraserve.kernels.lora import LoRABatch
+
+
+@dataclass
+class LoRAInputs:
+    """What the LoRA kernels need in a step: the flat pool and the per-step tables."""
+
+    pool: torch.Tensor  # [num_pages * page_elems], the page pool viewed flat
+    meta: LoRABatch
+    backend: str = "auto"
+
 
 @dataclass
 class ForwardBatch:
@@ -23,6 +34,7 @@ class ForwardBatch:
     logits_indices: torch.Tensor  # [num_sampled] int64, rows whose logits are needed
     max_q_len: int
     max_seq_len: int
+    lora: LoRAInputs | None = None  # None: no request in the batch uses an adapter
 
     @property
     def num_tokens(self) -> int:

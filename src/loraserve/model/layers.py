@@ -4,13 +4,25 @@ A ``PackedLinear`` stores several checkpoint projections that read the same inpu
 weight (q|k|v, gate|up), so the base matmul is one dense GEMM. Each projection keeps its
 name and output range: that is where a LoRA target attaches (one A per target, the input
 read once) and how checkpoint tensors are loaded into the packed weight.
+
+LoRA is part of the layer: given the step's LoRAInputs, the layer adds
+``scaling * (x A^T) B^T`` of each token's adapter to the output slices of the targets that
+adapter has, reading A and B straight from the page pool.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from loraserve.config import LORA_TARGETS
+from loraserve.kernels.lora import lora_apply
+
+if TYPE_CHECKING:
+    from loraserve.model.batch import LoRAInputs
 
 
 class PackedLinear(nn.Module):
@@ -25,8 +37,11 @@ class PackedLinear(nn.Module):
         in_features: int,
         projections: dict[str, int],
         bias: bool = False,
+        layer: int = 0,
     ) -> None:
         super().__init__()
+        self.layer = layer
+        self.first_target = LORA_TARGETS.index(next(iter(projections)))
         self.in_features = in_features
         self.sizes = dict(projections)
         self.offsets: dict[str, int] = {}
@@ -35,6 +50,7 @@ class PackedLinear(nn.Module):
             self.offsets[name] = total
             total += size
         self.out_features = total
+        self.out_slices = [(self.offsets[n], self.sizes[n]) for n in projections]
         self.weight = nn.Parameter(torch.empty(total, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(total), requires_grad=False) if bias else None
 
@@ -51,9 +67,21 @@ class PackedLinear(nn.Module):
             )
         target.data[start : start + size].copy_(tensor)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: LoRAInputs | None = None) -> torch.Tensor:
         # x [T, in_features] -> [T, out_features]
-        return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
+        if lora is not None:
+            lora_apply(
+                x,
+                y,
+                lora.pool,
+                lora.meta,
+                self.layer,
+                self.first_target,
+                self.out_slices,
+                backend=lora.backend,
+            )
+        return y
 
     def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return tuple(y.split(list(self.sizes.values()), dim=-1))

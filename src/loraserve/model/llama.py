@@ -37,8 +37,11 @@ class Attention(nn.Module):
             config.hidden_size,
             {"q_proj": config.q_size, "k_proj": config.kv_size, "v_proj": config.kv_size},
             bias=config.qkv_bias,
+            layer=layer_idx,
         )
-        self.o_proj = PackedLinear(config.q_size, {"o_proj": config.hidden_size}, config.o_bias)
+        self.o_proj = PackedLinear(
+            config.q_size, {"o_proj": config.hidden_size}, config.o_bias, layer=layer_idx
+        )
         self.rotary = rotary
         self.backend = "auto"
         self.k_cache: torch.Tensor | None = None  # [num_pages, block_size, kv_heads, head_dim]
@@ -46,7 +49,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # x [T, hidden]
-        q, k, v = self.qkv.split(self.qkv(x))
+        q, k, v = self.qkv.split(self.qkv(x, batch.lora))
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -63,22 +66,24 @@ class Attention(nn.Module):
             backend=self.backend,
             max_q_len=batch.max_q_len,
         )  # [T, heads, head_dim]
-        return self.o_proj(o.reshape(-1, self.num_heads * self.head_dim))
+        return self.o_proj(o.reshape(-1, self.num_heads * self.head_dim), batch.lora)
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         inter = config.intermediate_size
         bias = config.mlp_bias
         self.gate_up = PackedLinear(
-            config.hidden_size, {"gate_proj": inter, "up_proj": inter}, bias
+            config.hidden_size, {"gate_proj": inter, "up_proj": inter}, bias, layer=layer_idx
         )
-        self.down_proj = PackedLinear(inter, {"down_proj": config.hidden_size}, bias)
+        self.down_proj = PackedLinear(
+            inter, {"down_proj": config.hidden_size}, bias, layer=layer_idx
+        )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up.split(self.gate_up(x))
-        return self.down_proj(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        gate, up = self.gate_up.split(self.gate_up(x, batch.lora))
+        return self.down_proj(F.silu(gate) * up, batch.lora)
 
 
 class DecoderLayer(nn.Module):
@@ -87,11 +92,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.attn = Attention(config, layer_idx, rotary)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MLP(config, layer_idx)
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         x = x + self.attn(self.input_layernorm(x), batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x), batch)
 
 
 class LlamaForCausalLM(nn.Module):

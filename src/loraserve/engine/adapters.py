@@ -1,0 +1,112 @@
+"""AdapterManager: moves adapters through the three tiers for the scheduler.
+
+    disk (registered: config only) --host thread--> host LRU (AdapterStore)
+        --engine thread: pages + side-stream copy--> pool pages (AdapterCache) --> ready
+
+``ensure(name)`` is non-blocking: it starts whatever step is missing and says whether the
+adapter is ready on the device now. The scheduler admits a request only when its adapter is
+ready, so requests wait in the queue, not in the batch. ``prefetch`` does the same for the
+adapters of queued requests while the device computes a step.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from loraserve.adapters.peft import LoRAWeights
+from loraserve.adapters.store import AdapterStore
+from loraserve.memory.adapter_cache import AdapterCache
+from loraserve.memory.pool import PageKind
+
+logger = logging.getLogger(__name__)
+
+
+class AdapterLoadError(RuntimeError):
+    """An adapter that was registered but cannot be loaded (bad file, shapes, rank)."""
+
+
+class AdapterManager:
+    def __init__(self, store: AdapterStore, cache: AdapterCache, background: bool = True) -> None:
+        self.store = store
+        self.cache = cache
+        self._executor = ThreadPoolExecutor(1, "adapter-io") if background else None
+        self._fetching: dict[str, Future[LoRAWeights]] = {}
+        self._failed: dict[str, str] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.store
+
+    def ensure(self, name: str) -> bool:
+        """True if ``name`` is resident and its copy has completed. Raises AdapterLoadError
+        if the adapter cannot be loaded at all."""
+        if name in self._failed:
+            raise AdapterLoadError(self._failed[name])
+        if name in self.cache:
+            return self.cache.is_ready(name)
+        weights = self._host_weights(name)
+        if weights is None:
+            return False
+        try:
+            loaded = self.cache.load(weights)
+        except ValueError as e:
+            self._fail(name, str(e))
+        if not loaded and self._pool_idle():
+            need, have = self.cache.pages_needed(weights), self.cache.pool.num_pages
+            self._fail(
+                name,
+                f"it needs {need} pages and the page pool has {have}: give the pool more memory",
+            )
+        return loaded and self.cache.is_ready(name)
+
+    def _pool_idle(self) -> bool:
+        """Nothing holds pages that will come back: a load that fails now always will."""
+        return self.cache.num_pinned == 0 and self.cache.pool.num_used(PageKind.KV) == 0
+
+    def prefetch(self, names: list[str]) -> None:
+        for name in names:
+            try:
+                self.ensure(name)
+            except AdapterLoadError:
+                continue  # reported to the request when it is scheduled
+
+    def _host_weights(self, name: str) -> LoRAWeights | None:
+        """The host copy if available now; otherwise start reading it and return None."""
+        future = self._fetching.get(name)
+        if future is None:
+            if self._executor is None:
+                return self._read(name)
+            self._fetching[name] = self._executor.submit(self.store.get, name)
+            return None
+        if not future.done():
+            return None
+        del self._fetching[name]
+        try:
+            return future.result()
+        except (ValueError, OSError, KeyError) as e:
+            self._fail(name, str(e))
+
+    def _read(self, name: str) -> LoRAWeights:
+        try:
+            return self.store.get(name)
+        except (ValueError, OSError, KeyError) as e:
+            self._fail(name, str(e))
+
+    def _fail(self, name: str, message: str) -> None:
+        logger.error("adapter %r cannot be loaded: %s", name, message)
+        self._failed[name] = f"adapter {name!r} cannot be loaded: {message}"
+        raise AdapterLoadError(self._failed[name])
+
+    def forget(self, name: str) -> None:
+        """Drop every trace of an adapter (after unregistering it)."""
+        self._failed.pop(name, None)
+        self._fetching.pop(name, None)
+        if name in self.cache:
+            self.cache.evict(name)
+
+    def clear_failure(self, name: str) -> None:
+        self._failed.pop(name, None)
+
+    def shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,690 @@
+"""Batched multi-LoRA: add every token's own adapter delta to a packed linear layer's output.
+
+Adapter weights live in the shared page pool (S-LoRA's unified paging), packed as rows that
+are each contiguous in the pool viewed flat. For one (adapter slot, layer, target) of rank r:
+
+    pool (flat)  ...| A row 3 (in wide) |....| B^T row 0 (out wide) |...| A row 0 |...
+    row_offsets[slot, layer, target, 0, j] = offset of A row j    (PEFT lora_A.weight[j])
+    row_offsets[slot, layer, target, 1, j] = offset of B^T row j  (PEFT lora_B.weight[:, j])
+
+Rows sit anywhere, in any order, in any page. Token rows of x/y are grouped into segments
+(one request's run of rows this step); segment s owns rows seg_start[s] : seg_start[s + 1].
+Rows before seg_start[0] and from seg_start[S] on belong to no segment: they cost nothing.
+A base-only run between two LoRA segments is a segment of slot -1: never read or written,
+its programs exit at once.
+
+    x/y rows   | base | seg 0 (slot 5) | seg 1 (-1) | seg 2 (slot 2) | seg 3 (slot 5) | base |
+    seg_start         2                5            7                9                10
+
+One call serves one packed linear layer whose targets share x (q|k|v, gate|up, or a single
+o / down). It runs in two launches, with an fp32 scratch between them:
+
+    shrink:  v[tok, t * R_PAD + j] = x[tok] . A_t[j]                 all targets, x read once
+    expand:  y[tok, o_t : o_t + n_t] += scaling_t * sum_j v[tok, t * R_PAD + j] * B^T_t[j]
+
+R_PAD = next power of two >= max(16, max_rank). Shrink columns are (target, rank row) pairs;
+a column past its target's rank is masked (never loaded, never stored, never read back).
+The shrink may split the input features over ``split_k`` programs; each writes its own
+partial sum into v [split_k, T, n_targets * R_PAD] and the expand adds the partials.
+
+Two kernel forms, picked by ``max_seg_len`` (Punica's BGMV/SGMV, S-LoRA's MBGMV/MBGMM):
+decode (every segment one token) uses matrix-vector programs without tl.dot; prefill tiles
+each segment's rows by BLOCK_M and uses tl.dot (every operand dimension >= 16). Both
+accumulate in fp32 and add to y in fp32 before storing in y's dtype. Triton's CPU
+interpreter gets bf16 wrong, so on the CPU the kernels are tested in fp32 and fp16.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from loraserve.config import LORA_TARGETS
+
+NUM_TARGETS = len(LORA_TARGETS)
+MAX_CALL_TARGETS = 3  # targets one call may cover (q|k|v is the widest packing)
+
+
+@dataclass
+class LoRABatch:
+    """Per-step LoRA metadata, built once by the engine and shared by every layer."""
+
+    seg_start: Tensor  # int32 [S + 1] token-row offsets of the segments (sorted, disjoint)
+    seg_slot: Tensor  # int32 [S] adapter slot of each segment; -1 = base-only rows
+    row_offsets: (
+        Tensor  # int64 [num_slots, num_layers, 7, 2, table_rank] pool offsets of A | B^T rows
+    )
+    ranks: Tensor  # int32 [num_slots, num_layers, 7]; 0 = (layer, target) not adapted
+    scalings: Tensor  # float32 [num_slots, num_layers, 7]
+    max_rank: int  # >= every rank in the tables (host int, no sync)
+    max_seg_len: int  # longest segment of slot >= 0 (host int); 1 = decode
+    num_segments: int
+
+    def __post_init__(self) -> None:
+        num_slots, num_layers = self.ranks.shape[:2]
+        _expect(self.seg_start, torch.int32, (self.num_segments + 1,), "seg_start")
+        _expect(self.seg_slot, torch.int32, (self.num_segments,), "seg_slot")
+        _expect(self.ranks, torch.int32, (num_slots, num_layers, NUM_TARGETS), "ranks")
+        _expect(self.scalings, torch.float32, tuple(self.ranks.shape), "scalings")
+        table_rank = self.row_offsets.shape[-1]
+        shape = (num_slots, num_layers, NUM_TARGETS, 2, table_rank)
+        _expect(self.row_offsets, torch.int64, shape, "row_offsets")
+        if self.max_rank > table_rank:
+            raise ValueError(f"max_rank={self.max_rank} exceeds row_offsets' {table_rank} rows")
+        if self.num_segments > 0 and (self.max_rank < 1 or self.max_seg_len < 1):
+            raise ValueError("a batch with segments needs max_rank >= 1 and max_seg_len >= 1")
+
+    @property
+    def num_layers(self) -> int:
+        return self.ranks.shape[1]
+
+
+def _expect(t: Tensor, dtype: torch.dtype, shape: tuple[int, ...], name: str) -> None:
+    if t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous():
+        raise ValueError(
+            f"LoRABatch.{name}: want contiguous {dtype} {shape}, got {t.dtype} {tuple(t.shape)}"
+        )
+
+
+def _check_call(
+    x: Tensor, y: Tensor, pool: Tensor, first_target: int, out_slices: Sequence[tuple[int, int]]
+) -> None:
+    if not 1 <= len(out_slices) <= MAX_CALL_TARGETS:
+        raise ValueError(f"a call covers 1..{MAX_CALL_TARGETS} targets, got {len(out_slices)}")
+    if first_target < 0 or first_target + len(out_slices) > NUM_TARGETS:
+        raise ValueError(f"targets {first_target}..+{len(out_slices)} outside {LORA_TARGETS}")
+    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} need the same rows")
+    if pool.dim() != 1 or x.dtype != pool.dtype:
+        raise ValueError(f"pool must be flat and of x's dtype {x.dtype}, got {pool.dtype}")
+    for o, n in out_slices:
+        if o < 0 or n < 1 or o + n > y.shape[1]:
+            raise ValueError(f"out slice ({o}, {n}) outside y's {y.shape[1]} columns")
+
+
+def _gather_rows(pool: Tensor, offsets: Tensor, width: int) -> Tensor:
+    """Rows starting at the given flat offsets. offsets: int64 [n] -> [n, width]."""
+    cols = torch.arange(width, device=pool.device)
+    return pool[offsets[:, None] + cols[None, :]]
+
+
+def _rows_by_slot(batch: LoRABatch, device: torch.device) -> dict[int, Tensor]:
+    """slot -> int64 token rows of all its segments, base-only ones left out (syncs)."""
+    starts = batch.seg_start.tolist()
+    spans: dict[int, list[Tensor]] = {}
+    for s, slot in enumerate(batch.seg_slot.tolist()):
+        if slot < 0:
+            continue
+        spans.setdefault(slot, []).append(torch.arange(starts[s], starts[s + 1], device=device))
+    return {slot: torch.cat(parts) for slot, parts in spans.items()}
+
+
+def lora_apply_ref(
+    x: Tensor,  # [T, in_features]
+    y: Tensor,  # [T, out_total], updated in place (may be a strided view)
+    pool: Tensor,  # [P] the page pool viewed flat
+    batch: LoRABatch,
+    layer: int,
+    first_target: int,
+    out_slices: Sequence[tuple[int, int]],  # per target (output column offset, width)
+) -> None:
+    """Plain torch, fp32 inside: one pair of matmuls per (slot, target)."""
+    if batch.num_segments == 0:
+        return
+    _check_call(x, y, pool, first_target, out_slices)
+    for slot, rows in _rows_by_slot(batch, x.device).items():
+        xs = x[rows].float()  # [n, in_features]
+        for k, (o, n) in enumerate(out_slices):
+            t = first_target + k
+            rank = int(batch.ranks[slot, layer, t])
+            if rank == 0:
+                continue
+            offs = batch.row_offsets[slot, layer, t, :, :rank]  # [2, rank]
+            a = _gather_rows(pool, offs[0], x.shape[1]).float()  # [rank, in_features]
+            b_t = _gather_rows(pool, offs[1], n).float()  # [rank, n]
+            delta = (xs @ a.T) @ b_t * batch.scalings[slot, layer, t]  # [n_rows, n]
+            y[rows, o : o + n] = (y[rows, o : o + n].float() + delta).to(y.dtype)
+
+
+# ----------------------------------------------------------------------------- Triton
+
+
+@triton.jit
+def _segment(seg_start_ptr, seg_slot_ptr, seg, layer, first_target, num_layers):
+    """(first token row, rows, flat index of (slot, layer, first_target) in ranks).
+
+    A base-only segment (slot -1) has 0 rows.
+    """
+    start = tl.load(seg_start_ptr + seg)
+    slot = tl.load(seg_slot_ptr + seg).to(tl.int64)
+    rows = tl.where(slot >= 0, tl.load(seg_start_ptr + seg + 1) - start, 0)
+    entry = (tl.maximum(slot, 0) * num_layers + layer) * 7 + first_target
+    return start.to(tl.int64), rows, entry
+
+
+@triton.jit
+def _a_columns(
+    row_offsets_ptr,
+    ranks_ptr,
+    entry,  # flat (slot, layer, first_target) index
+    c_tile,
+    table_rank,
+    N_TARGETS: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Shrink column c is row c % R_PAD of target c // R_PAD's A.
+
+    Returns cols [BLOCK_C], live [BLOCK_C] (row < rank), A row offsets [BLOCK_C] int64.
+    """
+    cols = c_tile * BLOCK_C + tl.arange(0, BLOCK_C)
+    t = cols // R_PAD
+    j = cols % R_PAD
+    rank = tl.load(ranks_ptr + entry + t, mask=t < N_TARGETS, other=0)
+    live = j < rank
+    a_off = tl.load(row_offsets_ptr + (entry + t) * 2 * table_rank + j, mask=live, other=0)
+    return cols, live, a_off
+
+
+@triton.jit
+def _shrink_decode_kernel(
+    x_ptr,
+    v_ptr,
+    pool_ptr,
+    seg_start_ptr,
+    seg_slot_ptr,
+    row_offsets_ptr,
+    ranks_ptr,
+    layer,
+    first_target,
+    num_layers,
+    table_rank,
+    in_features,
+    k_per_split,
+    split_k,
+    stride_x_tok,
+    stride_x_k,
+    stride_v_split,
+    stride_v_tok,
+    N_TARGETS: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One program: one single-token segment x BLOCK_C shrink columns x one K split."""
+    seg = tl.program_id(0)
+    c_tile = tl.program_id(2) // split_k
+    split = tl.program_id(2) % split_k
+    tok, rows, entry = _segment(seg_start_ptr, seg_slot_ptr, seg, layer, first_target, num_layers)
+    cols, live, a_off = _a_columns(
+        row_offsets_ptr, ranks_ptr, entry, c_tile, table_rank, N_TARGETS, R_PAD, BLOCK_C
+    )
+    if (rows == 0) | (tl.max(live.to(tl.int32), axis=0) == 0):
+        return
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(in_features, k_lo + k_per_split)
+    x_row = x_ptr + tok * stride_x_tok
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < k_hi
+        xk = tl.load(x_row + k * stride_x_k, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
+        a_mask = live[:, None] & k_ok[None, :]
+        a = tl.load(pool_ptr + a_off[:, None] + k[None, :], mask=a_mask, other=0.0)
+        acc += tl.sum(a.to(tl.float32) * xk[None, :], axis=1)
+    v_row = v_ptr + split * stride_v_split + tok * stride_v_tok
+    tl.store(v_row + cols, acc, mask=live)
+
+
+@triton.jit
+def _shrink_prefill_kernel(
+    x_ptr,
+    v_ptr,
+    pool_ptr,
+    seg_start_ptr,
+    seg_slot_ptr,
+    row_offsets_ptr,
+    ranks_ptr,
+    layer,
+    first_target,
+    num_layers,
+    table_rank,
+    in_features,
+    k_per_split,
+    split_k,
+    stride_x_tok,
+    stride_x_k,
+    stride_v_split,
+    stride_v_tok,
+    N_TARGETS: tl.constexpr,
+    R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One program: BLOCK_M rows of one segment x BLOCK_C shrink columns x one K split."""
+    seg = tl.program_id(0)
+    m_tile = tl.program_id(1)
+    c_tile = tl.program_id(2) // split_k
+    split = tl.program_id(2) % split_k
+    start, rows, entry = _segment(seg_start_ptr, seg_slot_ptr, seg, layer, first_target, num_layers)
+    cols, live, a_off = _a_columns(
+        row_offsets_ptr, ranks_ptr, entry, c_tile, table_rank, N_TARGETS, R_PAD, BLOCK_C
+    )
+    if (m_tile * BLOCK_M >= rows) | (tl.max(live.to(tl.int32), axis=0) == 0):
+        return
+    m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < rows
+    tok = start + m  # [BLOCK_M] int64
+    k_lo = split * k_per_split
+    k_hi = tl.minimum(in_features, k_lo + k_per_split)
+    acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < k_hi
+        x_ptrs = x_ptr + tok[:, None] * stride_x_tok + k[None, :] * stride_x_k
+        xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+        a_mask = live[:, None] & k_ok[None, :]
+        a = tl.load(pool_ptr + a_off[:, None] + k[None, :], mask=a_mask, other=0.0)  # [C, K]
+        acc = tl.dot(xt, tl.trans(a), acc, input_precision=DOT_PRECISION)
+    v_ptrs = v_ptr + split * stride_v_split + tok[:, None] * stride_v_tok + cols[None, :]
+    tl.store(v_ptrs, acc, mask=m_ok[:, None] & live[None, :])
+
+
+@triton.jit
+def _out_slice(t, o0, n0, o1, n1, o2, n2):
+    """(first output column, width) of the call's target t."""
+    o = tl.where(t == 0, o0, tl.where(t == 1, o1, o2))
+    n = tl.where(t == 0, n0, tl.where(t == 1, n1, n2))
+    return o, n
+
+
+@triton.jit
+def _expand_target(
+    ranks_ptr, scalings_ptr, entry, t, n_tile, o0, n0, o1, n1, o2, n2, BLOCK_N: tl.constexpr
+):
+    """(rank, scaling, first output column, width, skip) of this expand program's target."""
+    rank = tl.load(ranks_ptr + entry + t)
+    scale = tl.load(scalings_ptr + entry + t)
+    o, n = _out_slice(t, o0, n0, o1, n1, o2, n2)
+    return rank, scale, o, n, (rank == 0) | (n_tile * BLOCK_N >= n)
+
+
+@triton.jit
+def _expand_decode_kernel(
+    y_ptr,
+    v_ptr,
+    pool_ptr,
+    seg_start_ptr,
+    seg_slot_ptr,
+    row_offsets_ptr,
+    ranks_ptr,
+    scalings_ptr,
+    layer,
+    first_target,
+    num_layers,
+    table_rank,
+    n_tiles,
+    split_k,
+    o0,
+    n0,
+    o1,
+    n1,
+    o2,
+    n2,
+    stride_y_tok,
+    stride_y_n,
+    stride_v_split,
+    stride_v_tok,
+    R_PAD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One program: one single-token segment x one target x BLOCK_N output columns."""
+    seg = tl.program_id(0)
+    t = tl.program_id(2) // n_tiles
+    n_tile = tl.program_id(2) % n_tiles
+    tok, rows, entry = _segment(seg_start_ptr, seg_slot_ptr, seg, layer, first_target, num_layers)
+    rank, scale, o, n, skip = _expand_target(
+        ranks_ptr, scalings_ptr, entry, t, n_tile, o0, n0, o1, n1, o2, n2, BLOCK_N
+    )
+    if skip | (rows == 0):
+        return
+    cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = cols < n
+    b_table = row_offsets_ptr + ((entry + t) * 2 + 1) * table_rank
+    v_row = v_ptr + tok * stride_v_tok + t * R_PAD
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for r0 in range(0, rank, BLOCK_R):
+        j = r0 + tl.arange(0, BLOCK_R)
+        j_ok = j < rank
+        vj = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for s in range(split_k):
+            vj += tl.load(v_row + s * stride_v_split + j, mask=j_ok, other=0.0)
+        b_off = tl.load(b_table + j, mask=j_ok, other=0)  # [BLOCK_R] int64
+        b_mask = j_ok[:, None] & n_ok[None, :]
+        b = tl.load(pool_ptr + b_off[:, None] + cols[None, :], mask=b_mask, other=0.0)
+        acc += tl.sum(vj[:, None] * b.to(tl.float32), axis=0)
+    y_ptrs = y_ptr + tok * stride_y_tok + (o + cols) * stride_y_n
+    y = tl.load(y_ptrs, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (y + scale * acc).to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _expand_prefill_kernel(
+    y_ptr,
+    v_ptr,
+    pool_ptr,
+    seg_start_ptr,
+    seg_slot_ptr,
+    row_offsets_ptr,
+    ranks_ptr,
+    scalings_ptr,
+    layer,
+    first_target,
+    num_layers,
+    table_rank,
+    n_tiles,
+    split_k,
+    o0,
+    n0,
+    o1,
+    n1,
+    o2,
+    n2,
+    stride_y_tok,
+    stride_y_n,
+    stride_v_split,
+    stride_v_tok,
+    R_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One program: BLOCK_M rows of one segment x one target x BLOCK_N output columns."""
+    seg = tl.program_id(0)
+    m_tile = tl.program_id(1)
+    t = tl.program_id(2) // n_tiles
+    n_tile = tl.program_id(2) % n_tiles
+    start, rows, entry = _segment(seg_start_ptr, seg_slot_ptr, seg, layer, first_target, num_layers)
+    rank, scale, o, n, skip = _expand_target(
+        ranks_ptr, scalings_ptr, entry, t, n_tile, o0, n0, o1, n1, o2, n2, BLOCK_N
+    )
+    if skip | (m_tile * BLOCK_M >= rows):
+        return
+    m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = m < rows
+    tok = start + m  # [BLOCK_M] int64
+    cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = cols < n
+    b_table = row_offsets_ptr + ((entry + t) * 2 + 1) * table_rank
+    v_rows = v_ptr + tok[:, None] * stride_v_tok + t * R_PAD  # [BLOCK_M, 1]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for r0 in range(0, rank, BLOCK_R):
+        j = r0 + tl.arange(0, BLOCK_R)
+        j_ok = j < rank
+        v_mask = m_ok[:, None] & j_ok[None, :]
+        vt = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+        for s in range(split_k):
+            vt += tl.load(v_rows + s * stride_v_split + j[None, :], mask=v_mask, other=0.0)
+        b_off = tl.load(b_table + j, mask=j_ok, other=0)  # [BLOCK_R] int64
+        b_mask = j_ok[:, None] & n_ok[None, :]
+        b = tl.load(pool_ptr + b_off[:, None] + cols[None, :], mask=b_mask, other=0.0)
+        acc = tl.dot(vt, b.to(tl.float32), acc, input_precision=DOT_PRECISION)
+    y_ptrs = y_ptr + tok[:, None] * stride_y_tok + (o + cols[None, :]) * stride_y_n
+    y_mask = m_ok[:, None] & n_ok[None, :]
+    y = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptrs, (y + scale * acc).to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+class LoRATiles(NamedTuple):
+    """Block sizes of one lora_apply_triton call."""
+
+    block_m: int  # token rows per program; 1 = the decode (matrix-vector) kernels
+    block_c: int  # shrink columns ((target, rank row) pairs) per program
+    block_k: int  # input features per shrink step
+    split_k: int  # shrink programs that split one tile's input features
+    block_r: int  # rank rows per expand step
+    block_n: int  # output columns per expand program
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the CPU interpreter runs programs one by one: keep grids small
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _r_pad(max_rank: int) -> int:
+    """Per-target stride of the shrink columns: a power of two >= max(16, max_rank)."""
+    return max(16, triton.next_power_of_2(max_rank))
+
+
+def _split_k(programs: int, in_features: int, block_k: int, num_sms: int) -> int:
+    """Splits of the input features that bring the shrink grid to about 2 waves."""
+    want = triton.cdiv(2 * num_sms, programs)
+    return max(1, min(want, 32, triton.cdiv(in_features, block_k)))
+
+
+def pick_tiles(
+    batch: LoRABatch, in_features: int, n_targets: int, max_out: int, num_sms: int
+) -> LoRATiles:
+    """Block sizes for a call: decode tiles by rank and width, prefill by segment length."""
+    r_pad = _r_pad(batch.max_rank)
+    if batch.max_seg_len == 1:
+        block_c = min(r_pad, 32)
+        block_k = min(256, triton.next_power_of_2(in_features))
+        block_m, block_r = 1, min(r_pad, 32)
+        block_n = min(256, triton.next_power_of_2(max_out))
+        while block_n > 64 and batch.num_segments * n_targets * (max_out // block_n) < num_sms:
+            block_n //= 2
+    else:
+        block_m = min(64, max(16, triton.next_power_of_2(batch.max_seg_len)))
+        block_c = min(128, triton.next_power_of_2(n_targets * r_pad))
+        block_k = min(64, max(16, triton.next_power_of_2(in_features)))
+        block_r = min(r_pad, 64)
+        block_n = min(128, max(16, triton.next_power_of_2(max_out)))
+    m_tiles = triton.cdiv(batch.max_seg_len, block_m)
+    c_tiles = triton.cdiv(n_targets * r_pad, block_c)
+    programs = batch.num_segments * m_tiles * c_tiles
+    split_k = _split_k(programs, in_features, block_k, num_sms)
+    return LoRATiles(block_m, block_c, block_k, split_k, block_r, block_n)
+
+
+def _check_tiles(tiles: LoRATiles, r_pad: int) -> None:
+    sizes = (tiles.block_c, tiles.block_k, tiles.block_r, tiles.block_n)
+    if any(s & (s - 1) for s in (tiles.block_m, *sizes)):
+        raise ValueError(f"block sizes must be powers of two: {tiles}")
+    if tiles.block_m > 1 and min(tiles.block_m, *sizes) < 16:
+        raise ValueError(f"tl.dot needs every block size >= 16: {tiles}")
+    if tiles.block_r > r_pad or tiles.split_k < 1:
+        raise ValueError(f"block_r must be <= {r_pad} and split_k >= 1: {tiles}")
+
+
+def _padded_slices(out_slices: Sequence[tuple[int, int]]) -> list[int]:
+    """o0, n0, o1, n1, o2, n2 (unused targets repeat the last)."""
+    slices = list(out_slices) + [out_slices[-1]] * (MAX_CALL_TARGETS - len(out_slices))
+    return [v for o_n in slices for v in o_n]
+
+
+def _shrink(
+    x: Tensor,
+    pool: Tensor,
+    batch: LoRABatch,
+    layer: int,
+    first_target: int,
+    n_targets: int,
+    tiles: LoRATiles,
+) -> Tensor:
+    """v [split_k, T, n_targets * R_PAD] fp32: partial x @ A^T of every target."""
+    r_pad = _r_pad(batch.max_rank)
+    in_features = x.shape[1]
+    v = torch.empty(
+        tiles.split_k, x.shape[0], n_targets * r_pad, dtype=torch.float32, device=x.device
+    )
+    k_per_split = triton.cdiv(triton.cdiv(in_features, tiles.split_k), tiles.block_k)
+    k_per_split *= tiles.block_k
+    m_tiles = triton.cdiv(batch.max_seg_len, tiles.block_m)
+    c_tiles = triton.cdiv(n_targets * r_pad, tiles.block_c)
+    grid = (batch.num_segments, m_tiles, c_tiles * tiles.split_k)
+    args = (
+        x,
+        v,
+        pool,
+        batch.seg_start,
+        batch.seg_slot,
+        batch.row_offsets,
+        batch.ranks,
+        layer,
+        first_target,
+        batch.num_layers,
+        batch.row_offsets.shape[-1],
+        in_features,
+        k_per_split,
+        tiles.split_k,
+        x.stride(0),
+        x.stride(1),
+        v.stride(0),
+        v.stride(1),
+    )
+    if tiles.block_m == 1:
+        _shrink_decode_kernel[grid](
+            *args,
+            N_TARGETS=n_targets,
+            R_PAD=r_pad,
+            BLOCK_C=tiles.block_c,
+            BLOCK_K=tiles.block_k,
+        )
+    else:
+        _shrink_prefill_kernel[grid](
+            *args,
+            N_TARGETS=n_targets,
+            R_PAD=r_pad,
+            BLOCK_M=tiles.block_m,
+            BLOCK_C=tiles.block_c,
+            BLOCK_K=tiles.block_k,
+            DOT_PRECISION=_precision(x),
+            num_warps=8 if tiles.block_m * tiles.block_c >= 8192 else 4,
+        )
+    return v
+
+
+def _expand(
+    y: Tensor,
+    v: Tensor,
+    pool: Tensor,
+    batch: LoRABatch,
+    layer: int,
+    first_target: int,
+    out_slices: Sequence[tuple[int, int]],
+    tiles: LoRATiles,
+) -> None:
+    """y[:, slice_t] += scaling_t * (sum of v's partials) @ B^T_t for every target t."""
+    n_tiles = triton.cdiv(max(n for _, n in out_slices), tiles.block_n)
+    m_tiles = triton.cdiv(batch.max_seg_len, tiles.block_m)
+    grid = (batch.num_segments, m_tiles, len(out_slices) * n_tiles)
+    args = (
+        y,
+        v,
+        pool,
+        batch.seg_start,
+        batch.seg_slot,
+        batch.row_offsets,
+        batch.ranks,
+        batch.scalings,
+        layer,
+        first_target,
+        batch.num_layers,
+        batch.row_offsets.shape[-1],
+        n_tiles,
+        tiles.split_k,
+        *_padded_slices(out_slices),
+        y.stride(0),
+        y.stride(1),
+        v.stride(0),
+        v.stride(1),
+    )
+    r_pad = _r_pad(batch.max_rank)
+    if tiles.block_m == 1:
+        _expand_decode_kernel[grid](
+            *args, R_PAD=r_pad, BLOCK_R=tiles.block_r, BLOCK_N=tiles.block_n
+        )
+    else:
+        _expand_prefill_kernel[grid](
+            *args,
+            R_PAD=r_pad,
+            BLOCK_M=tiles.block_m,
+            BLOCK_R=tiles.block_r,
+            BLOCK_N=tiles.block_n,
+            DOT_PRECISION=_precision(y),
+        )
+
+
+def _precision(t: Tensor) -> str:
+    """fp32 models get exact fp32 dots; 16-bit ones tf32 for the fp32 expand operands."""
+    return "ieee" if t.dtype == torch.float32 else "tf32"
+
+
+def lora_apply_triton(
+    x: Tensor,  # [T, in_features]
+    y: Tensor,  # [T, out_total], updated in place (may be a strided view)
+    pool: Tensor,  # [P] the page pool viewed flat
+    batch: LoRABatch,
+    layer: int,
+    first_target: int,
+    out_slices: Sequence[tuple[int, int]],  # per target (output column offset, width)
+    tiles: LoRATiles | None = None,  # None: pick_tiles
+) -> None:
+    """Shrink then expand, two launches, no device sync (CUDA-graph safe)."""
+    if batch.num_segments == 0:
+        return
+    _check_call(x, y, pool, first_target, out_slices)
+    n_targets = len(out_slices)
+    if tiles is None:
+        max_out = max(n for _, n in out_slices)
+        tiles = pick_tiles(batch, x.shape[1], n_targets, max_out, _num_sms(x.device))
+    if tiles.block_m == 1 and batch.max_seg_len > 1:
+        raise ValueError("decode tiles (block_m=1) need max_seg_len == 1")
+    _check_tiles(tiles, _r_pad(batch.max_rank))
+    v = _shrink(x, pool, batch, layer, first_target, n_targets, tiles)
+    _expand(y, v, pool, batch, layer, first_target, out_slices, tiles)
+
+
+def lora_apply(
+    x: Tensor,  # [T, in_features]
+    y: Tensor,  # [T, out_total], updated in place (may be a strided view)
+    pool: Tensor,  # [P] the page pool viewed flat
+    batch: LoRABatch,
+    layer: int,
+    first_target: int,
+    out_slices: Sequence[tuple[int, int]],  # per target (output column offset, width)
+    backend: str = "auto",  # "auto": triton on CUDA, torch elsewhere; "torch" | "triton"
+) -> None:
+    """In place, for each token row i in a segment with slot a and each target k whose rank
+    r = ranks[a, layer, first_target + k] > 0:
+
+        y[i, o_k : o_k + n_k] += scalings[a, layer, t] * (x[i] @ A^T) @ B^T
+
+    A = the r A rows (width in_features), B^T = the r B^T rows (width n_k). Rows outside
+    every segment are not touched.
+    """
+    if batch.num_segments == 0:
+        return
+    if backend == "auto":
+        backend = "triton" if x.is_cuda else "torch"
+    args = (x, y, pool, batch, layer, first_target, out_slices)
+    if backend == "torch":
+        lora_apply_ref(*args)
+    elif backend == "triton":
+        lora_apply_triton(*args)
+    else:
+        raise ValueError(f"unknown lora backend {backend!r}")

@@ -1,0 +1,337 @@
+"""AdapterCache: which adapters are resident in the page pool, where their rows are, and
+which are in use.
+
+An adapter's weights are packed as rows into pages taken from the same PagePool as the KV
+cache (Unified Paging). For every (layer, target) a rank-r adapter has r rows of A (the
+target's input width) and r rows of B^T (its output width); rows are laid out one after
+another through the adapter's pages, and a row that would cross a page end starts at the
+next page:
+
+    virtual space of adapter "a" (its pages, in allocation order)
+    | page 0                         | page 1                         |
+    | A(0,q) r0 | A(0,q) r1 | B(0,q) r0 | ... |pad| A(0,down) r0 | ...
+    row_offsets[slot, layer, target, 0|1, j] = pool element offset of row j of A | B^T
+
+Residency contract:
+- ``acquire`` pins a resident adapter for a running request (a count per adapter);
+  ``release`` unpins it. Pinned adapters are never evicted.
+- Unpinned adapters stay resident (an LRU cache in the pool) until the pool needs their
+  pages: the cache is a reclaimer of the pool, so KV growth and other adapters' loads evict
+  idle adapters, least recently used first, before anything is preempted.
+- ``load`` allocates the pages (all or nothing), fills a staging buffer on the host and
+  copies it to the pages; on CUDA the copies run on a side stream and the adapter counts as
+  ``ready`` once they have completed, so loading overlaps the step that is computing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from loraserve.adapters.peft import LoRAWeights
+from loraserve.config import LORA_TARGETS, ModelConfig
+from loraserve.memory.pool import PageKind, PagePool
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ResidentAdapter:
+    name: str
+    slot: int
+    pages: list[int]
+    nbytes: int
+    refcount: int = 0
+    ready_event: torch.cuda.Event | None = None
+
+    def ready(self) -> bool:
+        return self.ready_event is None or self.ready_event.query()
+
+
+@dataclass
+class CacheStats:
+    gpu_hits: int = 0
+    gpu_loads: int = 0
+    gpu_evictions: int = 0
+    bytes_loaded: int = 0
+    load_failures: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class AdapterCache:
+    """GPU (pool) tier of adapters. Tables are indexed by slot; at most ``max_loras``
+    adapters are resident at once, with ranks up to ``max_rank``."""
+
+    def __init__(
+        self,
+        pool: PagePool,
+        model: ModelConfig,
+        max_loras: int,
+        max_rank: int,
+    ) -> None:
+        self.pool = pool
+        self.model = model
+        self.max_loras = max_loras
+        self.max_rank = max_rank
+        self.device = pool.buffer.device
+        widest = max(max(model.lora_shape(t)) for t in LORA_TARGETS)
+        if widest > pool.page_elems:
+            raise ValueError(
+                f"a LoRA row of {widest} elements does not fit a page of {pool.page_elems}: "
+                "raise block_size"
+            )
+        shape = (max_loras, model.num_hidden_layers, len(LORA_TARGETS))
+        self.row_offsets = torch.zeros((*shape, 2, max_rank), dtype=torch.int64, device=self.device)
+        self.ranks = torch.zeros(shape, dtype=torch.int32, device=self.device)
+        self.scalings = torch.zeros(shape, dtype=torch.float32, device=self.device)
+        self._resident: OrderedDict[str, ResidentAdapter] = OrderedDict()  # LRU order
+        self._free_slots = list(range(max_loras - 1, -1, -1))
+        on_cuda = self.device.type == "cuda"
+        self._stream = torch.cuda.Stream(self.device) if on_cuda else None
+        self._staging = _StagingPool(pool.buffer.dtype, pinned=on_cuda)
+        self.stats = CacheStats()
+        pool.add_reclaimer(self._reclaim)
+
+    # ---- queries ------------------------------------------------------------------
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._resident
+
+    def get(self, name: str) -> ResidentAdapter | None:
+        return self._resident.get(name)
+
+    def is_ready(self, name: str) -> bool:
+        adapter = self._resident.get(name)
+        return adapter is not None and adapter.ready()
+
+    def resident(self) -> Iterator[ResidentAdapter]:
+        return iter(self._resident.values())
+
+    @property
+    def num_pinned(self) -> int:
+        return sum(1 for a in self._resident.values() if a.refcount > 0)
+
+    def pages_needed(self, weights: LoRAWeights) -> int:
+        _, size = _layout(_matrices(weights), self.pool.page_elems)
+        return -(-size // self.pool.page_elems)
+
+    # ---- pinning --------------------------------------------------------------------
+
+    def acquire(self, name: str) -> int:
+        """Pin a resident adapter; returns its slot."""
+        adapter = self._resident[name]
+        adapter.refcount += 1
+        self._resident.move_to_end(name)
+        self.stats.gpu_hits += 1
+        return adapter.slot
+
+    def release(self, name: str) -> None:
+        adapter = self._resident[name]
+        if adapter.refcount <= 0:
+            raise RuntimeError(f"adapter {name!r} released more often than acquired")
+        adapter.refcount -= 1
+
+    # ---- loading and eviction -------------------------------------------------------
+
+    def load(self, weights: LoRAWeights) -> bool:
+        """Make ``weights`` resident. False (nothing changed) if the pool or the slots cannot
+        take it now even after evicting idle adapters."""
+        if weights.name in self._resident:
+            return True
+        self._check_ranks(weights)
+        if not self._free_slots and not self._evict_one():
+            return False
+        matrices = _matrices(weights)
+        runs, size = _layout(matrices, self.pool.page_elems)
+        pages = self.pool.allocate(-(-size // self.pool.page_elems), PageKind.ADAPTER)
+        if pages is None:
+            return False
+        slot = self._free_slots.pop()
+        adapter = ResidentAdapter(weights.name, slot, pages, weights.nbytes)
+        staging = self._staging.take(len(pages) * self.pool.page_elems)
+        self._fill(staging, matrices, runs)
+        self._write_tables(slot, weights, matrices, runs, pages)
+        self._copy_to_pages(adapter, staging)
+        self._resident[weights.name] = adapter
+        self.stats.gpu_loads += 1
+        self.stats.bytes_loaded += weights.nbytes
+        return True
+
+    def evict(self, name: str) -> None:
+        """Drop an idle adapter from the pool (e.g. when it is unregistered)."""
+        adapter = self._resident[name]
+        if adapter.refcount:
+            raise RuntimeError(f"adapter {name!r} is in use by {adapter.refcount} requests")
+        self._drop(adapter)
+
+    def _reclaim(self, n: int) -> int:
+        freed = 0
+        while freed < n:
+            got = self._evict_one()
+            if not got:
+                break
+            freed += got
+        return freed
+
+    def _evict_one(self) -> int:
+        for adapter in self._resident.values():  # least recently used first
+            if adapter.refcount == 0:
+                self.stats.gpu_evictions += 1
+                return self._drop(adapter)
+        return 0
+
+    def _drop(self, adapter: ResidentAdapter) -> int:
+        if adapter.ready_event is not None:
+            adapter.ready_event.synchronize()
+        del self._resident[adapter.name]
+        self.ranks[adapter.slot] = 0
+        self.pool.free(adapter.pages)
+        self._free_slots.append(adapter.slot)
+        return len(adapter.pages)
+
+    def _check_ranks(self, weights: LoRAWeights) -> None:
+        for (layer, target), module in weights.modules.items():
+            if module.a.shape[0] > self.max_rank:
+                raise ValueError(
+                    f"adapter {weights.name!r} has rank {module.a.shape[0]} at layer {layer} "
+                    f"{target}; this engine serves ranks up to max_lora_rank={self.max_rank}"
+                )
+
+    # ---- packing ----------------------------------------------------------------------
+
+    @staticmethod
+    def _fill(staging: torch.Tensor, matrices: list[_Matrix], runs: list[_Run]) -> None:
+        for run in runs:
+            mat = matrices[run.matrix].rows
+            n, width = run.row_end - run.row_start, mat.shape[1]
+            dst = staging[run.pos : run.pos + n * width].view(n, width)
+            dst.copy_(mat[run.row_start : run.row_end])
+
+    def _write_tables(
+        self,
+        slot: int,
+        weights: LoRAWeights,
+        matrices: list[_Matrix],
+        runs: list[_Run],
+        pages: list[int],
+    ) -> None:
+        page = self.pool.page_elems
+        shape = self.row_offsets.shape[1:]
+        table = torch.zeros(shape, dtype=torch.int64)
+        ranks = torch.zeros(shape[:2], dtype=torch.int32)
+        scalings = torch.zeros(shape[:2], dtype=torch.float32)
+        for run in runs:
+            m = matrices[run.matrix]
+            width = m.rows.shape[1]
+            base = pages[run.pos // page] * page + run.pos % page
+            n = run.row_end - run.row_start
+            table[m.layer, m.target, m.ab, run.row_start : run.row_end] = (
+                base + torch.arange(n, dtype=torch.int64) * width
+            )
+        for (layer, target), module in weights.modules.items():
+            t = LORA_TARGETS.index(target)
+            ranks[layer, t] = module.a.shape[0]
+            scalings[layer, t] = module.scaling
+        self.row_offsets[slot].copy_(table)
+        self.ranks[slot].copy_(ranks)
+        self.scalings[slot].copy_(scalings)
+
+    def _copy_to_pages(self, adapter: ResidentAdapter, staging: torch.Tensor) -> None:
+        page = self.pool.page_elems
+        if self._stream is None:
+            for k, p in enumerate(adapter.pages):
+                self.pool.buffer[p].copy_(staging[k * page : (k + 1) * page])
+            self._staging.give_back(staging, None)
+            return
+        # The pages may have held KV that the current stream still reads: order after it.
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            for k, p in enumerate(adapter.pages):
+                self.pool.buffer[p].copy_(staging[k * page : (k + 1) * page], non_blocking=True)
+            adapter.ready_event = torch.cuda.Event()
+            adapter.ready_event.record(self._stream)
+        self._staging.give_back(staging, adapter.ready_event)
+
+    def check_integrity(self) -> None:
+        pages = [p for a in self._resident.values() for p in a.pages]
+        assert len(pages) == len(set(pages)), "an adapter page is owned twice"
+        assert self.pool.num_used(PageKind.ADAPTER) == len(pages), (
+            f"{self.pool.num_used(PageKind.ADAPTER)} adapter pages in the pool, "
+            f"{len(pages)} held by resident adapters"
+        )
+        slots = [a.slot for a in self._resident.values()]
+        assert len(slots) == len(set(slots)) and not set(slots) & set(self._free_slots)
+        assert all(a.refcount >= 0 for a in self._resident.values())
+
+
+@dataclass
+class _Matrix:
+    layer: int
+    target: int  # index into LORA_TARGETS
+    ab: int  # 0 = A rows, 1 = B^T rows
+    rows: torch.Tensor  # [r, width]
+
+
+@dataclass
+class _Run:
+    """Rows ``row_start:row_end`` of one matrix, contiguous from virtual position ``pos``."""
+
+    matrix: int
+    row_start: int
+    row_end: int
+    pos: int
+
+
+def _matrices(weights: LoRAWeights) -> list[_Matrix]:
+    out = []
+    for layer, target in sorted(weights.modules, key=lambda k: (k[0], LORA_TARGETS.index(k[1]))):
+        module = weights.modules[(layer, target)]
+        t = LORA_TARGETS.index(target)
+        out += [_Matrix(layer, t, 0, module.a), _Matrix(layer, t, 1, module.b.t())]
+    return out
+
+
+def _layout(matrices: list[_Matrix], page: int) -> tuple[list[_Run], int]:
+    """Place rows one after another; a row never crosses a page end. Returns the runs and
+    the virtual size in elements."""
+    runs: list[_Run] = []
+    pos = 0
+    for i, m in enumerate(matrices):
+        r, width = m.rows.shape
+        j = 0
+        while j < r:
+            room = page - pos % page
+            if room < width:
+                pos += room
+                room = page
+            n = min(r - j, room // width)
+            runs.append(_Run(i, j, j + n, pos))
+            pos += n * width
+            j += n
+    return runs, pos
+
+
+class _StagingPool:
+    """Reusable host staging buffers (pinned on CUDA: pinning a fresh buffer per adapter
+    costs far more than the copy). A buffer is reused once the copy that read it is done."""
+
+    def __init__(self, dtype: torch.dtype, pinned: bool) -> None:
+        self.dtype = dtype
+        self.pinned = pinned
+        self._buffers: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
+
+    def take(self, numel: int) -> torch.Tensor:
+        for i, (buf, event) in enumerate(self._buffers):
+            if buf.numel() >= numel and (event is None or event.query()):
+                del self._buffers[i]
+                return buf[:numel]
+        buf = torch.empty(max(numel, 1 << 22), dtype=self.dtype, pin_memory=self.pinned)
+        return buf[:numel]
+
+    def give_back(self, buf: torch.Tensor, event: torch.cuda.Event | None) -> None:
+        base = buf._base if buf._base is not None else buf
+        self._buffers.append((base, event))

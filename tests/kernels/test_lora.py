@@ -1,0 +1,366 @@
+"""Batched multi-LoRA: reference vs dense math, Triton kernels vs reference.
+
+Each case packs random adapters into a NaN-filled flat pool as scattered rows (shuffled
+order, random gaps, neighbouring rows of one adapter in unrelated pages); table entries
+past a rank point at a NaN page. A kernel that reads a row it should not reads NaN into
+its output. The expected output is computed densely in float64 from the original A and B
+(as rounded to the pool dtype), so the reference itself is checked against plain math.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import Tensor
+
+from loraserve.config import LORA_TARGETS
+from loraserve.kernels.lora import (
+    LoRABatch,
+    LoRATiles,
+    lora_apply,
+    lora_apply_ref,
+    lora_apply_triton,
+    pick_tiles,
+)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+NUM_LAYERS = 2
+LAYER = 1
+PAGE_ELEMS = 512
+HIDDEN, Q, KV, INTER = 72, 48, 24, 40  # widths are not powers of two
+
+# (in_features, out_features) of each target, indexed like LORA_TARGETS
+WIDTHS = [(HIDDEN, Q), (HIDDEN, KV), (HIDDEN, KV), (Q, HIDDEN), (HIDDEN, INTER), (HIDDEN, INTER)]
+WIDTHS.append((INTER, HIDDEN))
+
+# the model's packed linear calls: name -> (first_target, out_slices)
+CALLS = {
+    "qkv": (0, [(0, Q), (Q, KV), (Q + KV, KV)]),
+    "o": (3, [(0, HIDDEN)]),
+    "gate_up": (4, [(0, INTER), (INTER, INTER)]),
+    "down": (6, [(0, HIDDEN)]),
+}
+
+# slot -> rank of each target at LAYER (q, k, v, o, gate, up, down); 0 = not targeted
+MIXED_RANKS = {
+    0: [8, 8, 0, 8, 8, 8, 0],
+    1: [1] * 7,
+    2: [128, 64, 16, 128, 2, 0, 64],
+    3: [2, 2, 2, 2, 2, 2, 2],
+    4: [0, 16, 16, 16, 0, 16, 16],
+    5: [64, 1, 128, 64, 64, 2, 128],
+    6: [0] * 7,  # the adapter does not touch this layer
+    7: [16] * 7,  # in the tables, used by no segment
+}
+SMALL_RANKS = {
+    0: [1, 2, 0, 1, 2, 1, 2],
+    1: [8, 0, 2, 8, 1, 8, 0],
+    2: [2] * 7,
+    3: [0, 1, 8, 2, 0, 2, 1],
+}
+
+# (slot, rows); slot None = base-only rows (see _segments_of)
+DECODE = [(None, 1), (0, 1), (None, 1), (1, 1), (2, 1), (None, 2), (0, 1), (3, 1), (4, 1)]
+DECODE += [(5, 1), (6, 1), (None, 2)]
+PREFILL = [(0, 17), (None, 3), (1, 1), (2, 40), (0, 3), (None, 2), (3, 1), (4, 17), (6, 3)]
+PREFILL += [(None, 4)]
+SMALL_DECODE = [(0, 1), (1, 1), (None, 1), (2, 1), (3, 1), (0, 1)]
+SMALL_PREFILL = [(None, 2), (0, 3), (1, 17), (2, 1), (None, 1), (3, 40), (1, 1)]
+
+
+@dataclass
+class Case:
+    x: Tensor  # [T, in_features]
+    y: Tensor  # [T, out_total]
+    pool: Tensor  # [P]
+    batch: LoRABatch
+    first_target: int
+    out_slices: list[tuple[int, int]]
+    expected: Tensor  # float64 [T, out_total]
+    base_rows: Tensor  # bool [T]: rows that must stay bit-identical
+
+    def args(self) -> tuple:
+        return (self.x, self.y, self.pool, self.batch, LAYER, self.first_target, self.out_slices)
+
+
+def _random_ranks(g: torch.Generator) -> list[int]:
+    return torch.randint(0, 20, (len(LORA_TARGETS),), generator=g).tolist()
+
+
+def _place_rows(widths: list[int], g: torch.Generator) -> tuple[list[int], int]:
+    """A start offset for each row: shuffled, random gaps, pages in random order.
+
+    Page 0 stays NaN (the target of unused table entries). Returns offsets, num_pages.
+    """
+    order = torch.randperm(len(widths), generator=g).tolist()
+    pages = (1 + torch.randperm(len(widths) + 1, generator=g)).tolist()
+    offsets = [0] * len(widths)
+    page_i, cursor = 0, 0
+    for row in order:
+        cursor += int(torch.randint(0, 9, (1,), generator=g))
+        if cursor + widths[row] > PAGE_ELEMS:
+            page_i, cursor = page_i + 1, int(torch.randint(0, 9, (1,), generator=g))
+        offsets[row] = pages[page_i] * PAGE_ELEMS + cursor
+        cursor += widths[row]
+    return offsets, len(widths) + 2
+
+
+def _pack(
+    weights: dict[tuple[int, int, int], tuple[Tensor, Tensor]],
+    num_slots: int,
+    table_rank: int,
+    dtype: torch.dtype,
+    g: torch.Generator,
+) -> tuple[Tensor, Tensor]:
+    """Pool [P] (NaN where no row is) and row_offsets int64 [slots, layers, 7, 2, table_rank]."""
+    rows: list[Tensor] = []  # each [width], in pool dtype
+    where: list[tuple[int, int, int, int, int]] = []  # (slot, layer, target, a|b, j)
+    for (slot, layer, t), (a, b) in weights.items():
+        for j in range(a.shape[0]):
+            rows += [a[j], b[:, j]]
+            where += [(slot, layer, t, 0, j), (slot, layer, t, 1, j)]
+    offsets, num_pages = _place_rows([r.shape[0] for r in rows], g)
+    pool = torch.full((num_pages * PAGE_ELEMS,), float("nan"), dtype=dtype)
+    table = torch.zeros(num_slots, NUM_LAYERS, len(LORA_TARGETS), 2, table_rank, dtype=torch.int64)
+    table += int(torch.randint(0, PAGE_ELEMS // 2, (1,), generator=g))  # inside NaN page 0
+    for row, off, idx in zip(rows, offsets, where, strict=True):
+        pool[off : off + row.shape[0]] = row
+        table[idx] = off
+    return pool, table
+
+
+def _weights(
+    ranks: dict[int, list[int]], dtype: torch.dtype, g: torch.Generator
+) -> tuple[dict, Tensor, Tensor]:
+    """Random A [r, in] and B [out, r] per (slot, layer, target), ranks and scalings tables."""
+    num_slots = max(ranks) + 1
+    rank_t = torch.zeros(num_slots, NUM_LAYERS, len(LORA_TARGETS), dtype=torch.int32)
+    for slot, per_target in ranks.items():
+        rank_t[slot, LAYER] = torch.tensor(per_target, dtype=torch.int32)
+        rank_t[slot, 1 - LAYER] = torch.tensor(_random_ranks(g), dtype=torch.int32)
+    scalings = 0.5 + 1.5 * torch.rand(rank_t.shape, generator=g)
+    weights = {}
+    for slot, layer, t in rank_t.nonzero().tolist():
+        r = int(rank_t[slot, layer, t])
+        n_in, n_out = WIDTHS[t]
+        a = torch.randn(r, n_in, generator=g) / n_in**0.5
+        b = torch.randn(n_out, r, generator=g) / r**0.5
+        weights[(slot, layer, t)] = (a.to(dtype), b.to(dtype))
+    return weights, rank_t, scalings
+
+
+def _segments_of(spec: list[tuple[int | None, int]]) -> tuple[list[tuple[int, int, int]], int]:
+    """(first row, rows, slot) of each segment, and the total rows.
+
+    Base-only rows (slot None) before the first and after the last LoRA segment belong to
+    no segment; between two LoRA segments they form a segment of slot -1.
+    """
+    lora = [i for i, (slot, _) in enumerate(spec) if slot is not None]
+    segs, row = [], 0
+    for i, (slot, n) in enumerate(spec):
+        if slot is not None or (lora and lora[0] < i < lora[-1]):
+            segs.append((row, n, -1 if slot is None else slot))
+        row += n
+    return segs, row
+
+
+def _dense(
+    x: Tensor, y: Tensor, weights: dict, scalings: Tensor, segs: list, call: tuple
+) -> Tensor:
+    """float64 [T, out_total]: y + every segment row's delta, from the original A and B."""
+    first_target, out_slices = call
+    out = y.double().clone()
+    for start, n, slot in segs:
+        if slot < 0:
+            continue
+        xs = x[start : start + n].double()
+        for k, (o, width) in enumerate(out_slices):
+            key = (slot, LAYER, first_target + k)
+            if key in weights:
+                a, b = (w.double() for w in weights[key])
+                out[start : start + n, o : o + width] += float(scalings[key]) * (xs @ a.T @ b.T)
+    return out
+
+
+def make_case(
+    spec: list[tuple[int | None, int]],
+    call: str,
+    dtype: torch.dtype,
+    ranks: dict[int, list[int]] = MIXED_RANKS,
+    seed: int = 0,
+    extra_rank: int = 0,
+) -> Case:
+    g = torch.Generator().manual_seed(seed)
+    first_target, out_slices = CALLS[call]
+    weights, rank_t, scalings = _weights(ranks, dtype, g)
+    max_rank = int(rank_t.max()) + extra_rank
+    pool, table = _pack(weights, rank_t.shape[0], max_rank + 3, dtype, g)
+    segs, total = _segments_of(spec)
+    in_features = WIDTHS[first_target][0]
+    out_total = sum(n for _, n in out_slices)
+    x = torch.randn(total, in_features, generator=g).to(dtype)
+    y = torch.randn(total, out_total, generator=g).to(dtype)
+    seg_start = [s for s, _, _ in segs] + ([segs[-1][0] + segs[-1][1]] if segs else [0])
+    base_rows = torch.ones(total, dtype=torch.bool)
+    for start, n, slot in segs:
+        if slot < 0:
+            continue
+        targeted = any(rank_t[slot, LAYER, first_target + k] > 0 for k in range(len(out_slices)))
+        base_rows[start : start + n] = not targeted
+    batch = LoRABatch(
+        seg_start=torch.tensor(seg_start, dtype=torch.int32, device=DEVICE),
+        seg_slot=torch.tensor([s for _, _, s in segs], dtype=torch.int32, device=DEVICE),
+        row_offsets=table.to(DEVICE),
+        ranks=rank_t.to(DEVICE),
+        scalings=scalings.to(DEVICE),
+        max_rank=max_rank,
+        max_seg_len=max((n for _, n, slot in segs if slot >= 0), default=1),
+        num_segments=len(segs),
+    )
+    expected = _dense(x, y, weights, scalings, segs, (first_target, out_slices))
+    return Case(
+        x=x.to(DEVICE),
+        y=y.to(DEVICE),
+        pool=pool.to(DEVICE),
+        batch=batch,
+        first_target=first_target,
+        out_slices=out_slices,
+        expected=expected.to(DEVICE),
+        base_rows=base_rows.to(DEVICE),
+    )
+
+
+TOL = {torch.float32: dict(atol=2e-5, rtol=1e-5), torch.float16: dict(atol=1e-2, rtol=1e-2)}
+SPECS = {
+    "decode": (DECODE, MIXED_RANKS),
+    "prefill": (PREFILL, MIXED_RANKS),
+    "small_decode": (SMALL_DECODE, SMALL_RANKS),
+    "small_prefill": (SMALL_PREFILL, SMALL_RANKS),
+}
+
+
+def _run(case: Case, apply) -> Tensor:
+    """Apply to a copy of y; check untouched rows bit-identical; return the result."""
+    y0 = case.y.clone()
+    apply(case.x, case.y, case.pool, case.batch, LAYER, case.first_target, case.out_slices)
+    assert torch.equal(case.y[case.base_rows], y0[case.base_rows]), "a base-only row changed"
+    assert torch.isfinite(case.y).all()
+    out, case.y = case.y, y0
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("call", CALLS)
+@pytest.mark.parametrize("spec", SPECS)
+def test_reference_matches_dense(spec: str, call: str, dtype: torch.dtype) -> None:
+    segments, ranks = SPECS[spec]
+    case = make_case(segments, call, dtype, ranks, seed=1)
+    got = _run(case, lora_apply_ref)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), case.expected, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("call", CALLS)
+@pytest.mark.parametrize("spec", SPECS)
+def test_triton_matches_reference(spec: str, call: str, dtype: torch.dtype) -> None:
+    segments, ranks = SPECS[spec]
+    case = make_case(segments, call, dtype, ranks, seed=2)
+    got = _run(case, lora_apply_triton)
+    want = _run(case, lora_apply_ref)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, want, **TOL[dtype])
+    torch.testing.assert_close(got.double(), case.expected, **TOL[dtype])
+
+
+# explicit tiles: several K steps and splits, column tiles inside one target and across targets
+TILES = {
+    "decode_split": (DECODE, LoRATiles(1, 16, 16, 3, 16, 16)),
+    "decode_wide": (SMALL_DECODE, LoRATiles(1, 64, 32, 2, 8, 32)),
+    "prefill_split": (PREFILL, LoRATiles(16, 16, 16, 3, 16, 16)),
+    "prefill_wide": (SMALL_PREFILL, LoRATiles(32, 64, 32, 2, 16, 32)),
+}
+
+
+@pytest.mark.parametrize("call", ["qkv", "down"])
+@pytest.mark.parametrize("name", TILES)
+def test_triton_tiles(name: str, call: str) -> None:
+    segments, tiles = TILES[name]
+    ranks = MIXED_RANKS if segments in (DECODE, PREFILL) else SMALL_RANKS
+    case = make_case(segments, call, torch.float32, ranks, seed=3, extra_rank=5)
+    got = _run(case, lambda *a: lora_apply_triton(*a, tiles=tiles))
+    torch.testing.assert_close(got.double(), case.expected, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("spec", ["decode", "prefill"])
+def test_triton_with_gpu_tiles(spec: str) -> None:
+    """The tiles pick_tiles gives a 132-SM GPU (split K) also compute the right thing."""
+    segments, ranks = SPECS[spec]
+    case = make_case(segments, "gate_up", torch.float32, ranks, seed=4)
+    tiles = pick_tiles(case.batch, HIDDEN, 2, INTER, num_sms=132)
+    assert tiles.split_k > 1
+    got = _run(case, lambda *a: lora_apply_triton(*a, tiles=tiles))
+    torch.testing.assert_close(got.double(), case.expected, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_strided_y(backend: str) -> None:
+    """y as a column slice of a bigger tensor: only its segment rows change."""
+    case = make_case(PREFILL, "qkv", torch.float32, seed=5)
+    big = torch.randn(case.y.shape[0], case.y.shape[1] + 11, device=DEVICE)
+    big[:, 5 : 5 + case.y.shape[1]] = case.y
+    before = big.clone()
+    view = big[:, 5 : 5 + case.y.shape[1]]
+    lora_apply(case.x, view, case.pool, case.batch, LAYER, 0, case.out_slices, backend=backend)
+    torch.testing.assert_close(view.double(), case.expected, **TOL[torch.float32])
+    assert torch.equal(big[:, :5], before[:, :5]) and torch.equal(big[:, -6:], before[:, -6:])
+    assert torch.equal(big[case.base_rows], before[case.base_rows])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_segments_is_a_noop(backend: str) -> None:
+    case = make_case([(None, 4)], "o", torch.float32, seed=6)
+    assert case.batch.num_segments == 0
+    y0 = case.y.clone()
+    lora_apply(*case.args(), backend=backend)
+    assert torch.equal(case.y, y0)
+
+
+def test_dispatch_picks_backend() -> None:
+    case = make_case(DECODE, "o", torch.float32, seed=7)
+    ref = _run(case, lora_apply_ref)
+    on_torch = _run(case, lambda *a: lora_apply(*a, backend="torch"))
+    on_triton = _run(case, lambda *a: lora_apply(*a, backend="triton"))
+    auto = _run(case, lora_apply)
+    assert torch.equal(on_torch, ref)
+    torch.testing.assert_close(on_triton, ref, **TOL[torch.float32])
+    assert torch.equal(auto, on_triton if DEVICE.type == "cuda" else ref)
+    with pytest.raises(ValueError, match="unknown lora backend"):
+        lora_apply(*case.args(), backend="cuda")
+
+
+def test_pick_tiles() -> None:
+    decode = make_case(SMALL_DECODE, "qkv", torch.float32, SMALL_RANKS).batch
+    prefill = make_case(SMALL_PREFILL, "qkv", torch.float32, SMALL_RANKS).batch
+    d = pick_tiles(decode, 4096, 3, 4096, num_sms=132)
+    p = pick_tiles(prefill, 4096, 3, 4096, num_sms=132)
+    assert d.block_m == 1 and d.split_k > 1
+    assert min(p.block_m, p.block_c, p.block_k, p.block_r, p.block_n) >= 16  # tl.dot's minimum
+    assert p.block_c >= 3 * 16  # all three targets' columns in one tile: x is read once
+
+
+def test_bad_inputs_raise() -> None:
+    case = make_case(PREFILL, "qkv", torch.float32, seed=8)
+    b = case.batch
+    with pytest.raises(ValueError, match="ranks"):
+        LoRABatch(b.seg_start, b.seg_slot, b.row_offsets, b.ranks.long(), b.scalings, 8, 1, 6)
+    with pytest.raises(ValueError, match="max_rank"):
+        LoRABatch(b.seg_start, b.seg_slot, b.row_offsets, b.ranks, b.scalings, 999, 40, 6)
+    with pytest.raises(ValueError, match="targets"):
+        lora_apply_ref(case.x, case.y, case.pool, b, LAYER, 5, case.out_slices)
+    with pytest.raises(ValueError, match="dtype"):
+        lora_apply_triton(case.x, case.y, case.pool.half(), b, LAYER, 0, case.out_slices)
+    with pytest.raises(ValueError, match="dot"):
+        lora_apply_triton(*case.args(), tiles=LoRATiles(16, 16, 8, 1, 16, 16))
