@@ -172,10 +172,21 @@ def _copy(param: torch.Tensor, tensor: torch.Tensor, name: str) -> None:
 
 
 def init_dummy_weights(model: LlamaForCausalLM, seed: int = 0) -> None:
-    """Random weights small enough that bf16 activations stay finite."""
+    """Random weights for benchmarks. Each projection keeps activations at unit scale
+    (uniform with variance 1/in_features) and the LM head gives logits of spread ~4, so
+    greedy decoding has clear winners and two numerically different paths (Triton vs torch
+    kernels in bf16) can be compared token by token."""
     gen = torch.Generator(device=model.embed_tokens.weight.device).manual_seed(seed)
     for name, param in model.named_parameters():
         if name.endswith("norm.weight"):
             param.data.fill_(1.0)
+        elif name.endswith("bias"):
+            param.data.zero_()
         else:
-            param.data.uniform_(-0.02, 0.02, generator=gen)
+            fan_in = param.shape[-1]
+            bound = (3.0 / fan_in) ** 0.5
+            if name == "embed_tokens.weight":
+                bound = 3.0**0.5
+            elif name == "lm_head":
+                bound *= 4.0
+            param.data.uniform_(-bound, bound, generator=gen)
