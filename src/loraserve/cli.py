@@ -1,6 +1,7 @@
 """The ``loraserve`` command.
 
 loraserve generate [--model DIR] [sampling flags] "prompt" ["prompt" ...]
+loraserve serve [--model DIR] [--lora-modules NAME=PATH ...] [server and engine flags]
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 
 from loraserve.engine.args import EngineArgs
 from loraserve.request import SamplingParams
+from loraserve.server.launch import add_serve_args
 
 
 def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
@@ -95,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(gen)
     EngineArgs.add_cli_args(gen)
     gen.set_defaults(func=_generate)
+
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    add_serve_args(serve)
+    EngineArgs.add_cli_args(serve)
+    serve.set_defaults(func=_serve)
 
     make = sub.add_parser("make-adapters", help="write random adapters in PEFT's format")
     make.add_argument("--model", default=None, help="HF model directory (default: embedded)")
@@ -185,6 +192,12 @@ def _generate(ns: argparse.Namespace) -> int:
             text = out.text if llm.tokenizer else " ".join(map(str, out.token_ids))
             sys.stdout.write(text + "\n")
     return 1 if any(o.error for o in outputs) else 0
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    from loraserve.server.launch import serve
+
+    return serve(ns)
 
 
 def _as_json(out) -> dict:

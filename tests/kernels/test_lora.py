@@ -89,8 +89,9 @@ def _random_ranks(g: torch.Generator) -> list[int]:
     return torch.randint(0, 20, (len(LORA_TARGETS),), generator=g).tolist()
 
 
-def _place_rows(widths: list[int], g: torch.Generator) -> tuple[list[int], int]:
-    """A start offset for each row: shuffled, random gaps, pages in random order.
+def _place_rows(widths: list[int], align: int, g: torch.Generator) -> tuple[list[int], int]:
+    """A start offset for each row: shuffled, random gaps, pages in random order, every
+    offset a multiple of ``align``.
 
     Page 0 stays NaN (the target of unused table entries). Returns offsets, num_pages.
     """
@@ -102,6 +103,7 @@ def _place_rows(widths: list[int], g: torch.Generator) -> tuple[list[int], int]:
         cursor += int(torch.randint(0, 9, (1,), generator=g))
         if cursor + widths[row] > PAGE_ELEMS:
             page_i, cursor = page_i + 1, int(torch.randint(0, 9, (1,), generator=g))
+        cursor = -(-cursor // align) * align
         offsets[row] = pages[page_i] * PAGE_ELEMS + cursor
         cursor += widths[row]
     return offsets, len(widths) + 2
@@ -112,6 +114,7 @@ def _pack(
     num_slots: int,
     table_rank: int,
     dtype: torch.dtype,
+    align: int,
     g: torch.Generator,
 ) -> tuple[Tensor, Tensor]:
     """Pool [P] (NaN where no row is) and row_offsets int64 [slots, layers, 7, 2, table_rank]."""
@@ -121,7 +124,7 @@ def _pack(
         for j in range(a.shape[0]):
             rows += [a[j], b[:, j]]
             where += [(slot, layer, t, 0, j), (slot, layer, t, 1, j)]
-    offsets, num_pages = _place_rows([r.shape[0] for r in rows], g)
+    offsets, num_pages = _place_rows([r.shape[0] for r in rows], align, g)
     pool = torch.full((num_pages * PAGE_ELEMS,), float("nan"), dtype=dtype)
     table = torch.zeros(num_slots, NUM_LAYERS, len(LORA_TARGETS), 2, table_rank, dtype=torch.int64)
     table += int(torch.randint(0, PAGE_ELEMS // 2, (1,), generator=g))  # inside NaN page 0
@@ -191,12 +194,13 @@ def make_case(
     ranks: dict[int, list[int]] = MIXED_RANKS,
     seed: int = 0,
     extra_rank: int = 0,
+    row_align: int = 1,
 ) -> Case:
     g = torch.Generator().manual_seed(seed)
     first_target, out_slices = CALLS[call]
     weights, rank_t, scalings = _weights(ranks, dtype, g)
     max_rank = int(rank_t.max()) + extra_rank
-    pool, table = _pack(weights, rank_t.shape[0], max_rank + 3, dtype, g)
+    pool, table = _pack(weights, rank_t.shape[0], max_rank + 3, dtype, row_align, g)
     segs, total = _segments_of(spec)
     in_features = WIDTHS[first_target][0]
     out_total = sum(n for _, n in out_slices)
@@ -218,6 +222,7 @@ def make_case(
         max_rank=max_rank,
         max_seg_len=max((n for _, n, slot in segs if slot >= 0), default=1),
         num_segments=len(segs),
+        row_align=row_align,
     )
     expected = _dense(x, y, weights, scalings, segs, (first_target, out_slices))
     return Case(
@@ -275,21 +280,21 @@ def test_triton_matches_reference(spec: str, call: str, dtype: torch.dtype) -> N
     torch.testing.assert_close(got.double(), case.expected, **TOL[dtype])
 
 
-# explicit tiles: several K steps and splits, column tiles inside one target and across targets
+# explicit tiles: several K steps and splits, column tiles inside one target and across
+# targets, max_rank above every rank (extra_rank)
 TILES = {
-    "decode_split": (DECODE, LoRATiles(1, 16, 16, 3, 16, 16)),
-    "decode_wide": (SMALL_DECODE, LoRATiles(1, 64, 32, 2, 8, 32)),
-    "prefill_split": (PREFILL, LoRATiles(16, 16, 16, 3, 16, 16)),
-    "prefill_wide": (SMALL_PREFILL, LoRATiles(32, 64, 32, 2, 16, 32)),
+    "decode_split": (DECODE, MIXED_RANKS, 0, LoRATiles(1, 32, 16, 3, 16, 32)),
+    "decode_wide": (SMALL_DECODE, SMALL_RANKS, 5, LoRATiles(1, 64, 32, 2, 8, 32)),
+    "prefill_split": (PREFILL, MIXED_RANKS, 0, LoRATiles(16, 32, 16, 3, 32, 32, 4, 4, 32)),
+    "prefill_wide": (SMALL_PREFILL, SMALL_RANKS, 5, LoRATiles(32, 64, 32, 2, 16, 32, 4, 4, 16)),
 }
 
 
 @pytest.mark.parametrize("call", ["qkv", "down"])
 @pytest.mark.parametrize("name", TILES)
 def test_triton_tiles(name: str, call: str) -> None:
-    segments, tiles = TILES[name]
-    ranks = MIXED_RANKS if segments in (DECODE, PREFILL) else SMALL_RANKS
-    case = make_case(segments, call, torch.float32, ranks, seed=3, extra_rank=5)
+    segments, ranks, extra_rank, tiles = TILES[name]
+    case = make_case(segments, call, torch.float32, ranks, seed=3, extra_rank=extra_rank)
     got = _run(case, lambda *a: lora_apply_triton(*a, tiles=tiles))
     torch.testing.assert_close(got.double(), case.expected, **TOL[torch.float32])
 
@@ -300,9 +305,20 @@ def test_triton_with_gpu_tiles(spec: str) -> None:
     segments, ranks = SPECS[spec]
     case = make_case(segments, "gate_up", torch.float32, ranks, seed=4)
     tiles = pick_tiles(case.batch, HIDDEN, 2, INTER, num_sms=132)
-    assert tiles.split_k > 1
     got = _run(case, lambda *a: lora_apply_triton(*a, tiles=tiles))
     torch.testing.assert_close(got.double(), case.expected, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("spec", ["decode", "prefill"])
+def test_triton_aligned_rows(spec: str) -> None:
+    """Row offsets promised to be multiples of 8 elements (the kernels' wide-load hint)."""
+    segments, ranks = SPECS[spec]
+    case = make_case(segments, "qkv", torch.float16, ranks, seed=9, row_align=8)
+    b = case.batch
+    live = torch.arange(b.row_offsets.shape[-1], device=DEVICE) < b.ranks[..., None, None]
+    assert (b.row_offsets[live.expand_as(b.row_offsets)] % 8 == 0).all()
+    got = _run(case, lora_apply_triton)
+    torch.testing.assert_close(got.double(), case.expected, **TOL[torch.float16])
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -355,12 +371,25 @@ def test_bad_inputs_raise() -> None:
     case = make_case(PREFILL, "qkv", torch.float32, seed=8)
     b = case.batch
     with pytest.raises(ValueError, match="ranks"):
-        LoRABatch(b.seg_start, b.seg_slot, b.row_offsets, b.ranks.long(), b.scalings, 8, 1, 6)
+        LoRABatch(
+            b.seg_start,
+            b.seg_slot,
+            b.row_offsets,
+            b.ranks.long(),
+            b.scalings,
+            8,
+            40,
+            b.num_segments,
+        )
     with pytest.raises(ValueError, match="max_rank"):
-        LoRABatch(b.seg_start, b.seg_slot, b.row_offsets, b.ranks, b.scalings, 999, 40, 6)
+        LoRABatch(
+            b.seg_start, b.seg_slot, b.row_offsets, b.ranks, b.scalings, 999, 40, b.num_segments
+        )
     with pytest.raises(ValueError, match="targets"):
         lora_apply_ref(case.x, case.y, case.pool, b, LAYER, 5, case.out_slices)
     with pytest.raises(ValueError, match="dtype"):
         lora_apply_triton(case.x, case.y, case.pool.half(), b, LAYER, 0, case.out_slices)
     with pytest.raises(ValueError, match="dot"):
         lora_apply_triton(*case.args(), tiles=LoRATiles(16, 16, 8, 1, 16, 16))
+    with pytest.raises(ValueError, match="decode"):
+        lora_apply_triton(*case.args(), tiles=LoRATiles(16, 16, 16, 1, 16, 16, 4, 4, 1))

@@ -32,6 +32,11 @@ decode (every segment one token) uses matrix-vector programs without tl.dot; pre
 each segment's rows by BLOCK_M and uses tl.dot (every operand dimension >= 16). Both
 accumulate in fp32 and add to y in fp32 before storing in y's dtype. Triton's CPU
 interpreter gets bf16 wrong, so on the CPU the kernels are tested in fp32 and fp16.
+
+The Triton path reads no device value on the host (block sizes come from the host ints of
+LoRABatch), so it can be captured in a CUDA graph. ``LoRABatch.row_align`` promises that
+every row offset is a multiple of that many elements; 8 (16 bytes of bf16) lets the
+kernels use 16-byte loads of A and B^T rows.
 """
 
 from __future__ import annotations
@@ -58,14 +63,13 @@ class LoRABatch:
 
     seg_start: Tensor  # int32 [S + 1] token-row offsets of the segments (sorted, disjoint)
     seg_slot: Tensor  # int32 [S] adapter slot of each segment; -1 = base-only rows
-    row_offsets: (
-        Tensor  # int64 [num_slots, num_layers, 7, 2, table_rank] pool offsets of A | B^T rows
-    )
+    row_offsets: Tensor  # int64 [num_slots, num_layers, 7, 2 (A | B^T), table_rank]
     ranks: Tensor  # int32 [num_slots, num_layers, 7]; 0 = (layer, target) not adapted
     scalings: Tensor  # float32 [num_slots, num_layers, 7]
     max_rank: int  # >= every rank in the tables (host int, no sync)
     max_seg_len: int  # longest segment of slot >= 0 (host int); 1 = decode
     num_segments: int
+    row_align: int = 1  # every row offset is a multiple of this (elements): wide loads
 
     def __post_init__(self) -> None:
         num_slots, num_layers = self.ranks.shape[:2]
@@ -78,6 +82,8 @@ class LoRABatch:
         _expect(self.row_offsets, torch.int64, shape, "row_offsets")
         if self.max_rank > table_rank:
             raise ValueError(f"max_rank={self.max_rank} exceeds row_offsets' {table_rank} rows")
+        if self.row_align < 1 or self.row_align & (self.row_align - 1):
+            raise ValueError(f"row_align={self.row_align} must be a power of two")
         if self.num_segments > 0 and (self.max_rank < 1 or self.max_seg_len < 1):
             raise ValueError("a batch with segments needs max_rank >= 1 and max_seg_len >= 1")
 
@@ -179,6 +185,7 @@ def _a_columns(
     N_TARGETS: tl.constexpr,
     R_PAD: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
 ):
     """Shrink column c is row c % R_PAD of target c // R_PAD's A.
 
@@ -190,7 +197,7 @@ def _a_columns(
     rank = tl.load(ranks_ptr + entry + t, mask=t < N_TARGETS, other=0)
     live = j < rank
     a_off = tl.load(row_offsets_ptr + (entry + t) * 2 * table_rank + j, mask=live, other=0)
-    return cols, live, a_off
+    return cols, live, tl.multiple_of(a_off, ROW_ALIGN)
 
 
 @triton.jit
@@ -215,6 +222,7 @@ def _shrink_decode_kernel(
     stride_v_tok,
     N_TARGETS: tl.constexpr,
     R_PAD: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -224,23 +232,31 @@ def _shrink_decode_kernel(
     split = tl.program_id(2) % split_k
     tok, rows, entry = _segment(seg_start_ptr, seg_slot_ptr, seg, layer, first_target, num_layers)
     cols, live, a_off = _a_columns(
-        row_offsets_ptr, ranks_ptr, entry, c_tile, table_rank, N_TARGETS, R_PAD, BLOCK_C
+        row_offsets_ptr,
+        ranks_ptr,
+        entry,
+        c_tile,
+        table_rank,
+        N_TARGETS,
+        R_PAD,
+        BLOCK_C,
+        ROW_ALIGN,
     )
     if (rows == 0) | (tl.max(live.to(tl.int32), axis=0) == 0):
         return
     k_lo = split * k_per_split
     k_hi = tl.minimum(in_features, k_lo + k_per_split)
     x_row = x_ptr + tok * stride_x_tok
-    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_C, BLOCK_K], dtype=tl.float32)  # reduced over K once, at the end
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < k_hi
         xk = tl.load(x_row + k * stride_x_k, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
         a_mask = live[:, None] & k_ok[None, :]
         a = tl.load(pool_ptr + a_off[:, None] + k[None, :], mask=a_mask, other=0.0)
-        acc += tl.sum(a.to(tl.float32) * xk[None, :], axis=1)
+        acc += a.to(tl.float32) * xk[None, :]
     v_row = v_ptr + split * stride_v_split + tok * stride_v_tok
-    tl.store(v_row + cols, acc, mask=live)
+    tl.store(v_row + cols, tl.sum(acc, axis=1), mask=live)
 
 
 @triton.jit
@@ -265,6 +281,7 @@ def _shrink_prefill_kernel(
     stride_v_tok,
     N_TARGETS: tl.constexpr,
     R_PAD: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -277,7 +294,15 @@ def _shrink_prefill_kernel(
     split = tl.program_id(2) % split_k
     start, rows, entry = _segment(seg_start_ptr, seg_slot_ptr, seg, layer, first_target, num_layers)
     cols, live, a_off = _a_columns(
-        row_offsets_ptr, ranks_ptr, entry, c_tile, table_rank, N_TARGETS, R_PAD, BLOCK_C
+        row_offsets_ptr,
+        ranks_ptr,
+        entry,
+        c_tile,
+        table_rank,
+        N_TARGETS,
+        R_PAD,
+        BLOCK_C,
+        ROW_ALIGN,
     )
     if (m_tile * BLOCK_M >= rows) | (tl.max(live.to(tl.int32), axis=0) == 0):
         return
@@ -345,6 +370,8 @@ def _expand_decode_kernel(
     stride_v_split,
     stride_v_tok,
     R_PAD: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
+    BLOCK_S: tl.constexpr,  # split_k padded to a power of two
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -362,20 +389,22 @@ def _expand_decode_kernel(
     n_ok = cols < n
     b_table = row_offsets_ptr + ((entry + t) * 2 + 1) * table_rank
     v_row = v_ptr + tok * stride_v_tok + t * R_PAD
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    splits = tl.arange(0, BLOCK_S)
+    y_ptrs = y_ptr + tok * stride_y_tok + (o + cols) * stride_y_n
+    y = tl.load(y_ptrs, mask=n_ok, other=0.0)  # issued early: its latency hides behind B's
+    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)  # reduced over rank once, at the end
     for r0 in range(0, rank, BLOCK_R):
         j = r0 + tl.arange(0, BLOCK_R)
         j_ok = j < rank
-        vj = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for s in range(split_k):
-            vj += tl.load(v_row + s * stride_v_split + j, mask=j_ok, other=0.0)
-        b_off = tl.load(b_table + j, mask=j_ok, other=0)  # [BLOCK_R] int64
+        v_ptrs = v_row + splits[:, None] * stride_v_split + j[None, :]  # [BLOCK_S, BLOCK_R]
+        v_mask = (splits[:, None] < split_k) & j_ok[None, :]
+        vj = tl.sum(tl.load(v_ptrs, mask=v_mask, other=0.0), axis=0)  # all partials at once
+        b_off = tl.multiple_of(tl.load(b_table + j, mask=j_ok, other=0), ROW_ALIGN)  # [BLOCK_R]
         b_mask = j_ok[:, None] & n_ok[None, :]
         b = tl.load(pool_ptr + b_off[:, None] + cols[None, :], mask=b_mask, other=0.0)
-        acc += tl.sum(vj[:, None] * b.to(tl.float32), axis=0)
-    y_ptrs = y_ptr + tok * stride_y_tok + (o + cols) * stride_y_n
-    y = tl.load(y_ptrs, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptrs, (y + scale * acc).to(y_ptr.dtype.element_ty), mask=n_ok)
+        acc += vj[:, None] * b.to(tl.float32)
+    y = y.to(tl.float32) + scale * tl.sum(acc, axis=0)
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
@@ -405,6 +434,7 @@ def _expand_prefill_kernel(
     stride_v_split,
     stride_v_tok,
     R_PAD: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -428,6 +458,9 @@ def _expand_prefill_kernel(
     n_ok = cols < n
     b_table = row_offsets_ptr + ((entry + t) * 2 + 1) * table_rank
     v_rows = v_ptr + tok[:, None] * stride_v_tok + t * R_PAD  # [BLOCK_M, 1]
+    y_ptrs = y_ptr + tok[:, None] * stride_y_tok + (o + cols[None, :]) * stride_y_n
+    y_mask = m_ok[:, None] & n_ok[None, :]
+    y = tl.load(y_ptrs, mask=y_mask, other=0.0)  # issued early: its latency hides behind B's
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for r0 in range(0, rank, BLOCK_R):
         j = r0 + tl.arange(0, BLOCK_R)
@@ -436,25 +469,30 @@ def _expand_prefill_kernel(
         vt = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
         for s in range(split_k):
             vt += tl.load(v_rows + s * stride_v_split + j[None, :], mask=v_mask, other=0.0)
-        b_off = tl.load(b_table + j, mask=j_ok, other=0)  # [BLOCK_R] int64
+        b_off = tl.multiple_of(tl.load(b_table + j, mask=j_ok, other=0), ROW_ALIGN)  # [BLOCK_R]
         b_mask = j_ok[:, None] & n_ok[None, :]
         b = tl.load(pool_ptr + b_off[:, None] + cols[None, :], mask=b_mask, other=0.0)
         acc = tl.dot(vt, b.to(tl.float32), acc, input_precision=DOT_PRECISION)
-    y_ptrs = y_ptr + tok[:, None] * stride_y_tok + (o + cols[None, :]) * stride_y_n
-    y_mask = m_ok[:, None] & n_ok[None, :]
-    y = tl.load(y_ptrs, mask=y_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptrs, (y + scale * acc).to(y_ptr.dtype.element_ty), mask=y_mask)
+    y = y.to(tl.float32) + scale * acc
+    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 class LoRATiles(NamedTuple):
     """Block sizes of one lora_apply_triton call."""
 
-    block_m: int  # token rows per program; 1 = the decode (matrix-vector) kernels
+    block_m: int  # token rows per shrink program; 1 = the decode (matrix-vector) kernels
     block_c: int  # shrink columns ((target, rank row) pairs) per program
     block_k: int  # input features per shrink step
     split_k: int  # shrink programs that split one tile's input features
     block_r: int  # rank rows per expand step
     block_n: int  # output columns per expand program
+    shrink_warps: int = 4
+    expand_warps: int = 4
+    expand_block_m: int = 0  # token rows per expand program; 0 = block_m
+
+    @property
+    def expand_m(self) -> int:
+        return self.expand_block_m or self.block_m
 
 
 @functools.lru_cache(maxsize=8)
@@ -469,42 +507,89 @@ def _r_pad(max_rank: int) -> int:
     return max(16, triton.next_power_of_2(max_rank))
 
 
-def _split_k(programs: int, in_features: int, block_k: int, num_sms: int) -> int:
-    """Splits of the input features that bring the shrink grid to about 2 waves."""
-    want = triton.cdiv(2 * num_sms, programs)
-    return max(1, min(want, 32, triton.cdiv(in_features, block_k)))
-
-
 def pick_tiles(
     batch: LoRABatch, in_features: int, n_targets: int, max_out: int, num_sms: int
 ) -> LoRATiles:
-    """Block sizes for a call: decode tiles by rank and width, prefill by segment length."""
-    r_pad = _r_pad(batch.max_rank)
-    if batch.max_seg_len == 1:
-        block_c = min(r_pad, 32)
-        block_k = min(256, triton.next_power_of_2(in_features))
-        block_m, block_r = 1, min(r_pad, 32)
-        block_n = min(256, triton.next_power_of_2(max_out))
-        while block_n > 64 and batch.num_segments * n_targets * (max_out // block_n) < num_sms:
-            block_n //= 2
-    else:
-        block_m = min(64, max(16, triton.next_power_of_2(batch.max_seg_len)))
-        block_c = min(128, triton.next_power_of_2(n_targets * r_pad))
-        block_k = min(64, max(16, triton.next_power_of_2(in_features)))
-        block_r = min(r_pad, 64)
-        block_n = min(128, max(16, triton.next_power_of_2(max_out)))
-    m_tiles = triton.cdiv(batch.max_seg_len, block_m)
+    """Block sizes for a call (cached: a few host ints decide them)."""
+    shape = (batch.max_rank, batch.max_seg_len, batch.num_segments)
+    return _pick_tiles(*shape, in_features, n_targets, max_out, num_sms)
+
+
+@functools.lru_cache(maxsize=4096)
+def _pick_tiles(
+    max_rank: int,
+    max_seg_len: int,
+    num_segments: int,
+    in_features: int,
+    n_targets: int,
+    max_out: int,
+    num_sms: int,
+) -> LoRATiles:
+    r_pad = _r_pad(max_rank)
+    if max_seg_len == 1:
+        return _decode_tiles(r_pad, num_segments, in_features, n_targets, max_out, num_sms)
+    shape = (max_seg_len, num_segments, in_features, n_targets, max_out)
+    return _prefill_tiles(r_pad, *shape, num_sms)
+
+
+def _split_k(programs: int, waves: int, cap: int, in_features: int, block_k: int, sms: int) -> int:
+    """Splits of the input features that bring the shrink grid to about ``waves`` waves."""
+    want = triton.cdiv(waves * sms, programs)
+    return max(1, min(want, cap, triton.cdiv(in_features, block_k)))
+
+
+def _decode_tiles(
+    r_pad: int, num_segments: int, in_features: int, n_targets: int, max_out: int, num_sms: int
+) -> LoRATiles:
+    """Matrix-vector tiles, 2 warps (measured best on an H200): A read as [32, 256] tiles, K
+    split to about two waves; the whole rank (up to 64) of B^T at once in tiles of about 8K
+    elements, N narrowed (down to 64) until the expand grid fills the GPU."""
+    block_c = min(r_pad, 32)
+    block_k = min(256, triton.next_power_of_2(in_features))
     c_tiles = triton.cdiv(n_targets * r_pad, block_c)
-    programs = batch.num_segments * m_tiles * c_tiles
-    split_k = _split_k(programs, in_features, block_k, num_sms)
-    return LoRATiles(block_m, block_c, block_k, split_k, block_r, block_n)
+    split_k = _split_k(num_segments * c_tiles, 2, 32, in_features, block_k, num_sms)
+    block_r = min(r_pad, 64)
+    block_n = min(max(64, 8192 // block_r), triton.next_power_of_2(max_out))
+    while block_n > 64 and num_segments * n_targets * triton.cdiv(max_out, block_n) < num_sms:
+        block_n //= 2
+    return LoRATiles(1, block_c, block_k, split_k, block_r, block_n, 2, 2)
+
+
+def _prefill_tiles(
+    r_pad: int,
+    max_seg_len: int,
+    num_segments: int,
+    in_features: int,
+    n_targets: int,
+    max_out: int,
+    num_sms: int,
+) -> LoRATiles:
+    """tl.dot tiles, every dim >= 16. Shrink: 64 rows x up to 128 columns (every target at
+    once when they fit), K split to about one wave (every expand N tile re-reads each
+    split's partials, so fewer splits than decode). Expand: 16-32 rows x 128 columns."""
+    block_m = min(64, max(16, triton.next_power_of_2(max_seg_len)))
+    block_c = min(128, triton.next_power_of_2(n_targets * r_pad))
+    block_k = min(64, max(16, triton.next_power_of_2(in_features)))
+    programs = num_segments * triton.cdiv(max_seg_len, block_m)
+    programs *= triton.cdiv(n_targets * r_pad, block_c)
+    split_k = _split_k(programs, 1, 8, in_features, block_k, num_sms)
+    shrink_warps = 8 if block_m * block_c >= 8192 else 4
+    expand_m = min(block_m, 32 if r_pad >= 64 else 16)
+    block_r = min(r_pad, 32)
+    block_n = min(128, max(16, triton.next_power_of_2(max_out)))
+    return LoRATiles(
+        block_m, block_c, block_k, split_k, block_r, block_n, shrink_warps, 4, expand_m
+    )
 
 
 def _check_tiles(tiles: LoRATiles, r_pad: int) -> None:
     sizes = (tiles.block_c, tiles.block_k, tiles.block_r, tiles.block_n)
-    if any(s & (s - 1) for s in (tiles.block_m, *sizes)):
+    rows = (tiles.block_m, tiles.expand_m)
+    if any(s & (s - 1) for s in (*rows, *sizes)):
         raise ValueError(f"block sizes must be powers of two: {tiles}")
-    if tiles.block_m > 1 and min(tiles.block_m, *sizes) < 16:
+    if (tiles.block_m == 1) != (tiles.expand_m == 1):
+        raise ValueError(f"decode tiles need block_m = expand_block_m = 1: {tiles}")
+    if tiles.block_m > 1 and min(*rows, *sizes) < 16:
         raise ValueError(f"tl.dot needs every block size >= 16: {tiles}")
     if tiles.block_r > r_pad or tiles.split_k < 1:
         raise ValueError(f"block_r must be <= {r_pad} and split_k >= 1: {tiles}")
@@ -561,19 +646,22 @@ def _shrink(
             *args,
             N_TARGETS=n_targets,
             R_PAD=r_pad,
+            ROW_ALIGN=batch.row_align,
             BLOCK_C=tiles.block_c,
             BLOCK_K=tiles.block_k,
+            num_warps=tiles.shrink_warps,
         )
     else:
         _shrink_prefill_kernel[grid](
             *args,
             N_TARGETS=n_targets,
             R_PAD=r_pad,
+            ROW_ALIGN=batch.row_align,
             BLOCK_M=tiles.block_m,
             BLOCK_C=tiles.block_c,
             BLOCK_K=tiles.block_k,
             DOT_PRECISION=_precision(x),
-            num_warps=8 if tiles.block_m * tiles.block_c >= 8192 else 4,
+            num_warps=tiles.shrink_warps,
         )
     return v
 
@@ -590,7 +678,7 @@ def _expand(
 ) -> None:
     """y[:, slice_t] += scaling_t * (sum of v's partials) @ B^T_t for every target t."""
     n_tiles = triton.cdiv(max(n for _, n in out_slices), tiles.block_n)
-    m_tiles = triton.cdiv(batch.max_seg_len, tiles.block_m)
+    m_tiles = triton.cdiv(batch.max_seg_len, tiles.expand_m)
     grid = (batch.num_segments, m_tiles, len(out_slices) * n_tiles)
     args = (
         y,
@@ -616,16 +704,24 @@ def _expand(
     r_pad = _r_pad(batch.max_rank)
     if tiles.block_m == 1:
         _expand_decode_kernel[grid](
-            *args, R_PAD=r_pad, BLOCK_R=tiles.block_r, BLOCK_N=tiles.block_n
+            *args,
+            R_PAD=r_pad,
+            ROW_ALIGN=batch.row_align,
+            BLOCK_S=triton.next_power_of_2(tiles.split_k),
+            BLOCK_R=tiles.block_r,
+            BLOCK_N=tiles.block_n,
+            num_warps=tiles.expand_warps,
         )
     else:
         _expand_prefill_kernel[grid](
             *args,
             R_PAD=r_pad,
-            BLOCK_M=tiles.block_m,
+            ROW_ALIGN=batch.row_align,
+            BLOCK_M=tiles.expand_m,
             BLOCK_R=tiles.block_r,
             BLOCK_N=tiles.block_n,
             DOT_PRECISION=_precision(y),
+            num_warps=tiles.expand_warps,
         )
 
 

@@ -1,0 +1,409 @@
+"""Benchmark the batched multi-LoRA kernels on the GPU: decode and prefill, bf16, hidden 4096.
+
+Adapters are packed as rows at scattered offsets of one flat pool, the way the page pool
+holds them. Each case times ``lora_apply_triton`` for a one-target call (o_proj-like) and the
+three-target q|k|v call, all widths 4096, with triton.testing.do_bench (median, launch
+overhead included) and do_bench_cudagraph (median, device time). It reports microseconds and
+achieved GB/s against the H200's measured 4.26 TB/s copy rate, where
+
+    bytes = distinct adapter rows read + x read + y read and written
+
+and times, in the same run, a naive torch baseline (gather each token's A and B^T into
+padded [T, max_rank, width] tensors, then bmm) and the base layer's own GEMM for scale.
+
+    python benchmarks/bench_lora.py --out bench_lora.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import triton
+import triton.testing
+
+from loraserve.kernels.lora import (
+    LoRABatch,
+    LoRATiles,
+    _expand,
+    _shrink,
+    lora_apply,
+    lora_apply_ref,
+    lora_apply_triton,
+    pick_tiles,
+)
+
+logger = logging.getLogger("bench_lora")
+
+PEAK_BYTES_PER_S = 4.26e12  # measured H200 copy rate; the spec sheet says 4.8 TB/s
+HIDDEN = 4096
+CALLS = {  # name -> (first_target, out_slices); every target is 4096 -> 4096
+    "o": (3, [(0, HIDDEN)]),
+    "qkv": (0, [(0, HIDDEN), (HIDDEN, HIDDEN), (2 * HIDDEN, HIDDEN)]),
+}
+
+
+@dataclass
+class Case:
+    x: torch.Tensor  # [T, HIDDEN]
+    y: torch.Tensor  # [T, out_total]
+    weight: torch.Tensor  # [out_total, HIDDEN], the base layer
+    pool: torch.Tensor  # [P] flat
+    batch: LoRABatch
+    first_target: int
+    out_slices: list[tuple[int, int]]
+    token_slot: torch.Tensor  # int64 [T] adapter slot of each token (for the baseline)
+    num_distinct: int
+
+    def args(self) -> tuple:
+        return (self.x, self.y, self.pool, self.batch, 0, self.first_target, self.out_slices)
+
+
+@dataclass
+class Result:
+    phase: str
+    call: str
+    tokens: int
+    segments: int
+    distinct: int
+    rank: int
+    tiles: str
+    us: float
+    us_graph: float
+    gb_per_s: float  # from us (do_bench)
+    gb_per_s_graph: float  # from us_graph (device time)
+    bandwidth_util: float  # gb_per_s_graph over the copy rate
+    naive_us: float
+    base_gemm_us: float
+
+
+def _row_offsets(num_slots: int, rank: int, g: torch.Generator) -> torch.Tensor:
+    """int64 [num_slots, 1, 7, 2, rank]: every row HIDDEN wide, rows in random order."""
+    num_rows = num_slots * 7 * 2 * rank
+    perm = torch.randperm(num_rows, generator=g) * HIDDEN
+    return perm.view(num_slots, 1, 7, 2, rank).cuda()
+
+
+def make_case(
+    seg_lens: list[int], num_distinct: int, rank: int, call: str, row_align: int = 8
+) -> Case:
+    """Segment s uses slot s % num_distinct; every target has rank ``rank``, scaling 0.5.
+
+    Rows are HIDDEN apart, so offsets are multiples of any row_align up to HIDDEN.
+    """
+    g = torch.Generator().manual_seed(0)
+    first_target, out_slices = CALLS[call]
+    num_slots = num_distinct
+    row_offsets = _row_offsets(num_slots, rank, g)
+    pool = torch.empty(row_offsets.numel() * HIDDEN, dtype=torch.bfloat16, device="cuda")
+    pool.normal_(0.0, 0.02)
+    slots = torch.arange(len(seg_lens)) % num_distinct
+    starts = torch.tensor([0, *seg_lens]).cumsum(0)
+    batch = LoRABatch(
+        seg_start=starts.to(torch.int32).cuda(),
+        seg_slot=slots.to(torch.int32).cuda(),
+        row_offsets=row_offsets,
+        ranks=torch.full((num_slots, 1, 7), rank, dtype=torch.int32, device="cuda"),
+        scalings=torch.full((num_slots, 1, 7), 0.5, device="cuda"),
+        max_rank=rank,
+        max_seg_len=max(seg_lens),
+        num_segments=len(seg_lens),
+        row_align=row_align,
+    )
+    tokens = sum(seg_lens)
+    out_total = sum(n for _, n in out_slices)
+    return Case(
+        x=torch.randn(tokens, HIDDEN, dtype=torch.bfloat16, device="cuda"),
+        y=torch.randn(tokens, out_total, dtype=torch.bfloat16, device="cuda"),
+        weight=torch.randn(out_total, HIDDEN, dtype=torch.bfloat16, device="cuda") * 0.02,
+        pool=pool,
+        batch=batch,
+        first_target=first_target,
+        out_slices=out_slices,
+        token_slot=slots.repeat_interleave(torch.tensor(seg_lens)).cuda(),
+        num_distinct=num_distinct,
+    )
+
+
+def naive_apply(case: Case) -> None:
+    """Baseline: gather every token's padded A and B^T from the pool, then two bmm."""
+    b = case.batch
+    cols = torch.arange(HIDDEN, device="cuda")
+    j = torch.arange(b.max_rank, device="cuda")
+    for k, (o, n) in enumerate(case.out_slices):
+        t = case.first_target + k
+        offs = b.row_offsets[case.token_slot, 0, t, :, : b.max_rank]  # [T, 2, R]
+        live = (j[None, :] < b.ranks[case.token_slot, 0, t, None]).to(case.x.dtype)  # [T, R]
+        a = case.pool[offs[:, 0, :, None] + cols]  # [T, R, HIDDEN]
+        b_t = case.pool[offs[:, 1, :, None] + cols[:n]]  # [T, R, n]
+        v = torch.bmm(a, case.x[:, :, None])[..., 0] * live  # [T, R]
+        delta = torch.bmm(v[:, None, :], b_t)[:, 0]  # [T, n]
+        scale = b.scalings[case.token_slot, 0, t, None]  # [T, 1]
+        case.y[:, o : o + n] += (delta.float() * scale).to(case.y.dtype)
+
+
+def traffic(case: Case) -> int:
+    """Bytes one call must move: distinct adapter rows, x, and y read + written."""
+    elem = case.x.element_size()
+    n_targets = len(case.out_slices)
+    adapter = case.num_distinct * n_targets * case.batch.max_rank * (HIDDEN + HIDDEN)
+    tokens, out_total = case.y.shape
+    return (adapter + tokens * HIDDEN + 2 * tokens * out_total) * elem
+
+
+def _bench(fn: Callable[[], object]) -> tuple[float, float]:
+    """(median ms with launches, median ms of graph replays)."""
+    ms = triton.testing.do_bench(fn, return_mode="median")
+    ms_graph = triton.testing.do_bench_cudagraph(fn, return_mode="median")
+    return ms, ms_graph
+
+
+def time_case(case: Case, phase: str, call: str) -> Result:
+    tiles = pick_tiles(
+        case.batch,
+        HIDDEN,
+        len(case.out_slices),
+        HIDDEN,
+        torch.cuda.get_device_properties(0).multi_processor_count,
+    )
+    ms, ms_graph = _bench(lambda: lora_apply(*case.args(), backend="triton"))
+    naive_ms = triton.testing.do_bench_cudagraph(lambda: naive_apply(case), return_mode="median")
+    base_ms = triton.testing.do_bench(lambda: case.x @ case.weight.T, return_mode="median")
+    gb_per_s_graph = traffic(case) / (ms_graph * 1e-3) / 1e9
+    return Result(
+        phase=phase,
+        call=call,
+        tokens=case.x.shape[0],
+        segments=case.batch.num_segments,
+        distinct=case.num_distinct,
+        rank=case.batch.max_rank,
+        tiles=str(tuple(tiles)),
+        us=ms * 1e3,
+        us_graph=ms_graph * 1e3,
+        gb_per_s=traffic(case) / (ms * 1e-3) / 1e9,
+        gb_per_s_graph=gb_per_s_graph,
+        bandwidth_util=gb_per_s_graph * 1e9 / PEAK_BYTES_PER_S,
+        naive_us=naive_ms * 1e3,
+        base_gemm_us=base_ms * 1e3,
+    )
+
+
+def max_error(seg_lens: list[int], rank: int) -> dict[str, float]:
+    """Kernel vs reference on bf16 q|k|v: max abs error, the largest delta for scale, and
+    the fraction of outputs that differ (by a rounding step of y)."""
+    case = make_case(seg_lens, min(8, len(seg_lens)), rank, "qkv")
+    y0 = case.y.clone()
+    lora_apply_triton(*case.args())
+    got = case.y.float()
+    case.y.copy_(y0)
+    lora_apply_ref(*case.args())
+    want = case.y.float()
+    return {
+        "max_abs": (got - want).abs().max().item(),
+        "max_abs_delta": (want - y0.float()).abs().max().item(),
+        "frac_differ": (got != want).float().mean().item(),
+    }
+
+
+def check_naive(seg_lens: list[int], rank: int) -> float:
+    """The baseline computes the same thing: max abs difference vs the reference."""
+    case = make_case(seg_lens, 8, rank, "qkv")
+    y0 = case.y.clone()
+    naive_apply(case)
+    got = case.y.float()
+    case.y.copy_(y0)
+    lora_apply_ref(*case.args())
+    return (got - case.y.float()).abs().max().item()
+
+
+# --sweep: one block size changed at a time from pick_tiles' choice, shrink and expand timed
+# apart (graph replays), to tune pick_tiles
+SWEEP_CASES = [  # (phase, segment lengths, distinct adapters, rank, call)
+    ("decode", [1] * 256, 256, 64, "qkv"),
+    ("decode", [1] * 32, 32, 16, "o"),
+    ("decode", [1], 1, 16, "qkv"),
+    ("prefill", [512] * 4, 4, 16, "qkv"),
+    ("prefill", [512] * 4, 4, 64, "qkv"),
+    ("grouped", [32] * 8, 8, 16, "qkv"),
+]
+DECODE_KNOBS = {
+    "block_c": [16, 64],
+    "split_k": [1, 4, 16],
+    "shrink_warps": [2, 8],
+    "block_r": [16, 32, 64],
+    "block_n": [64, 128, 256, 512],
+    "expand_warps": [2, 8],
+}
+PREFILL_KNOBS = {
+    "block_m": [32, 64, 128],
+    "split_k": [1, 2, 4, 8],
+    "block_r": [16, 32, 64],
+    "block_n": [64, 128, 256],
+    "expand_warps": [2, 8],
+    "expand_block_m": [16, 32, 64],
+}
+
+
+def _variants(default: LoRATiles, knobs: dict[str, list[int]], rank: int) -> list[LoRATiles]:
+    out = [default]
+    for knob, values in knobs.items():
+        for value in values:
+            tiles = default._replace(**{knob: value})
+            r_pad = max(16, triton.next_power_of_2(rank))
+            if tiles not in out and tiles.block_r <= r_pad and tiles.expand_m <= 64:
+                out.append(tiles)
+    return out
+
+
+def _time_variant(case: Case, tiles: LoRATiles) -> tuple[float, float]:
+    """(shrink us, expand us) of one call with the given tiles, graph replays."""
+    head = (case.x, case.pool, case.batch, 0, case.first_target, len(case.out_slices), tiles)
+    v = _shrink(*head)
+    tail = (case.y, v, case.pool, case.batch, 0, case.first_target, case.out_slices, tiles)
+    shrink_ms = triton.testing.do_bench_cudagraph(lambda: _shrink(*head), return_mode="median")
+    expand_ms = triton.testing.do_bench_cudagraph(lambda: _expand(*tail), return_mode="median")
+    return shrink_ms * 1e3, expand_ms * 1e3
+
+
+def sweep(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for phase, seg_lens, distinct, rank, call in SWEEP_CASES:
+        case = make_case(seg_lens, distinct, rank, call, args.row_align)
+        default = pick_tiles(case.batch, HIDDEN, len(case.out_slices), HIDDEN, num_sms)
+        knobs = DECODE_KNOBS if default.block_m == 1 else PREFILL_KNOBS
+        for tiles in _variants(default, knobs, rank):
+            shrink_us, expand_us = _time_variant(case, tiles)
+            rows.append(
+                dict(phase=phase, call=call, rank=rank, tokens=sum(seg_lens),
+                     default=tiles == default, tiles=tuple(tiles),
+                     shrink_us=shrink_us, expand_us=expand_us)
+            )  # fmt: skip
+            logger.info("%s", rows[-1])
+        del case
+    return rows
+
+
+def host_overhead(args: argparse.Namespace) -> dict[str, float]:
+    """Host microseconds per call: the whole call, and the Python before the launches."""
+    case = make_case([1] * 32, 32, 16, "qkv", args.row_align)
+    tiles = pick_tiles(case.batch, HIDDEN, 3, HIDDEN, 132)
+    out = {}
+    for name, fn in {
+        "lora_apply": lambda: lora_apply(*case.args(), backend="triton"),
+        "pick_tiles": lambda: pick_tiles(case.batch, HIDDEN, 3, HIDDEN, 132),
+        "shrink_launch": lambda: _shrink(case.x, case.pool, case.batch, 0, 0, 3, tiles),
+    }.items():
+        fn()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(200):
+            fn()
+        torch.cuda.synchronize()
+        out[name] = (time.perf_counter() - start) / 200 * 1e6
+    return out
+
+
+def cases(args: argparse.Namespace) -> list[tuple[str, list[int], int]]:
+    """(phase, segment lengths, distinct adapters) of every batch to time."""
+    out = []
+    for bs in args.batches:
+        for distinct in sorted({bs, min(bs, 8)}, reverse=True):
+            out.append(("decode", [1] * bs, distinct))
+    prefill = [args.prefill_len] * args.prefill_batch
+    out.append(("prefill", prefill, args.prefill_batch))
+    for bs in args.batches:
+        if bs >= 16:  # same-adapter requests grouped into one segment each (8 adapters)
+            out.append(("grouped", [bs // 8] * 8, 8))
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    results: list[Result] = []
+    for rank in args.ranks:
+        for phase, seg_lens, distinct in cases(args):
+            for call in CALLS:
+                case = make_case(seg_lens, distinct, rank, call, args.row_align)
+                results.append(time_case(case, phase, call))
+                logger.info("%s", results[-1])
+                del case
+    errors = {
+        "decode_bs32_r16": max_error([1] * 32, 16),
+        "prefill_4x200_r64": max_error([200] * 4, 64),
+    }
+    return {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "hidden": HIDDEN,
+        "dtype": "bfloat16",
+        "row_align": args.row_align,
+        "peak_gb_per_s": PEAK_BYTES_PER_S / 1e9,
+        "error_vs_ref": errors,
+        "naive_max_abs_diff_vs_ref": check_naive([1] * 16, 16),
+        "results": [asdict(r) for r in results],
+    }
+
+
+def print_table(report: dict) -> None:
+    print(
+        f"{'phase':8}{'call':5}{'tok':>6}{'dist':>5}{'rank':>5}{'us':>8}{'GB/s':>7}{'us_gr':>8}"
+        f"{'GB/s':>7}{'%BW':>5}{'naive':>9}{'x':>6}{'gemm':>8}  tiles"
+    )
+    for r in report["results"]:
+        print(
+            f"{r['phase']:8}{r['call']:5}{r['tokens']:>6}{r['distinct']:>5}{r['rank']:>5}"
+            f"{r['us']:>8.1f}{r['gb_per_s']:>7.0f}{r['us_graph']:>8.1f}{r['gb_per_s_graph']:>7.0f}"
+            f"{100 * r['bandwidth_util']:>4.0f}%{r['naive_us']:>9.1f}"
+            f"{r['naive_us'] / r['us_graph']:>6.1f}{r['base_gemm_us']:>8.1f}  {r['tiles']}"
+        )
+    print(f"error vs reference: {report['error_vs_ref']}")
+    print(f"naive baseline max abs diff vs reference: {report['naive_max_abs_diff_vs_ref']}")
+
+
+def print_sweep(report: dict) -> None:
+    print(f"host us per call: {report['host_us']}")
+    print(f"{'phase':8}{'call':5}{'rank':>5}{'shrink':>8}{'expand':>8}  tiles")
+    for r in report["sweep"]:
+        mark = "*" if r["default"] else " "
+        print(
+            f"{r['phase']:8}{r['call']:5}{r['rank']:>5}{r['shrink_us']:>8.1f}"
+            f"{r['expand_us']:>8.1f} {mark}{r['tiles']}"
+        )
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", default="bench_lora.json", help="where to write the JSON report")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64, 128, 256])
+    p.add_argument("--ranks", type=int, nargs="+", default=[8, 16, 32, 64])
+    p.add_argument("--prefill-len", type=int, default=512)
+    p.add_argument("--prefill-batch", type=int, default=4)
+    p.add_argument("--row-align", type=int, default=8, help="LoRABatch.row_align (elements)")
+    p.add_argument("--sweep", action="store_true", help="time block-size variants instead")
+    return p.parse_args()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_lora needs a CUDA GPU")
+    if args.sweep:
+        report = {"host_us": host_overhead(args), "sweep": sweep(args)}
+        print_sweep(report)
+    else:
+        report = run(args)
+        print_table(report)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    logger.info("wrote %s", args.out)
+
+
+if __name__ == "__main__":
+    main()
