@@ -1,11 +1,11 @@
-# Two commands on a fresh machine:  make run   (the main job)   and   make test.
+# Two commands on a fresh machine:  make serve   (the main job: the server)   and   make test.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build lies on the CI machine's disk; a CUDA machine gets the CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install run test lint
+.PHONY: install serve run generate test lint
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 install: $(VENV)/.installed
 
-run: install
+serve: install
+	$(VENV)/bin/loraserve serve
+
+run: serve
+
+generate: install
 	$(VENV)/bin/loraserve generate --chat "What is the capital of France? Answer in one sentence."
 
 test: install

@@ -2,6 +2,7 @@
 
 loraserve generate [--model DIR] [sampling flags] "prompt" ["prompt" ...]
 loraserve serve [--model DIR] [--lora-modules NAME=PATH ...] [server and engine flags]
+loraserve make-adapters [--model DIR] --out DIR -n 100 --ranks 8,16,32,64 [--targets ...]
 """
 
 from __future__ import annotations

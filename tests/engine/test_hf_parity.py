@@ -116,3 +116,22 @@ def test_triton_attention_path_gives_same_tokens(tiny_model_factory, name):
         assert results["torch"][i].token_ids == results["triton"][i].token_ids
         for a, b in zip(results["torch"][i].logprobs, results["triton"][i].logprobs, strict=True):
             assert max(abs(a[t] - b[t]) for t in a) < 1e-4
+
+
+def test_sharded_checkpoint_loads_like_one_file(tiny_model_factory, tmp_path):
+    """save_pretrained with a small max_shard_size writes shards + an index."""
+    model_dir = tiny_model_factory(**MODELS["gqa"])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="20KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    outs = []
+    for d in (model_dir, sharded):
+        engine = EngineArgs(model=str(d), dtype="float32", device=DEVICE).create_engine()
+        engine.add_request([5, 9, 11, 40], params, request_id="r")
+        while engine.has_unfinished():
+            out = engine.step()
+        outs.append(out[-1].token_ids)
+    assert outs[0] == outs[1]

@@ -120,6 +120,7 @@ class ModelRunner:
             max_rank=cache.max_rank,
             max_seg_len=max(lengths),
             num_segments=len(seg_slot),
+            row_align=cache.row_align,
         )
         return LoRAInputs(cache.pool.buffer.view(-1), meta, self.lora_backend)
 

@@ -84,6 +84,9 @@ class AdapterCache:
                 f"a LoRA row of {widest} elements does not fit a page of {pool.page_elems}: "
                 "raise block_size"
             )
+        widths = {w for t in LORA_TARGETS for w in model.lora_shape(t)} | {pool.page_elems}
+        # Rows start at multiples of every width and of the page: kernels may use wide loads.
+        self.row_align = 8 if all(w % 8 == 0 for w in widths) else 1
         shape = (max_loras, model.num_hidden_layers, len(LORA_TARGETS))
         self.row_offsets = torch.zeros((*shape, 2, max_rank), dtype=torch.int64, device=self.device)
         self.ranks = torch.zeros(shape, dtype=torch.int32, device=self.device)
