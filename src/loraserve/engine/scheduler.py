@@ -10,7 +10,8 @@ Every step the scheduler hands out a budget of ``max_num_batched_tokens`` tokens
    pool allow: admission takes the pages for the tokens scheduled now and leaves a small
    watermark of free pages so that running requests can grow. A request whose adapter is
    not yet resident in the pool stays in the queue (its load is started) and the requests
-   behind it may go first; admission pins the adapter, finishing or preemption unpins it.
+   behind it may go first, up to ``lookahead`` such requests deep; admission pins the
+   adapter, finishing or preemption unpins it.
 
 A request never waits behind the budget forever: a prompt larger than the budget is
 prefilled in chunks over several steps.
@@ -57,7 +58,9 @@ class Scheduler:
         kv: KVCacheManager,
         adapters: AdapterManager | None = None,
         watermark: float = 0.01,
+        lookahead: int = 16,
     ) -> None:
+        self.lookahead = lookahead
         self.config = config
         self.kv = kv
         self.adapters = adapters
@@ -111,10 +114,16 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+        skipped = 0
         for request in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 return
             if not self._adapter_ready(request, batch):
+                # Look only a few adapters ahead: loading for the whole queue would make the
+                # queue's adapters evict each other from the pool.
+                skipped += 1
+                if skipped >= self.lookahead:
+                    return
                 continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             end = request.num_computed_tokens + n
