@@ -3,6 +3,7 @@
 loraserve generate [--model DIR] [sampling flags] "prompt" ["prompt" ...]
 loraserve serve [--model DIR] [--lora-modules NAME=PATH ...] [server and engine flags]
 loraserve make-adapters [--model DIR] --out DIR -n 100 --ranks 8,16,32,64 [--targets ...]
+loraserve bench --setting S2 -n 5,100,1000 [--baselines base,peft,padded,separate] [--out F]
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from loraserve.bench.options import add_bench_args
 from loraserve.engine.args import EngineArgs
 from loraserve.request import SamplingParams
 from loraserve.server.launch import add_serve_args
@@ -118,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     make.add_argument("--seed", type=int, default=0)
     make.set_defaults(func=_make_adapters)
+
+    bench = sub.add_parser(
+        "bench",
+        help="S-LoRA's benchmark: a synthetic multi-adapter trace, open loop, with baselines",
+    )
+    add_bench_args(bench)
+    bench.set_defaults(func=_bench)
     return parser
 
 
@@ -193,6 +202,12 @@ def _generate(ns: argparse.Namespace) -> int:
             text = out.text if llm.tokenizer else " ".join(map(str, out.token_ids))
             sys.stdout.write(text + "\n")
     return 1 if any(o.error for o in outputs) else 0
+
+
+def _bench(ns: argparse.Namespace) -> int:
+    from loraserve.bench.suite import bench_main
+
+    return bench_main(ns)
 
 
 def _serve(ns: argparse.Namespace) -> int:

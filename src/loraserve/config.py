@@ -23,6 +23,8 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 # The linear layers a LoRA adapter may target, in the order kernels and tables index them.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# "bmm": S-LoRA's padded ablation (kernels/lora.py lora_apply_bmm), for benchmarks.
+LORA_BACKENDS = ("auto", "torch", "triton", "bmm")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -275,12 +277,15 @@ class SchedulerConfig:
 @dataclass(frozen=True)
 class LoRAConfig:
     """Adapter tiers: at most ``max_loras`` resident in the pool at once, ranks up to
-    ``max_lora_rank``; a host-memory LRU of ``host_cache_bytes`` in front of the disk."""
+    ``max_lora_rank``; a host-memory LRU of ``host_cache_bytes`` in front of the disk.
+    ``adapter_pool_bytes`` (S-LoRA's "separate buffers" ablation) gives adapters a pool of
+    their own, cut out of the page pool's budget; None: one unified pool."""
 
     max_loras: int = 128
     max_lora_rank: int = 64
     host_cache_bytes: int = 8 << 30
     prefetch: int = 16  # adapters of queued requests to prefetch per step
+    adapter_pool_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_loras <= 0:
@@ -289,6 +294,8 @@ class LoRAConfig:
             raise ValueError(f"max_lora_rank must be positive, got {self.max_lora_rank}")
         if self.host_cache_bytes < 0:
             raise ValueError(f"host_cache_bytes must be >= 0, got {self.host_cache_bytes}")
+        if self.adapter_pool_bytes is not None and self.adapter_pool_bytes <= 0:
+            raise ValueError(f"adapter_pool_bytes must be positive, got {self.adapter_pool_bytes}")
 
 
 @dataclass(frozen=True)
@@ -305,10 +312,13 @@ class EngineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("attention_backend", "lora_backend"):
-            if getattr(self, name) not in ("auto", "torch", "triton"):
-                raise ValueError(
-                    f"{name} must be auto, torch or triton, got {getattr(self, name)!r}"
-                )
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(
+                f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}"
+            )
+        if self.lora_backend not in LORA_BACKENDS:
+            raise ValueError(
+                f"lora_backend must be one of {', '.join(LORA_BACKENDS)}, got {self.lora_backend!r}"
+            )
         if self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")

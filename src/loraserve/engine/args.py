@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from loraserve.config import (
+    LORA_BACKENDS,
     CacheConfig,
     EngineConfig,
     LoRAConfig,
@@ -58,11 +59,18 @@ class EngineArgs:
         "auto", "auto | torch | triton", choices=("auto", "torch", "triton")
     )
     lora_backend: str = _opt(
-        "auto", "LoRA kernels: auto | torch | triton", choices=("auto", "torch", "triton")
+        "auto",
+        "LoRA kernels: auto | torch | triton | bmm (bmm: S-LoRA's padded ablation)",
+        choices=LORA_BACKENDS,
     )
     max_loras: int = _opt(128, "most adapters resident in the page pool at once")
     max_lora_rank: int = _opt(64, "largest adapter rank served")
     adapter_host_cache_bytes: int = _opt(8 << 30, "host-memory LRU of adapter weights, bytes")
+    adapter_pool_bytes: int | None = _opt(
+        None,
+        "give adapters a pool of their own of this many bytes, cut from the page pool's "
+        "budget (S-LoRA's 'separate buffers' ablation); default: one unified pool",
+    )
     seed: int = _opt(
         0, "seed of the sampler for requests without their own seed", flag="engine-seed"
     )
@@ -107,7 +115,12 @@ class EngineArgs:
                 gpu_memory_utilization=self.gpu_memory_utilization,
             ),
             scheduler=SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens),
-            lora=LoRAConfig(self.max_loras, self.max_lora_rank, self.adapter_host_cache_bytes),
+            lora=LoRAConfig(
+                self.max_loras,
+                self.max_lora_rank,
+                self.adapter_host_cache_bytes,
+                adapter_pool_bytes=self.adapter_pool_bytes,
+            ),
             lora_backend=self.lora_backend,
             device=device,
             dtype=dtype,

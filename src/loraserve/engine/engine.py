@@ -78,7 +78,7 @@ class LLMEngine:
             mc, config.dtype, config.lora.host_cache_bytes, pin_memory=self.device.type == "cuda"
         )
         self.adapter_cache = AdapterCache(
-            self.pool, mc, config.lora.max_loras, config.lora.max_lora_rank
+            self._adapter_pool(page_elems), mc, config.lora.max_loras, config.lora.max_lora_rank
         )
         self.adapters = AdapterManager(self.adapter_store, self.adapter_cache)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.adapters)
@@ -104,6 +104,21 @@ class LLMEngine:
             num_pages * self.pool.page_bytes / 2**30,
             self.device,
         )
+
+    def _adapter_pool(self, page_elems: int) -> PagePool:
+        """The page pool itself (unified paging) or, with ``lora.adapter_pool_bytes``, a
+        second pool of the same page size that only adapters use (a static split)."""
+        nbytes = self.config.lora.adapter_pool_bytes
+        if nbytes is None:
+            return self.pool
+        pages = pages_for_budget(nbytes, page_elems, self.config.dtype)
+        if pages < 1:
+            raise ValueError(
+                f"adapter_pool_bytes={nbytes} is smaller than one page "
+                f"({self.pool.page_bytes} bytes)"
+            )
+        logger.info("separate adapter pool: %d pages", pages)
+        return PagePool(pages, page_elems, self.config.dtype, self.device)
 
     @property
     def max_model_len(self) -> int:
@@ -326,6 +341,9 @@ class LLMEngine:
         resident adapters; adapter pins match the running requests."""
         self.pool.check_integrity()
         self.adapter_cache.check_integrity()
+        if self.adapter_cache.pool is not self.pool:
+            self.adapter_cache.pool.check_integrity()
+            assert self.pool.num_used(PageKind.ADAPTER) == 0, "adapter pages in the KV pool"
         pins: dict[str, int] = {}
         for r in self.scheduler.running:
             if r.adapter is not None:
@@ -354,6 +372,7 @@ def _num_pages(config: EngineConfig, page_elems: int) -> int:
         budget = _cuda_budget(config)
     else:
         budget = cache.cpu_pool_bytes
+    budget -= config.lora.adapter_pool_bytes or 0  # a separate adapter pool takes its share
     pages = min(pages_for_budget(budget, page_elems, config.dtype), useful)
     if pages < 1:
         raise ValueError(

@@ -33,6 +33,9 @@ each segment's rows by BLOCK_M and uses tl.dot (every operand dimension >= 16). 
 accumulate in fp32 and add to y in fp32 before storing in y's dtype. Triton's CPU
 interpreter gets bf16 wrong, so on the CPU the kernels are tested in fp32 and fp16.
 
+``lora_apply_bmm`` is S-LoRA's "padded" ablation, for benchmarks: each token row gathers its
+adapter's rows padded to the batch's max rank and two torch.bmm compute the delta.
+
 The Triton path reads no device value on the host (block sizes come from the host ints of
 LoRABatch), so it can be captured in a CUDA graph. ``LoRABatch.row_align`` promises that
 every row offset is a multiple of that many elements; 8 (16 bytes of bf16) lets the
@@ -157,6 +160,72 @@ def lora_apply_ref(
             b_t = _gather_rows(pool, offs[1], n).float()  # [rank, n]
             delta = (xs @ a.T) @ b_t * batch.scalings[slot, layer, t]  # [n_rows, n]
             y[rows, o : o + n] = (y[rows, o : o + n].float() + delta).to(y.dtype)
+
+
+# Gathered rows per lora_apply_bmm chunk (tokens x max_rank x width): bounds its scratch.
+_BMM_CHUNK_ELEMS = 1 << 24
+
+
+def _token_slots(batch: LoRABatch, num_rows: int, device: torch.device) -> Tensor:
+    """int64 [T]: each token row's adapter slot; -1 outside every segment (no sync)."""
+    rows = torch.arange(num_rows, dtype=torch.int32, device=device)
+    seg = torch.searchsorted(batch.seg_start, rows, right=True) - 1  # [T]
+    inside = (seg >= 0) & (seg < batch.num_segments)
+    slots = batch.seg_slot[seg.clamp(0, batch.num_segments - 1)].long()
+    return torch.where(inside, slots, -1)
+
+
+def _padded_rows(
+    pool: Tensor, batch: LoRABatch, slots: Tensor, layer: int, target: int, ab: int, width: int
+) -> Tensor:
+    """[c, max_rank, width]: each token's A (ab=0) or B^T (ab=1) rows, zero past its rank."""
+    safe = slots.clamp(min=0)
+    rank = batch.ranks[safe, layer, target]  # [c]
+    j = torch.arange(batch.max_rank, device=pool.device)
+    live = (j[None, :] < rank[:, None]) & (slots >= 0)[:, None]  # [c, R]
+    offsets = batch.row_offsets[safe, layer, target, ab, : batch.max_rank]  # [c, R]
+    # Row i of the window view is pool[i : i + width]: a row gather without an index per element.
+    windows = pool.as_strided((pool.numel() - width + 1, width), (1, 1))
+    rows = windows.index_select(0, torch.where(live, offsets, 0).view(-1))
+    return torch.where(live[..., None], rows.view(*offsets.shape, width), 0)
+
+
+def lora_apply_bmm(
+    x: Tensor,  # [T, in_features]
+    y: Tensor,  # [T, out_total], updated in place (may be a strided view)
+    pool: Tensor,  # [P] the page pool viewed flat
+    batch: LoRABatch,
+    layer: int,
+    first_target: int,
+    out_slices: Sequence[tuple[int, int]],  # per target (output column offset, width)
+) -> None:
+    """S-LoRA's "padded" ablation: every token row gathers its adapter's A and B^T rows
+    padded with zeros to ``batch.max_rank`` (the engine's max_lora_rank) and two torch.bmm
+    compute its delta, in x's dtype. Rows outside every segment get an exact zero delta.
+    No host sync; scratch bounded by _BMM_CHUNK_ELEMS."""
+    if batch.num_segments == 0:
+        return
+    _check_call(x, y, pool, first_target, out_slices)
+    slots = _token_slots(batch, x.shape[0], x.device)
+    widest = max(x.shape[1], *(n for _, n in out_slices))
+    chunk = max(1, _BMM_CHUNK_ELEMS // (batch.max_rank * widest))
+    for start in range(0, x.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        for k, (o, n) in enumerate(out_slices):
+            delta = _bmm_delta(x[rows], pool, batch, slots[rows], layer, first_target + k, n)
+            y[rows, o : o + n] = (y[rows, o : o + n].float() + delta).to(y.dtype)
+
+
+def _bmm_delta(
+    x: Tensor, pool: Tensor, batch: LoRABatch, slots: Tensor, layer: int, target: int, n: int
+) -> Tensor:
+    """fp32 [c, n]: scaling * (x A^T) B^T of each row's adapter, A and B^T padded."""
+    a = _padded_rows(pool, batch, slots, layer, target, 0, x.shape[1])  # [c, R, in]
+    b_t = _padded_rows(pool, batch, slots, layer, target, 1, n)  # [c, R, n]
+    v = torch.bmm(x[:, None, :], a.transpose(1, 2))  # [c, 1, R]
+    delta = torch.bmm(v, b_t)[:, 0].float()  # [c, n]
+    scaling = batch.scalings[slots.clamp(min=0), layer, target]  # [c]
+    return delta * torch.where(slots >= 0, scaling, 0.0)[:, None]
 
 
 # ----------------------------------------------------------------------------- Triton
@@ -763,7 +832,7 @@ def lora_apply(
     layer: int,
     first_target: int,
     out_slices: Sequence[tuple[int, int]],  # per target (output column offset, width)
-    backend: str = "auto",  # "auto": triton on CUDA, torch elsewhere; "torch" | "triton"
+    backend: str = "auto",  # "auto": triton on CUDA, torch elsewhere; "torch" | "triton" | "bmm"
 ) -> None:
     """In place, for each token row i in a segment with slot a and each target k whose rank
     r = ranks[a, layer, first_target + k] > 0:
@@ -782,5 +851,7 @@ def lora_apply(
         lora_apply_ref(*args)
     elif backend == "triton":
         lora_apply_triton(*args)
+    elif backend == "bmm":
+        lora_apply_bmm(*args)
     else:
         raise ValueError(f"unknown lora backend {backend!r}")

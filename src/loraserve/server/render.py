@@ -242,12 +242,17 @@ class _Delta(NamedTuple):
 
 
 async def _deltas(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[_Delta]:
-    """What is new in each output; raises APIError (500) if the engine fails the request."""
+    """What is new in each output; raises APIError (500) if the engine fails the request.
+
+    An output with no new text (a partial UTF-8 character, a held-back stop-string prefix,
+    a model without tokenizer) is skipped, except the first token's: clients time the first
+    token by the first chunk."""
     sent_text = sent_tokens = 0
     async for out in outputs:
         check_output(out)
         new_text = out.text[sent_text:]
-        if not new_text and not out.finished:
+        first = sent_tokens == 0 and bool(out.token_ids)
+        if not new_text and not out.finished and not first:
             continue
         yield _Delta(out, new_text, sent_tokens)
         sent_text, sent_tokens = len(out.text), len(out.token_ids)

@@ -1,0 +1,155 @@
+"""Random adapters for benchmarks, registered without files and generated on first use.
+
+``register_adapters`` registers ``adapter-0000 ..`` with ``AdapterStore.register_generated``:
+nothing is built until the engine asks the host tier for an adapter, so registering 10,000
+takes a fraction of a second and the host LRU and the host -> GPU path run for real.
+
+Two generators, both deterministic in (adapter, layer, target):
+
+- ``bank`` (default): each A and B is a scaled copy of a slice, chosen by a hash of
+  (seed, layer, target, A|B), of one random vector made once (8x the largest matrix). A
+  rank-64 7B adapter costs 134 MB of copies, ~10-50 ms: about what reading it from the page
+  cache would cost a server that loads real adapters.
+- ``random``: ``peft.random_lora_weights``, torch.randn per matrix. 1.6 s for a rank-64 7B
+  adapter on 2 CPU cores: with thousands of adapters that measures the random number
+  generator, not the server.
+
+Both give A ~ N(0, 1/in_features), B ~ N(0, 0.01/rank), scaling 1.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from loraserve.adapters.peft import (
+    LoRAModule,
+    LoRAWeights,
+    config_from_dict,
+    random_lora_weights,
+)
+from loraserve.bench.workload import adapter_name, adapter_rank
+from loraserve.config import LORA_TARGETS, ModelConfig
+from loraserve.engine.engine import LLMEngine
+
+ADAPTER_SOURCES = ("bank", "random")
+_MASK64 = (1 << 64) - 1
+
+
+def adapter_nbytes(
+    model: ModelConfig, rank: int, targets: Sequence[str], dtype: torch.dtype
+) -> int:
+    """Bytes of A and B of a rank-``rank`` adapter on ``targets`` of every layer."""
+    size = torch.empty((), dtype=dtype).element_size()
+    per_layer = sum(rank * sum(model.lora_shape(t)) for t in targets)
+    return per_layer * model.num_hidden_layers * size
+
+
+class WeightBank:
+    """One random vector that adapters' matrices are cut from (made on first use)."""
+
+    def __init__(self, model: ModelConfig, max_rank: int, dtype: torch.dtype, seed: int = 0):
+        largest = max_rank * max(max(model.lora_shape(t)) for t in LORA_TARGETS)
+        self.numel = max(1 << 20, 8 * largest)
+        self.dtype = dtype
+        self.seed = seed
+        self._values: torch.Tensor | None = None
+        self._lock = threading.Lock()
+
+    def _get(self) -> torch.Tensor:
+        with self._lock:
+            if self._values is None:
+                gen = torch.Generator().manual_seed(self.seed)
+                self._values = torch.randn(self.numel, generator=gen).to(self.dtype)
+            return self._values
+
+    def matrix(self, key: tuple[int, ...], rows: int, cols: int, std: float) -> torch.Tensor:
+        """[rows, cols], a new tensor: std * a slice chosen by ``key``."""
+        n = rows * cols
+        start = _mix(key) % (self.numel - n + 1)
+        return (self._get()[start : start + n] * std).view(rows, cols)
+
+
+def _mix(key: tuple[int, ...]) -> int:
+    """A 64-bit hash of small ints (splitmix64 steps), the same in every process."""
+    h = 0x9E3779B97F4A7C15
+    for k in key:
+        h = (h ^ (k & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
+    return h ^ (h >> 29)
+
+
+def banked_lora_weights(
+    bank: WeightBank, name: str, model: ModelConfig, rank: int, targets: Sequence[str], seed: int
+) -> LoRAWeights:
+    """An adapter of ``rank`` on ``targets`` of every layer, cut from ``bank``."""
+    raw = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": list(targets)}
+    config = config_from_dict(raw, Path(f"<generated {name}>"))
+    modules = {}
+    for layer in range(model.num_hidden_layers):
+        for target in targets:
+            t = LORA_TARGETS.index(target)
+            in_f, out_f = model.lora_shape(target)
+            a = bank.matrix((seed, layer, t, 0), rank, in_f, 1.0 / math.sqrt(in_f))
+            b = bank.matrix((seed, layer, t, 1), out_f, rank, 0.1 / math.sqrt(rank))
+            modules[(layer, target)] = LoRAModule(a, b, 1.0)
+    return LoRAWeights(name, config, modules)
+
+
+class AdapterGenerator:
+    """Registers generated adapters of one model, dtype and targets with an engine."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        dtype: torch.dtype,
+        max_rank: int,
+        targets: Sequence[str],
+        source: str = "bank",
+    ) -> None:
+        if source not in ADAPTER_SOURCES:
+            raise ValueError(f"adapter source {source!r} not in {ADAPTER_SOURCES}")
+        self.model = model
+        self.dtype = dtype
+        self.targets = tuple(targets)
+        self.source = source
+        self.bank = WeightBank(model, max_rank, dtype)
+
+    def register(self, engine: LLMEngine, name: str, rank: int, seed: int) -> None:
+        """Register ``name``; its weights are made on the engine's first host-tier miss."""
+        if self.source == "bank":
+            args = (self.bank, name, self.model, rank, self.targets, seed)
+            make = functools.partial(banked_lora_weights, *args)
+        else:
+            args = (name, self.model, rank, self.targets, seed, self.dtype)
+            make = functools.partial(random_lora_weights, *args)
+        nbytes = adapter_nbytes(self.model, rank, self.targets, self.dtype)
+        engine.adapter_store.register_generated(name, make, nbytes)
+
+    def register_many(
+        self, engine: LLMEngine, num_adapters: int, ranks: Sequence[int]
+    ) -> list[str]:
+        """Register ``adapter-0000 ..`` (adapter i: rank ranks[i % len(ranks)], seed i)."""
+        names = [adapter_name(i) for i in range(num_adapters)]
+        for i, name in enumerate(names):
+            self.register(engine, name, adapter_rank(i, tuple(ranks)), seed=i)
+        return names
+
+
+def register_adapters(
+    engine: LLMEngine,
+    num_adapters: int,
+    ranks: Sequence[int],
+    targets: Sequence[str],
+    source: str = "bank",
+) -> list[str]:
+    """Register ``adapter-0000 ..`` as generated adapters; returns their names. Nothing is
+    generated now."""
+    config = engine.config
+    generator = AdapterGenerator(config.model, config.dtype, max(ranks), targets, source)
+    return generator.register_many(engine, num_adapters, ranks)

@@ -1,0 +1,74 @@
+"""The byte floor of a decode step (shared/ANCHORS.md, "The physics of LoRA in decode").
+
+A decode step reads every base weight once, the KV cache of every sequence in the batch,
+and every distinct adapter in the batch once. At the H200's measured copy bandwidth
+(4.26 TB/s, read + write) that takes at least
+
+    floor = (weight bytes + KV bytes read + distinct adapter bytes) / 4.26e12  seconds
+
+``DecodeStats`` adds up, over the decode-only steps of a run (every scheduled token a
+decode), the measured step time and the three byte counts, and reports averages: the
+measured step time next to the floor of the same steps. The floor is the H200's; on any
+other device (the CPU) the ratio means nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from loraserve.config import ModelConfig
+
+HBM_BYTES_PER_S = 4.26e12  # H200, device-to-device copy (shared/ANCHORS.md)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the weights a decode step reads: all parameters but the embedding table
+    (a step reads only its batch's rows of it) unless it is tied to the LM head."""
+    embed = getattr(model, "embed_tokens", None)
+    skip = set()
+    if embed is not None and getattr(model, "lm_head", None) is not None:
+        skip.add(id(embed.weight))
+    return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in skip)
+
+
+def kv_bytes_per_token(model: ModelConfig, dtype: torch.dtype) -> int:
+    """K and V of one token in every layer."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return 2 * model.num_hidden_layers * model.kv_size * size
+
+
+@dataclass
+class DecodeStats:
+    weight_bytes: int
+    steps: int = 0
+    seconds: float = 0.0
+    sequences: int = 0
+    kv_bytes: int = 0
+    adapter_bytes: int = 0
+
+    def add(self, seconds: float, batch: int, kv_bytes: int, adapter_bytes: int) -> None:
+        self.steps += 1
+        self.seconds += seconds
+        self.sequences += batch
+        self.kv_bytes += kv_bytes
+        self.adapter_bytes += adapter_bytes
+
+    def as_dict(self) -> dict[str, Any]:
+        n = max(self.steps, 1)
+        floor = (self.weight_bytes + (self.kv_bytes + self.adapter_bytes) / n) / HBM_BYTES_PER_S
+        measured = self.seconds / n
+        return {
+            "decode_steps": self.steps,
+            "avg_batch": self.sequences / n,
+            "measured_ms": 1e3 * measured if self.steps else None,
+            "floor_ms": 1e3 * floor if self.steps else None,
+            "measured_over_floor": measured / floor if self.steps else None,
+            "weight_bytes": self.weight_bytes,
+            "avg_kv_bytes": self.kv_bytes / n,
+            "avg_adapter_bytes": self.adapter_bytes / n,
+            "adapter_floor_ms": 1e3 * self.adapter_bytes / n / HBM_BYTES_PER_S,
+            "hbm_bytes_per_s": HBM_BYTES_PER_S,
+        }

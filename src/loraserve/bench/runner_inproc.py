@@ -1,0 +1,279 @@
+"""Open-loop driver of an in-process LLMEngine.
+
+    start ─┬─ add every request whose arrival time has passed ─┐
+           │                                                    │ nothing to do: sleep until
+           └─ engine.step() ── record first tokens / finishes ──┘ the next arrival
+                  └── sample pool use; time decode-only steps
+
+A request's latencies count from its arrival time, not from when the loop got to add it,
+as with a real client. A time limit stops the run: requests not finished by then are
+aborted and count as unfinished (SLO misses); requests due after it are not issued.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+from tqdm import tqdm
+
+from loraserve.adapters.store import StoreStats
+from loraserve.bench.metrics import SLO_SECONDS, RequestRecord, summarize
+from loraserve.bench.physics import DecodeStats, kv_bytes_per_token, weight_bytes
+from loraserve.bench.workload import TraceRequest
+from loraserve.engine.engine import LLMEngine, PromptError
+from loraserve.memory.adapter_cache import CacheStats
+from loraserve.memory.pool import PageKind
+from loraserve.request import Request, RequestOutput, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class BenchRequest(NamedTuple):
+    trace: TraceRequest
+    prompt: list[int]  # token ids
+    adapter: str | None  # None: the base model
+
+
+@dataclass
+class RunOptions:
+    label: str = "loraserve"
+    time_limit: float | None = None  # seconds after the start
+    slo_s: float = SLO_SECONDS
+    progress: bool = True
+
+
+@dataclass
+class RequestState:
+    """What the driver knows of one issued request."""
+
+    request: BenchRequest
+    first_token: float | None = None
+    finish: float | None = None
+    output_tokens: int = 0
+    error: str | None = None
+
+    def record(self) -> RequestRecord:
+        t = self.request.trace
+        return RequestRecord(
+            t.index,
+            t.arrival,
+            t.input_len,
+            t.output_len,
+            self.first_token,
+            self.finish,
+            self.output_tokens,
+            self.error,
+        )
+
+
+@dataclass
+class PoolPeak:
+    """Most pages in use at once, sampled after every step."""
+
+    kv_pages: int = 0
+    adapter_pages: int = 0
+    total_pages: int = 0  # KV + adapters at the same sample
+
+    def sample(self, engine: LLMEngine) -> None:
+        kv = engine.pool.num_used(PageKind.KV)
+        adapters = engine.adapter_cache.pool.num_used(PageKind.ADAPTER)
+        self.kv_pages = max(self.kv_pages, kv)
+        self.adapter_pages = max(self.adapter_pages, adapters)
+        self.total_pages = max(self.total_pages, kv + adapters)
+
+    def as_dict(self, engine: LLMEngine) -> dict[str, Any]:
+        page = engine.pool.page_bytes
+        separate = engine.adapter_cache.pool is not engine.pool
+        return {
+            **dataclasses.asdict(self),
+            "kv_bytes": self.kv_pages * page,
+            "adapter_bytes": self.adapter_pages * page,
+            "page_bytes": page,
+            "pool_pages": engine.pool.num_pages,
+            "adapter_pool_pages": engine.adapter_cache.pool.num_pages if separate else None,
+        }
+
+
+@dataclass
+class EngineRun:
+    records: list[RequestRecord]
+    wall_time: float
+    not_issued: int
+    pool: dict[str, Any]
+    adapters: dict[str, Any]
+    decode: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def result(self, slo_s: float = SLO_SECONDS) -> dict[str, Any]:
+        return {
+            **summarize(self.records, self.wall_time, slo_s).as_dict(),
+            "not_issued": self.not_issued,
+            "adapter_loads": self.adapters,
+            "pool_peak": self.pool,
+            "decode": self.decode,
+            **self.extra,
+        }
+
+
+def params_for(request: BenchRequest) -> SamplingParams:
+    """Greedy, exactly ``output_len`` tokens (EOS ignored), as S-LoRA's client asks."""
+    return SamplingParams(max_tokens=request.trace.output_len, temperature=0.0, ignore_eos=True)
+
+
+def warm_up(engine: LLMEngine, adapter: str | None) -> None:
+    """Two short requests (a prefill of several tokens, then decodes) before timing."""
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    for i, n in enumerate((24, 7)):
+        engine.add_request([i + 1] * n, params, request_id=f"warmup-{i}", adapter=adapter)
+    while engine.has_unfinished():
+        if not engine.step() and not engine.scheduler.running:
+            time.sleep(2e-4)  # waiting for the adapter: let the loader thread run
+
+
+class InprocDriver:
+    def __init__(
+        self, engine: LLMEngine, requests: list[BenchRequest], options: RunOptions
+    ) -> None:
+        self.engine = engine
+        self.requests = sorted(requests, key=lambda r: r.trace.arrival)
+        self.options = options
+        self.live: dict[str, RequestState] = {}
+        self.pool = PoolPeak()
+        self.decode = DecodeStats(weight_bytes(engine.model))
+        self._kv_token = kv_bytes_per_token(engine.config.model, engine.config.dtype)
+        self._start = 0.0
+
+    def _now(self) -> float:
+        return time.perf_counter() - self._start
+
+    def run(self) -> EngineRun:
+        gpu0 = dataclasses.replace(self.engine.adapter_cache.stats)
+        host0 = self.engine.adapter_store.stats
+        pending = deque(self.requests)
+        limit = self.options.time_limit
+        with tqdm(
+            total=len(self.requests),
+            desc=self.options.label,
+            unit="req",
+            disable=not self.options.progress,
+        ) as bar:
+            self._start = time.perf_counter()
+            while pending or self.engine.has_unfinished():
+                now = self._now()
+                self._issue(pending, now if limit is None else min(now, limit), bar)
+                if limit is not None and now >= limit:
+                    break
+                if self.engine.has_unfinished():
+                    self._step(bar)
+                elif pending:
+                    self._sleep_until(pending[0].trace.arrival)
+        wall = self._now()
+        self._abort_unfinished()
+        logger.info("%s: %d requests issued in %.1f s", self.options.label, len(self.live), wall)
+        return EngineRun(
+            records=[live.record() for live in self.live.values()],
+            wall_time=wall,
+            not_issued=len(pending),
+            pool=self.pool.as_dict(self.engine),
+            adapters=self._adapter_stats(gpu0, host0),
+            decode=self.decode.as_dict(),
+        )
+
+    def _sleep_until(self, due: float) -> None:
+        limit = self.options.time_limit
+        wake = due if limit is None else min(due, limit)
+        time.sleep(max(0.0, wake - self._now()))
+
+    def _issue(self, pending: deque[BenchRequest], now: float, bar: tqdm) -> None:
+        while pending and pending[0].trace.arrival <= now:
+            request = pending.popleft()
+            request_id = str(request.trace.index)
+            live = self.live[request_id] = RequestState(request)
+            try:
+                self.engine.add_request(
+                    request.prompt, params_for(request), request_id, request.adapter
+                )
+            except (PromptError, ValueError, KeyError) as e:
+                live.error = str(e)
+                bar.update(1)
+
+    def _step(self, bar: tqdm) -> None:
+        running = list(self.engine.scheduler.running)
+        decode = self._decode_bytes(running)
+        t0 = time.perf_counter()
+        outputs = self.engine.step()
+        seconds = time.perf_counter() - t0
+        now = self._now()
+        self.pool.sample(self.engine)
+        if decode is not None and _same_requests(running, outputs, self.engine):
+            self.decode.add(seconds, len(running), *decode)
+        for out in outputs:
+            self._update(out, now, bar)
+        if not outputs and not self.engine.scheduler.running:
+            time.sleep(2e-4)  # only waiting for adapters: let the loader thread run
+
+    def _decode_bytes(self, running: list[Request]) -> tuple[int, int] | None:
+        """(KV bytes, distinct adapter bytes) a decode step of ``running`` reads; None if
+        some running request has more than one token to compute (a prefill)."""
+        if not running or any(r.num_tokens - r.num_computed_tokens != 1 for r in running):
+            return None
+        store = self.engine.adapter_store
+        adapters = {r.adapter for r in running if r.adapter is not None}
+        adapter_bytes = sum(store.nbytes(a) for a in adapters if a in store)
+        return sum(r.num_tokens for r in running) * self._kv_token, adapter_bytes
+
+    def _update(self, out: RequestOutput, now: float, bar: tqdm) -> None:
+        live = self.live.get(out.request_id)
+        if live is None:
+            return
+        if out.token_ids and live.first_token is None:
+            live.first_token = now
+        live.output_tokens = len(out.token_ids)
+        if out.finished:
+            live.error = out.error if out.finish_reason == "error" else None
+            live.finish = now
+            bar.update(1)
+
+    def _abort_unfinished(self) -> None:
+        for request_id, live in self.live.items():
+            if live.finish is None and live.error is None:
+                self.engine.abort(request_id)
+        while self.engine.has_unfinished():
+            self.engine.step()
+
+    def _adapter_stats(self, gpu0: CacheStats, host0: StoreStats) -> dict[str, Any]:
+        """Adapter loads during the run (GPU tier: into pool pages; host tier: generated
+        or read from disk) and how many distinct adapters the run issued and served."""
+        gpu, host = self.engine.adapter_cache.stats, self.engine.adapter_store.stats
+        states = self.live.values()
+        issued = {s.request.adapter for s in states} - {None}
+        served = {s.request.adapter for s in states if s.record().completed} - {None}
+        return {
+            "gpu_loads": gpu.gpu_loads - gpu0.gpu_loads,
+            "gpu_evictions": gpu.gpu_evictions - gpu0.gpu_evictions,
+            "gpu_bytes_loaded": gpu.bytes_loaded - gpu0.bytes_loaded,
+            "host_loads": _host_loads(host) - _host_loads(host0),
+            "host_evictions": host.host_evictions - host0.host_evictions,
+            "distinct_adapters_issued": len(issued),
+            "distinct_adapters_served": len(served),
+        }
+
+
+def _host_loads(stats: StoreStats) -> int:
+    return stats.generated_loads + stats.disk_loads
+
+
+def _same_requests(running: list[Request], outputs: list[RequestOutput], engine: LLMEngine) -> bool:
+    """The step computed exactly the requests that were running before it: each produced a
+    token, none was preempted, none was admitted."""
+    before = {r.request_id for r in running}
+    return (
+        len(outputs) == len(running)
+        and all(o.request_id in before for o in outputs)
+        and all(r.request_id in before for r in engine.scheduler.running)
+    )

@@ -1,0 +1,327 @@
+"""``loraserve bench``: for every point of a sweep, one trace, run by loraserve and by each
+baseline asked for, one after the other on the same device.
+
+    point (n, rate) -> trace -> loraserve  (in-process engine, or the server at --url)
+                             -> base       (same engine, every request on the base model)
+                             -> padded     (lora_backend="bmm": adapters padded to the max rank)
+                             -> separate   (adapters in their own pool, apart from the KV cache)
+                             -> peft       (HF transformers + PEFT, FIFO mixed batches)
+
+Each engine run builds a fresh engine (and frees it after), registers the adapters as
+generated ones and warms up before the clock starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import logging
+import platform
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loraserve.bench.adapters import AdapterGenerator
+from loraserve.bench.options import BenchConfig, config_from_cli
+from loraserve.bench.runner_inproc import BenchRequest, InprocDriver, RunOptions, warm_up
+from loraserve.bench.workload import (
+    WorkloadConfig,
+    adapter_name,
+    generate_trace,
+    prompt_token_ids,
+)
+from loraserve.config import ModelConfig, parse_dtype
+from loraserve.engine.args import EngineArgs
+from loraserve.engine.engine import LLMEngine, resolve_model_path
+from loraserve.model.loader import PRESETS
+
+logger = logging.getLogger(__name__)
+
+WARMUP_ADAPTER = "bench-warmup"
+WARMUP_SEED = 1 << 30
+SEPARATE_SHARE = 0.1  # default adapter pool of "separate": this share of the unified pool
+
+Report = Callable[[str], None]  # gets one line per finished run
+
+
+def bench_main(ns: argparse.Namespace) -> int:
+    if ns.merge:
+        results = merge_results([json.loads(Path(f).read_text()) for f in ns.merge.split(",")])
+    else:
+        config = config_from_cli(ns)
+        results = run_bench(config, report=lambda line: sys.stderr.write(line + "\n"))
+    text = json.dumps(results, indent=1)
+    if ns.out:
+        Path(ns.out).write_text(text + "\n")
+    else:
+        sys.stdout.write(text + "\n")
+    sweep = results["sweep"] is not None
+    plot = ns.plot or (str(Path(ns.out).with_suffix(".png")) if ns.out and sweep else None)
+    if plot:
+        from loraserve.bench.plot import plot_results
+
+        plot_results(results, plot)
+        sys.stderr.write(f"plot: {plot}\n")
+    return 0
+
+
+def run_bench(config: BenchConfig, report: Report = logger.info) -> dict[str, Any]:
+    """Every point of the sweep; ``report`` gets one line per finished run."""
+    model = model_config(config.engine.model)
+    with tempfile.TemporaryDirectory(prefix="loraserve-bench-") as tmp:
+        files = Path(config.adapter_files or tmp)
+        points = [_run_point(config, w, model, files, report) for w in config.workloads()]
+    return {
+        "config": config.as_dict(),
+        "environment": _environment(),
+        "sweep": config.sweep,
+        "points": points,
+    }
+
+
+def merge_results(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One results dict from several runs of the same bench at different n or rates (each
+    command of a GPU session must stay short): their points, ordered."""
+    points = sorted((p for r in parts for p in r["points"]), key=lambda p: (p["n"], p["rate"]))
+    varies = [axis for axis in ("n", "rate") if len({p[axis] for p in points}) > 1]
+    if len(varies) > 1:
+        raise ValueError("the results to merge differ in both n and rate: merge one sweep")
+    return {**parts[0], "sweep": varies[0] if varies else None, "points": points}
+
+
+def model_config(model: str | None) -> ModelConfig:
+    if model in PRESETS:
+        return PRESETS[model]
+    return ModelConfig.from_dir(resolve_model_path(model))
+
+
+def bench_requests(
+    workload: WorkloadConfig, vocab_size: int, max_requests: int | None
+) -> list[BenchRequest]:
+    """The trace as requests: token-id prompts, adapter names."""
+    trace = generate_trace(workload)[:max_requests]
+    return [
+        BenchRequest(t, prompt_token_ids(t, vocab_size, workload.seed), adapter_name(t.adapter))
+        for t in trace
+    ]
+
+
+def _run_point(
+    config: BenchConfig, workload: WorkloadConfig, model: ModelConfig, files: Path, report: Report
+) -> dict[str, Any]:
+    requests = bench_requests(workload, model.vocab_size, config.max_requests)
+    base = [r._replace(adapter=None) for r in requests]
+    where = f"{config.setting or model.name} n={workload.num_adapters} rate={workload.rate:g}"
+    runs: dict[str, dict[str, Any]] = {}
+
+    def done(label: str, result: dict[str, Any]) -> None:
+        runs[label] = result
+        report(format_run(f"{where} {label}", result))
+
+    if config.url:
+        done("loraserve", _http_run(config, requests, "loraserve", model, files))
+        if "base" in config.baselines:
+            done("base", _http_run(config, base, "base", model, files))
+    else:
+        done("loraserve", _engine_run(config, config.engine, workload, requests, "loraserve"))
+        for name, args in _engine_baselines(config, runs["loraserve"]["engine"]).items():
+            variant = base if name == "base" else requests
+            done(name, _engine_run(config, args, workload, variant, name))
+    if "peft" in config.baselines:
+        done("peft", _peft_run(config, requests, model))
+    return {
+        "n": workload.num_adapters,
+        "rate": workload.rate,
+        "num_requests": len(requests),
+        "runs": runs,
+        "loraserve_over": _ratios(runs),
+    }
+
+
+def _ratios(runs: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """loraserve's throughput over each baseline's (base: the cost of LoRA; peft: the
+    speed-up S-LoRA reports)."""
+    ours = runs["loraserve"]["throughput_req_s"]
+    return {
+        name: ours / run["throughput_req_s"] if run["throughput_req_s"] else None
+        for name, run in runs.items()
+        if name != "loraserve"
+    }
+
+
+def _engine_baselines(config: BenchConfig, unified: dict[str, Any]) -> dict[str, EngineArgs]:
+    """The engine arguments of each asked-for engine baseline. ``unified``: the engine info
+    of loraserve's own run, whose memory "separate" splits (the same total)."""
+    variants = {
+        "base": config.engine,
+        "padded": dataclasses.replace(config.engine, lora_backend="bmm"),
+        "separate": _separate_args(config, unified),
+    }
+    return {name: args for name, args in variants.items() if name in config.baselines}
+
+
+def _separate_args(config: BenchConfig, unified: dict[str, Any]) -> EngineArgs:
+    nbytes = config.separate_adapter_bytes or int(SEPARATE_SHARE * unified["pool_bytes"])
+    args = dataclasses.replace(config.engine, adapter_pool_bytes=nbytes)
+    if args.num_pages is not None:  # a page count is not a budget: take the pages off it
+        args = dataclasses.replace(args, num_pages=args.num_pages - nbytes // unified["page_bytes"])
+    return args
+
+
+def _engine_run(
+    config: BenchConfig,
+    args: EngineArgs,
+    workload: WorkloadConfig,
+    requests: list[BenchRequest],
+    label: str,
+) -> dict[str, Any]:
+    result = _drive_engine(config, args, workload, requests, label)
+    _free_device_memory()
+    return result
+
+
+def _drive_engine(
+    config: BenchConfig,
+    args: EngineArgs,
+    workload: WorkloadConfig,
+    requests: list[BenchRequest],
+    label: str,
+) -> dict[str, Any]:
+    engine = args.create_engine()
+    try:
+        generator = AdapterGenerator(
+            engine.config.model,
+            engine.config.dtype,
+            max(config.ranks),
+            config.targets,
+            config.adapter_source,
+        )
+        uses_adapters = any(r.adapter is not None for r in requests)
+        if uses_adapters:
+            generator.register_many(engine, workload.num_adapters, config.ranks)
+        if config.warmup:
+            _warm_up(engine, generator if uses_adapters else None, max(config.ranks))
+        limit = config.padded_time_limit if label == "padded" else None
+        options = RunOptions(label, limit or config.time_limit, config.slo_s, config.progress)
+        run = InprocDriver(engine, requests, options).run()
+        engine.check_integrity()
+        return {**run.result(config.slo_s), "engine": _engine_info(engine, args)}
+    finally:
+        engine.adapters.shutdown()
+
+
+def _warm_up(engine: LLMEngine, generator: AdapterGenerator | None, rank: int) -> None:
+    """Run every path (base, and LoRA with an adapter of the largest rank that the trace
+    never uses) before the clock starts; the warm-up adapter is dropped again."""
+    warm_up(engine, None)
+    if generator is None:
+        return
+    generator.register(engine, WARMUP_ADAPTER, rank, seed=WARMUP_SEED)
+    warm_up(engine, WARMUP_ADAPTER)
+    engine.remove_adapter(WARMUP_ADAPTER)
+
+
+def _engine_info(engine: LLMEngine, args: EngineArgs) -> dict[str, Any]:
+    separate = engine.adapter_cache.pool is not engine.pool
+    page = engine.pool.page_bytes
+    return {
+        "pool_pages": engine.pool.num_pages,
+        "page_bytes": page,
+        "pool_bytes": engine.pool.num_pages * page,
+        "adapter_pool_bytes": engine.adapter_cache.pool.num_pages * page if separate else None,
+        "lora_backend": args.lora_backend,
+        "device": str(engine.device),
+        "dtype": str(engine.config.dtype).removeprefix("torch."),
+        "max_num_seqs": engine.config.scheduler.max_num_seqs,
+        "max_num_batched_tokens": engine.config.scheduler.max_num_batched_tokens,
+        "max_loras": engine.config.lora.max_loras,
+        "max_lora_rank": engine.config.lora.max_lora_rank,
+    }
+
+
+def _http_run(
+    config: BenchConfig, requests: list[BenchRequest], label: str, model: ModelConfig, files: Path
+) -> dict[str, Any]:
+    from loraserve.bench.runner_http import HttpTarget, load_adapters, run_http
+
+    target = HttpTarget(config.url, config.api_key)
+    names = sorted({r.adapter for r in requests if r.adapter is not None})
+    if names and config.url_adapters == "load":
+        load_adapters(target, names, model, config.ranks, config.targets, files)
+    options = RunOptions(label, config.time_limit, config.slo_s, config.progress)
+    return run_http(target, requests, options).result(config.slo_s)
+
+
+def _peft_run(
+    config: BenchConfig, requests: list[BenchRequest], model: ModelConfig
+) -> dict[str, Any]:
+    result = _drive_peft(config, requests, model)
+    _free_device_memory()
+    return result
+
+
+def _drive_peft(
+    config: BenchConfig, requests: list[BenchRequest], model: ModelConfig
+) -> dict[str, Any]:
+    from loraserve.bench.baselines import PeftBaseline, build_hf_model
+
+    device, dtype = _device_dtype(config.engine)
+    hf = build_hf_model(config.engine.model, model, device, dtype)
+    run = PeftBaseline(hf, config.ranks, config.targets, config.peft).run(requests)
+    engine = {"device": device, "dtype": str(dtype).removeprefix("torch.")}
+    return {**run.result(config.slo_s), "engine": engine}
+
+
+def _device_dtype(args: EngineArgs) -> tuple[str, torch.dtype]:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.dtype == "auto":
+        return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return device, parse_dtype(args.dtype)
+
+
+def _free_device_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _environment() -> dict[str, Any]:
+    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def format_run(where: str, r: dict[str, Any]) -> str:
+    """One line: throughput, latencies, SLO, adapter loads and the decode-step physics."""
+    line = (
+        f"{where}: {r['throughput_req_s']:.2f} req/s, {r['output_tok_s']:.0f} out tok/s, "
+        f"completed {r['completed']}/{r['issued']}, latency {_s(r['avg_latency_s'])}, "
+        f"first token avg {_s(r['avg_first_token_s'])} p99 {_s(r['p99_first_token_s'])}, "
+        f"SLO({r['slo_s']:g} s) {_pct(r['slo_attainment'])}"
+    )
+    loads = r.get("adapter_loads") or {}
+    if "gpu_loads" in loads:
+        line += f", adapter loads gpu {loads['gpu_loads']} host {loads['host_loads']}"
+    decode = r.get("decode") or {}
+    if decode.get("decode_steps"):
+        line += (
+            f"\n    decode step (H200 byte floor model): measured {decode['measured_ms']:.2f} ms"
+            f" at batch {decode['avg_batch']:.1f}; floor (weights + KV + distinct adapters)"
+            f" / 4.26 TB/s = {decode['floor_ms']:.2f} ms; ratio {decode['measured_over_floor']:.2f}"
+        )
+    return line
+
+
+def _s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} s"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"

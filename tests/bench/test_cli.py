@@ -1,0 +1,104 @@
+"""``loraserve bench`` end to end on the CPU: a sweep, baselines, JSON and PNG."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loraserve.bench.options import config_from_cli
+from loraserve.cli import build_parser, main
+
+TINY = ["--rate", "10", "--duration", "0.4", "--input-range", "4,10", "--output-range", "4,10"]
+TINY += ["--dtype", "float32", "--device", "cpu", "--num-pages", "256", "--no-progress"]
+
+
+def test_sweep_writes_json_and_png(tiny_model, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--model", str(tiny_model), "--ranks", "8,4", "-n", "2,4", *TINY]
+    args += ["--baselines", "base,padded,separate", "--out", str(out)]
+    assert main(args) == 0
+    results = json.loads(out.read_text())
+    assert results["sweep"] == "n" and [p["n"] for p in results["points"]] == [2, 4]
+    for point in results["points"]:
+        assert set(point["runs"]) == {"loraserve", "base", "padded", "separate"}
+        for run in point["runs"].values():
+            assert run["completed"] == run["issued"] == point["num_requests"] == 4
+        runs = point["runs"]
+        assert runs["padded"]["engine"]["lora_backend"] == "bmm"
+        separate = runs["separate"]["engine"]
+        assert separate["adapter_pool_bytes"] == pytest.approx(
+            0.1 * runs["loraserve"]["engine"]["pool_bytes"], rel=0.05
+        )
+        assert separate["pool_bytes"] < runs["loraserve"]["engine"]["pool_bytes"]
+        assert runs["base"]["adapter_loads"]["gpu_loads"] == 0
+        assert set(point["loraserve_over"]) == {"base", "padded", "separate"}
+        ours = runs["loraserve"]["throughput_req_s"]
+        assert point["loraserve_over"]["base"] == ours / runs["base"]["throughput_req_s"]
+        assert runs["base"]["pool_peak"]["adapter_pages"] == 0
+    config = results["config"]
+    assert config["ranks"] == [8, 4] and config["engine"]["max_lora_rank"] == 8
+    png = out.with_suffix(".png")
+    assert png.is_file() and png.stat().st_size > 1000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    err = capsys.readouterr().err
+    assert "n=4 rate=10 separate:" in err and "decode step" in err
+
+
+def test_rate_sweep_to_stdout_with_plot(tiny_model, tmp_path, capsys):
+    png = tmp_path / "rate.png"
+    args = ["bench", "--model", str(tiny_model), "-n", "2", *TINY, "--rate", "4,8"]
+    args += ["--max-requests", "3", "--plot", str(png)]
+    assert main(args) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results["sweep"] == "rate" and [p["rate"] for p in results["points"]] == [4.0, 8.0]
+    assert [p["num_requests"] for p in results["points"]] == [1, 3]  # 4 * 0.4; capped at 3
+    assert png.stat().st_size > 1000
+
+
+def test_settings_and_flag_errors(tiny_model):
+    parser = build_parser()
+    config = config_from_cli(parser.parse_args(["bench", "--setting", "S2", "-n", "5,100,1000"]))
+    assert config.engine.model == "llama-7b" and config.engine.load_format == "dummy"
+    assert config.ranks == (64, 32, 16, 8) and config.engine.max_lora_rank == 64
+    assert config.targets == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert config.num_adapters == (5, 100, 1000) and config.sweep == "n"
+    assert config.duration == 300 and config.seed == 42 and config.input_range == (8, 512)
+    s4 = config_from_cli(parser.parse_args(["bench", "--setting", "S4", "--targets", "all"]))
+    assert s4.engine.model == "llama-13b" and len(s4.targets) == 7
+    assert main(["bench"]) == 2  # neither --setting nor --model
+    assert main(["bench", "--setting", "S1", "-n", "2,3", "--rate", "1,2"]) == 2
+    assert main(["bench", "--setting", "S1", "--baselines", "vllm"]) == 2
+
+
+def test_preset_with_dummy_weights_and_peft(monkeypatch, tmp_path):
+    """The GPU path's shape: a preset (dummy weights, no directory) and the PEFT baseline
+    built from the preset's config; here a tiny preset."""
+    from loraserve.config import ModelConfig
+    from loraserve.model import loader
+
+    tiny = ModelConfig(211, 48, 96, 2, 4, 2, 12, max_position_embeddings=256, name="tiny")
+    monkeypatch.setitem(loader.PRESETS, "tiny-preset", tiny)
+    out = tmp_path / "preset.json"
+    args = ["bench", "--model", "tiny-preset", "--ranks", "8", "-n", "3", *TINY]
+    args += ["--baselines", "peft", "--peft-batch", "2", "--targets", "all", "--out", str(out)]
+    assert main(args) == 0
+    results = json.loads(out.read_text())
+    assert results["config"]["engine"]["load_format"] == "dummy"
+    runs = results["points"][0]["runs"]
+    assert runs["loraserve"]["completed"] == runs["peft"]["completed"] == 4
+    assert runs["peft"]["adapter_loads"]["peft_added"] >= 1
+
+
+def test_merge_results_of_separate_commands(tiny_model, tmp_path):
+    files = []
+    for n in ("3", "2"):
+        out = tmp_path / f"n{n}.json"
+        args = ["bench", "--model", str(tiny_model), "-n", n, *TINY, "--max-requests", "2"]
+        assert main([*args, "--out", str(out)]) == 0
+        files.append(str(out))
+    merged = tmp_path / "all.json"
+    assert main(["bench", "--merge", ",".join(files), "--out", str(merged)]) == 0
+    results = json.loads(merged.read_text())
+    assert results["sweep"] == "n" and [p["n"] for p in results["points"]] == [2, 3]
+    assert merged.with_suffix(".png").stat().st_size > 1000

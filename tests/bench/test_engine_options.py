@@ -1,0 +1,81 @@
+"""The engine options the ablations use: a separate adapter pool, the bmm backend."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from loraserve.bench.adapters import register_adapters
+from loraserve.config import LoRAConfig
+from loraserve.memory.pool import PageKind
+from loraserve.request import SamplingParams
+
+ADAPTERS = 3
+RANKS = (8, 2, 16)
+PROMPTS = [[(7 * i + j) % 211 for j in range(5 + 3 * i)] for i in range(8)]
+
+
+def _generate(
+    args, check_integrity: bool = False, use_adapters: bool = True
+) -> tuple[list[list[int]], object]:
+    engine = args.create_engine()
+    register_adapters(engine, ADAPTERS, RANKS, ("q_proj", "v_proj", "o_proj", "down_proj"))
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(PROMPTS):
+        adapter = None if i % 4 == 3 or not use_adapters else f"adapter-{i % ADAPTERS:04d}"
+        engine.add_request(prompt, params, request_id=str(i), adapter=adapter)
+    tokens = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert out.error is None, out.error
+            if out.finished:
+                tokens[out.request_id] = out.token_ids
+        if check_integrity:
+            engine.check_integrity()
+    engine.adapters.shutdown()
+    return [tokens[str(i)] for i in range(len(PROMPTS))], engine
+
+
+def test_separate_pool_same_tokens_as_unified(engine_args):
+    unified, engine = _generate(engine_args)
+    page_bytes = engine.pool.page_bytes
+    assert engine.adapter_cache.pool is engine.pool
+    # room for about one adapter at a time: adapters are evicted and requests wait for room
+    small = dataclasses.replace(engine_args, adapter_pool_bytes=14 * page_bytes)
+    separate, engine = _generate(small, check_integrity=True)
+    assert separate == unified
+    adapter_pool = engine.adapter_cache.pool
+    assert adapter_pool is not engine.pool and adapter_pool.num_pages == 14
+    assert adapter_pool.page_elems == engine.pool.page_elems
+    assert engine.pool.num_used(PageKind.ADAPTER) == 0
+    assert engine.adapter_cache.stats.gpu_evictions > 0
+    engine.check_integrity()
+
+
+def test_separate_pool_takes_its_bytes_from_the_budget(engine_args):
+    unified = dataclasses.replace(engine_args, num_pages=None, pool_bytes=200 * 6144)
+    engine = unified.create_engine()
+    assert engine.pool.page_bytes == 6144 and engine.pool.num_pages == 200
+    split = dataclasses.replace(unified, adapter_pool_bytes=50 * 6144)
+    engine = split.create_engine()
+    assert engine.pool.num_pages == 150 and engine.adapter_cache.pool.num_pages == 50
+    with pytest.raises(ValueError, match="adapter_pool_bytes"):
+        dataclasses.replace(engine_args, adapter_pool_bytes=100).create_engine()
+    with pytest.raises(ValueError, match="adapter_pool_bytes"):
+        LoRAConfig(adapter_pool_bytes=0)
+
+
+def test_bmm_backend_same_tokens_as_torch(engine_args):
+    torch_tokens, _ = _generate(dataclasses.replace(engine_args, lora_backend="torch"))
+    bmm_tokens, engine = _generate(dataclasses.replace(engine_args, lora_backend="bmm"))
+    assert engine.config.lora_backend == "bmm"
+    assert bmm_tokens == torch_tokens
+    base_tokens, _ = _generate(engine_args, use_adapters=False)
+    changed = [i for i in range(len(PROMPTS)) if base_tokens[i] != torch_tokens[i]]
+    assert changed and all(i % 4 != 3 for i in changed)  # the adapters matter
+
+
+def test_unknown_backend_is_refused(engine_args):
+    with pytest.raises(ValueError, match="lora_backend"):
+        dataclasses.replace(engine_args, lora_backend="punica").create_engine()

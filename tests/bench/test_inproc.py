@@ -1,0 +1,99 @@
+"""The in-process open-loop driver on the tiny model, and lazy adapter registration."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from loraserve.bench.adapters import (
+    WeightBank,
+    adapter_nbytes,
+    banked_lora_weights,
+    register_adapters,
+)
+from loraserve.bench.runner_inproc import InprocDriver, RunOptions
+from loraserve.bench.suite import bench_requests
+from loraserve.bench.workload import QKVO, WorkloadConfig
+from loraserve.request import SamplingParams
+
+WORKLOAD = WorkloadConfig(
+    num_adapters=3, rate=20, duration=1.0, input_range=(4, 16), output_range=(4, 16)
+)
+
+
+def test_driver_end_to_end(engine_args):
+    engine = engine_args.create_engine()
+    register_adapters(engine, WORKLOAD.num_adapters, (8, 4), QKVO)
+    requests = bench_requests(WORKLOAD, engine.config.model.vocab_size, None)
+    assert len(requests) == 20
+    start = time.perf_counter()
+    run = InprocDriver(engine, requests, RunOptions(progress=False)).run()
+    elapsed = time.perf_counter() - start
+    engine.check_integrity()
+    result = run.result()
+    assert result["issued"] == result["completed"] == 20 and result["not_issued"] == 0
+    assert requests[-1].trace.arrival <= run.wall_time <= elapsed  # open loop: paced by arrivals
+    for record, request in zip(sorted(run.records), requests, strict=True):
+        assert record.arrival == request.trace.arrival
+        assert record.arrival <= record.first_token <= record.finish
+        assert record.output_tokens == request.trace.output_len
+    assert result["slo_attainment"] == 1.0
+    loads = result["adapter_loads"]
+    used = {r.adapter for r in requests}
+    assert loads["distinct_adapters_issued"] == loads["distinct_adapters_served"] == len(used)
+    assert loads["gpu_loads"] == loads["host_loads"] == len(used)  # the pool keeps them all
+    peak = result["pool_peak"]
+    assert peak["kv_pages"] > 0 and peak["adapter_pages"] > 0
+    assert peak["total_pages"] <= peak["pool_pages"] and peak["adapter_pool_pages"] is None
+    decode = result["decode"]
+    assert decode["decode_steps"] > 0 and decode["avg_batch"] >= 1
+    assert decode["floor_ms"] > 0 and decode["measured_ms"] > 0
+    assert decode["avg_adapter_bytes"] > 0 and decode["avg_kv_bytes"] > 0
+
+
+def test_time_limit_cuts_the_run(engine_args):
+    engine = engine_args.create_engine()
+    register_adapters(engine, 2, (4,), QKVO)
+    long = WorkloadConfig(2, rate=40, duration=3.0, input_range=(4, 8), output_range=(150, 160))
+    requests = bench_requests(long, engine.config.model.vocab_size, None)
+    run = InprocDriver(engine, requests, RunOptions(time_limit=0.4, progress=False)).run()
+    result = run.result()
+    assert run.wall_time == pytest.approx(0.4, abs=0.3)
+    assert result["not_issued"] > 0 and result["issued"] + result["not_issued"] == len(requests)
+    assert result["unfinished"] > 0
+    assert result["slo_attainment"] == result["completed"] / result["issued"]
+    assert not engine.has_unfinished()  # the cut-off requests were aborted
+    engine.check_integrity()
+
+
+def test_ten_thousand_adapters_register_fast_and_lazily(engine_args):
+    engine = engine_args.create_engine()
+    start = time.perf_counter()
+    names = register_adapters(engine, 10_000, (16, 8, 4, 2), ("q_proj", "down_proj"))
+    assert time.perf_counter() - start < 3.0
+    assert len(names) == 10_000 and names[-1] == "adapter-9999"
+    store = engine.adapter_store
+    assert store.stats.generated_loads == 0 and store.stats.host_bytes == 0
+    model, dtype = engine.config.model, engine.config.dtype
+    assert store.nbytes("adapter-9998") == adapter_nbytes(model, 4, ("q_proj", "down_proj"), dtype)
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    engine.add_request([1, 2, 3], params, request_id="x", adapter="adapter-9999")
+    while engine.has_unfinished():
+        engine.step()
+    assert store.stats.generated_loads == 1 and engine.adapter_cache.stats.gpu_loads == 1
+    assert store.stats.host_bytes == store.nbytes("adapter-9999")
+
+
+def test_bank_weights_are_deterministic_and_distinct(engine_args):
+    model = engine_args.create_engine().config.model
+    bank = WeightBank(model, 8, torch.float32)
+    a = banked_lora_weights(bank, "a", model, 8, QKVO, seed=1)
+    b = banked_lora_weights(bank, "b", model, 8, QKVO, seed=1)
+    c = banked_lora_weights(bank, "c", model, 8, QKVO, seed=2)
+    key = (1, "v_proj")
+    assert a.modules[key].a.shape == (8, 48) and a.modules[key].b.shape == (24, 8)
+    assert (a.modules[key].a == b.modules[key].a).all()
+    assert not (a.modules[key].a == c.modules[key].a).all()
+    assert a.nbytes == adapter_nbytes(model, 8, QKVO, torch.float32)

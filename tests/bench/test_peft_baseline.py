@@ -1,0 +1,52 @@
+"""The HF PEFT baseline on the tiny model: mixed-adapter FIFO batches on the same trace."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from loraserve.bench.baselines import PeftBaseline, build_hf_model
+from loraserve.bench.options import PeftOptions
+from loraserve.bench.suite import bench_requests, model_config
+from loraserve.bench.workload import QKVO, WorkloadConfig
+
+WORKLOAD = WorkloadConfig(
+    num_adapters=3, rate=10, duration=0.6, input_range=(4, 12), output_range=(4, 12)
+)
+
+
+def _hf(tiny_model):
+    config = model_config(str(tiny_model))
+    return build_hf_model(str(tiny_model), config, "cpu", torch.float32), config
+
+
+def test_peft_completes_every_request(tiny_model):
+    hf, config = _hf(tiny_model)
+    requests = bench_requests(WORKLOAD, config.vocab_size, None)
+    requests.append(requests[0]._replace(trace=requests[0].trace._replace(index=99)))
+    requests[-1] = requests[-1]._replace(adapter=None)  # a base-model request in the mix
+    baseline = PeftBaseline(hf, (8, 4), QKVO, PeftOptions(batch=2, max_adapters=2, progress=False))
+    run = baseline.run(requests)
+    result = run.result()
+    assert result["completed"] == result["issued"] == len(requests)
+    for record in run.records:
+        assert record.arrival <= record.first_token <= record.finish
+        assert record.output_tokens == record.output_len
+    used = {r.adapter for r in requests} - {None}
+    assert result["adapter_loads"]["peft_added"] >= len(used)
+    assert result["adapter_loads"]["peft_deleted"] == result["adapter_loads"]["peft_added"] - 2
+
+
+def test_peft_time_limit(tiny_model):
+    hf, config = _hf(tiny_model)
+    slow = WorkloadConfig(2, rate=40, duration=2.0, input_range=(4, 8), output_range=(200, 210))
+    requests = bench_requests(slow, config.vocab_size, None)
+    options = PeftOptions(batch=4, time_limit=0.5, progress=False)
+    start = time.perf_counter()
+    run = PeftBaseline(hf, (4,), QKVO, options).run(requests)
+    assert time.perf_counter() - start < 1.5  # the batch in flight stopped at the limit
+    result = run.result()
+    assert run.wall_time <= 0.5
+    assert result["unfinished"] > 0 and result["not_issued"] > 0
+    assert result["issued"] + result["not_issued"] == len(requests)
