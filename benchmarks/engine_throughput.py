@@ -28,7 +28,8 @@ def run_engine(args: argparse.Namespace, backend: str, prompts: list[list[int]])
         load_format="dummy",
         dtype="bfloat16",
         device="cuda",
-        attention_backend=backend,
+        attention_backend=backend.split("+")[0],
+        cuda_graph_max_batch=args.batch if backend.endswith("+graphs") else 0,
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_model_len=args.prompt_len + args.new_tokens + 16,
     ).create_engine()
@@ -106,7 +107,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--backends", default="triton,torch")
+    parser.add_argument(
+        "--backends",
+        default="triton,torch",
+        help="attention backends to run; 'triton+graphs' also replays decode as CUDA graphs",
+    )
     parser.add_argument("--hf", action="store_true", help="also time HF generate")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     parser.add_argument("--out", default=None)

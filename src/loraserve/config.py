@@ -310,6 +310,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     lora_backend: str = "auto"
     seed: int = 0
+    cuda_graph_max_batch: int = 0  # 0: eager decode; N: decode batches up to N padded/graphed
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ("auto", "torch", "triton"):

@@ -63,6 +63,11 @@ class EngineArgs:
         "LoRA kernels: auto | torch | triton | bmm (bmm: S-LoRA's padded ablation)",
         choices=LORA_BACKENDS,
     )
+    cuda_graph_max_batch: int = _opt(
+        0,
+        "replay decode steps of up to N requests as CUDA graphs (padded to fixed sizes); "
+        "0 = eager. Experimental until measured on a GPU",
+    )
     max_loras: int = _opt(128, "most adapters resident in the page pool at once")
     max_lora_rank: int = _opt(64, "largest adapter rank served")
     adapter_host_cache_bytes: int = _opt(8 << 30, "host-memory LRU of adapter weights, bytes")
@@ -122,6 +127,7 @@ class EngineArgs:
                 adapter_pool_bytes=self.adapter_pool_bytes,
             ),
             lora_backend=self.lora_backend,
+            cuda_graph_max_batch=self.cuda_graph_max_batch,
             device=device,
             dtype=dtype,
             max_model_len=max_len,

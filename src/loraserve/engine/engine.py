@@ -18,6 +18,7 @@ import torch
 from loraserve.adapters.store import AdapterStore
 from loraserve.config import CacheConfig, EngineConfig, ModelConfig
 from loraserve.engine.adapters import AdapterManager
+from loraserve.engine.graphs import DecodeGraphs
 from loraserve.engine.runner import ModelRunner
 from loraserve.engine.sampler import Sampler
 from loraserve.engine.scheduler import Scheduler
@@ -90,6 +91,7 @@ class LLMEngine:
             self.sampler,
             self.adapter_cache,
             config.lora_backend,
+            graphs=self._decode_graphs(),
         )
         self.eos_token_ids = frozenset(mc.eos_token_ids) | (
             tokenizer.eos_token_ids if tokenizer else frozenset()
@@ -102,6 +104,25 @@ class LLMEngine:
             self.pool.page_bytes / 1024,
             config.cache.block_size,
             num_pages * self.pool.page_bytes / 2**30,
+            self.device,
+        )
+
+    def _decode_graphs(self) -> DecodeGraphs | None:
+        max_batch = min(self.config.cuda_graph_max_batch, self.config.scheduler.max_num_seqs)
+        if max_batch <= 0:
+            return None
+        scratch = self.pool.allocate(1, PageKind.RESERVED)
+        if scratch is None:
+            raise ValueError("the page pool has no page left for the CUDA-graph scratch page")
+        block_size = self.config.cache.block_size
+        return DecodeGraphs(
+            self.model,
+            self.adapter_cache,
+            self.config.lora_backend,
+            block_size,
+            -(-self.max_model_len // block_size),
+            scratch[0],
+            max_batch,
             self.device,
         )
 

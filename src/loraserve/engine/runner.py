@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loraserve.engine.graphs import DecodeGraphs
 from loraserve.engine.sampler import Sampler, SampleTensors
 from loraserve.engine.scheduler import ScheduledBatch
 from loraserve.kernels.lora import LoRABatch
@@ -45,7 +46,9 @@ class ModelRunner:
         sampler: Sampler,
         adapter_cache: AdapterCache | None = None,
         lora_backend: str = "auto",
+        graphs: DecodeGraphs | None = None,
     ) -> None:
+        self.graphs = graphs
         self.model = model
         self.block_size = block_size
         self.device = device
@@ -136,8 +139,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch(self, scheduled: ScheduledBatch) -> PendingStep:
-        batch, sampling = self.prepare(scheduled)
         self._wait_for_adapters(scheduled.requests)
+        if self.graphs is not None and self.graphs.fits(
+            scheduled.requests, scheduled.num_scheduled
+        ):
+            requests = list(scheduled.requests)
+            logits = self.graphs.run(requests)
+            return PendingStep(requests, self.sampler.launch(logits, requests))
+        batch, sampling = self.prepare(scheduled)
         hidden = self.model(batch)
         if not sampling:
             return PendingStep([], None)

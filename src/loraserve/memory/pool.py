@@ -39,6 +39,7 @@ class PageKind(enum.IntEnum):
     FREE = 0
     KV = 1
     ADAPTER = 2
+    RESERVED = 3  # scratch pages owned by the engine itself (e.g. CUDA-graph padding)
 
 
 # A reclaimer is asked to free at least n pages; it returns how many it freed.
@@ -63,7 +64,7 @@ class PagePool:
         # Pages are handed out from the end of the list: low page ids first.
         self._free: list[int] = list(range(num_pages - 1, -1, -1))
         self._kind = [PageKind.FREE] * num_pages
-        self._used = {PageKind.KV: 0, PageKind.ADAPTER: 0}
+        self._used = {PageKind.KV: 0, PageKind.ADAPTER: 0, PageKind.RESERVED: 0}
         self._reclaimers: list[Reclaimer] = []
 
     @property
