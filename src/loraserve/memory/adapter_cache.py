@@ -47,9 +47,13 @@ class ResidentAdapter:
     nbytes: int
     refcount: int = 0
     ready_event: torch.cuda.Event | None = None
+    host_tables: tuple[torch.Tensor, ...] | None = None  # pinned sources of the table copy
 
     def ready(self) -> bool:
-        return self.ready_event is None or self.ready_event.query()
+        if self.ready_event is None or self.ready_event.query():
+            self.host_tables = None
+            return True
+        return False
 
 
 @dataclass
@@ -157,8 +161,8 @@ class AdapterCache:
         adapter = ResidentAdapter(weights.name, slot, pages, weights.nbytes)
         staging = self._staging.take(len(pages) * self.pool.page_elems)
         self._fill(staging, matrices, runs)
-        self._write_tables(slot, weights, matrices, runs, pages)
-        self._copy_to_pages(adapter, staging)
+        tables = self._tables(weights, matrices, runs, pages)
+        self._copy_to_device(adapter, staging, tables)
         self._resident[weights.name] = adapter
         self.stats.gpu_loads += 1
         self.stats.bytes_loaded += weights.nbytes
@@ -214,19 +218,20 @@ class AdapterCache:
             dst = staging[run.pos : run.pos + n * width].view(n, width)
             dst.copy_(mat[run.row_start : run.row_end])
 
-    def _write_tables(
+    def _tables(
         self,
-        slot: int,
         weights: LoRAWeights,
         matrices: list[_Matrix],
         runs: list[_Run],
         pages: list[int],
-    ) -> None:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The adapter's slot of the row-offset, rank and scaling tables, on the host."""
         page = self.pool.page_elems
         shape = self.row_offsets.shape[1:]
-        table = torch.zeros(shape, dtype=torch.int64)
-        ranks = torch.zeros(shape[:2], dtype=torch.int32)
-        scalings = torch.zeros(shape[:2], dtype=torch.float32)
+        pinned = self.device.type == "cuda"
+        table = torch.zeros(shape, dtype=torch.int64, pin_memory=pinned)
+        ranks = torch.zeros(shape[:2], dtype=torch.int32, pin_memory=pinned)
+        scalings = torch.zeros(shape[:2], dtype=torch.float32, pin_memory=pinned)
         for run in runs:
             m = matrices[run.matrix]
             width = m.rows.shape[1]
@@ -239,15 +244,27 @@ class AdapterCache:
             t = LORA_TARGETS.index(target)
             ranks[layer, t] = module.a.shape[0]
             scalings[layer, t] = module.scaling
-        self.row_offsets[slot].copy_(table)
-        self.ranks[slot].copy_(ranks)
-        self.scalings[slot].copy_(scalings)
+        return table, ranks, scalings
 
-    def _copy_to_pages(self, adapter: ResidentAdapter, staging: torch.Tensor) -> None:
+    def _copy_to_device(
+        self,
+        adapter: ResidentAdapter,
+        staging: torch.Tensor,
+        tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> None:
+        """Pages and table rows, host -> device. On CUDA everything goes on the side stream
+        from pinned memory, so the host never waits for the step the device is computing."""
         page = self.pool.page_elems
+        targets = (
+            self.row_offsets[adapter.slot],
+            self.ranks[adapter.slot],
+            self.scalings[adapter.slot],
+        )
         if self._stream is None:
             for k, p in enumerate(adapter.pages):
                 self.pool.buffer[p].copy_(staging[k * page : (k + 1) * page])
+            for dst, src in zip(targets, tables, strict=True):
+                dst.copy_(src)
             self._staging.give_back(staging, None)
             return
         # The pages may have held KV that the current stream still reads: order after it.
@@ -255,8 +272,11 @@ class AdapterCache:
         with torch.cuda.stream(self._stream):
             for k, p in enumerate(adapter.pages):
                 self.pool.buffer[p].copy_(staging[k * page : (k + 1) * page], non_blocking=True)
+            for dst, src in zip(targets, tables, strict=True):
+                dst.copy_(src, non_blocking=True)
             adapter.ready_event = torch.cuda.Event()
             adapter.ready_event.record(self._stream)
+        adapter.host_tables = tables  # alive until the copy has completed
         self._staging.give_back(staging, adapter.ready_event)
 
     def check_integrity(self) -> None:
