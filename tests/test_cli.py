@@ -32,3 +32,24 @@ def test_generate_bad_input_is_a_clear_error(tiny_model_factory, capsys):
     model = str(tiny_model_factory())
     assert main(["generate", "--model", model, "--token-ids", "1,2", "--top-p", "2"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+def test_make_adapters_then_generate_with_one(tiny_model_factory, tmp_path, capsys):
+    from loraserve.adapters.peft import read_adapter_config
+
+    model = str(tiny_model_factory())
+    out = tmp_path / "adapters"
+    argv = ["make-adapters", "--model", model, "--out", str(out), "-n", "3", "--ranks", "2,4"]
+    assert main([*argv, "--targets", "all"]) == 0
+    paths = capsys.readouterr().out.split()
+    assert len(paths) == 3
+    assert [read_adapter_config(p).r for p in paths] == [2, 4, 2]
+    base = ["generate", "--model", model, "--token-ids", "5,6,7", "--max-tokens", "6"]
+    base += ["--ignore-eos", "--json"]
+    assert main(base) == 0
+    plain = json.loads(capsys.readouterr().out)["token_ids"]
+    assert main([*base, "--adapter", f"x={paths[1]}", "--use", "x"]) == 0
+    adapted = json.loads(capsys.readouterr().out)["token_ids"]
+    assert len(adapted) == 6 and adapted != plain
+    assert main([*base, "--use", "missing"]) == 2
+    assert "missing" in capsys.readouterr().err
