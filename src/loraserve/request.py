@@ -105,6 +105,7 @@ class Request:
     prompt: str | None = None
     adapter: str | None = None  # None: the base model
     adapter_slot: int | None = None  # set while the adapter is pinned for this request
+    adapter_looked_up: bool = False  # counted once as a pool-tier hit or miss
     error: str | None = None
 
     @property

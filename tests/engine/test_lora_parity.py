@@ -236,3 +236,13 @@ def test_random_workload_with_adapters_keeps_pool_consistent(base_dir, adapter_d
     assert all(a.refcount == 0 for a in engine.adapter_cache.resident())
     adapter_pages = sum(len(a.pages) for a in engine.adapter_cache.resident())
     assert engine.pool.num_free == engine.pool.num_pages - adapter_pages
+
+
+def test_pool_tier_hits_and_misses_count_requests(base_dir, adapter_dirs):
+    llm = LLM(model=str(base_dir), dtype="float32", adapters={"v": adapter_dirs["v-r8"]})
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    stats = llm.engine.adapter_cache.stats
+    llm.generate([[5, 6, 7]], params, adapter="v")
+    assert (stats.gpu_hits, stats.gpu_misses, stats.gpu_loads) == (0, 1, 1)
+    llm.generate([[5, 6, 7], [8, 9]], params, adapter="v")
+    assert (stats.gpu_hits, stats.gpu_misses, stats.gpu_loads) == (2, 1, 1)

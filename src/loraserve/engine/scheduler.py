@@ -142,6 +142,13 @@ class Scheduler:
     def _adapter_ready(self, request: Request, batch: ScheduledBatch) -> bool:
         if request.adapter is None:
             return True
+        if not request.adapter_looked_up:
+            request.adapter_looked_up = True
+            stats = self.adapters.cache.stats
+            if request.adapter in self.adapters.cache:
+                stats.gpu_hits += 1
+            else:
+                stats.gpu_misses += 1
         try:
             return self.adapters.ensure(request.adapter)
         except AdapterLoadError as e:

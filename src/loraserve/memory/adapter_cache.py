@@ -58,7 +58,8 @@ class ResidentAdapter:
 
 @dataclass
 class CacheStats:
-    gpu_hits: int = 0
+    gpu_hits: int = 0  # requests whose adapter was resident when they first asked for it
+    gpu_misses: int = 0  # requests that had to wait for their adapter to be loaded
     gpu_loads: int = 0
     gpu_evictions: int = 0
     bytes_loaded: int = 0
@@ -133,7 +134,6 @@ class AdapterCache:
         adapter = self._resident[name]
         adapter.refcount += 1
         self._resident.move_to_end(name)
-        self.stats.gpu_hits += 1
         return adapter.slot
 
     def release(self, name: str) -> None:

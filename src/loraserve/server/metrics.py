@@ -178,7 +178,12 @@ class _EngineCollector(Collector):
         gpu, host = s.gpu, s.host
         rows = (
             ("hits", "Adapter lookups served by the tier", gpu.gpu_hits, host.host_hits),
-            ("misses", "Adapter lookups the tier could not serve", gpu.gpu_loads, host.host_misses),
+            (
+                "misses",
+                "Adapter lookups the tier could not serve",
+                gpu.gpu_misses,
+                host.host_misses,
+            ),
             ("loads", "Adapters loaded into the tier", gpu.gpu_loads, host.disk_loads),
             ("evictions", "Adapters evicted from the tier", gpu.gpu_evictions, host.host_evictions),
         )
