@@ -67,6 +67,7 @@ class EngineStats:
     pages_total: int = 0
     pages_kv: int = 0
     pages_adapter: int = 0
+    pages_free: int = 0
     max_loras: int = 0
     adapters_registered: int = 0
     adapters_resident: int = 0
@@ -369,7 +370,8 @@ class AsyncEngine:
             waiting_adapters=_adapter_names(scheduler.waiting),
             pages_total=pool.num_pages,
             pages_kv=pool.num_used(PageKind.KV),
-            pages_adapter=pool.num_used(PageKind.ADAPTER),
+            pages_adapter=engine.adapter_cache.pool.num_used(PageKind.ADAPTER),
+            pages_free=pool.num_free,
             max_loras=engine.config.lora.max_loras,
             adapters_registered=len(engine.adapter_store.names()),
             adapters_resident=sum(1 for _ in engine.adapter_cache.resident()),

@@ -168,8 +168,9 @@ class _EngineCollector(Collector):
         used.add_metric(["kv"], s.pages_kv)
         used.add_metric(["adapter"], s.pages_adapter)
         yield used
-        free = s.pages_total - s.pages_kv - s.pages_adapter
-        yield GaugeMetricFamily("loraserve:pages_free", "Free pages in the pool", value=free)
+        yield GaugeMetricFamily(
+            "loraserve:pages_free", "Free pages in the pool", value=s.pages_free
+        )
         usage = s.pages_kv / s.pages_total if s.pages_total else 0.0
         for name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):
             yield GaugeMetricFamily(name, "Share of the page pool holding KV (0-1)", value=usage)
