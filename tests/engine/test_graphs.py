@@ -39,8 +39,9 @@ def run(model_dir, adapters, graph_batch, names, prompts):
     ).create_engine()
     for name, path in adapters.items():
         engine.add_adapter(name, path)
-    params = SamplingParams(max_tokens=10, temperature=0.0, logprobs=2, ignore_eos=True)
     for i, (p, a) in enumerate(zip(prompts, names, strict=True)):
+        # Different lengths: the last steps decode fewer requests than were running.
+        params = SamplingParams(max_tokens=6 + 3 * i, temperature=0.0, logprobs=2, ignore_eos=True)
         engine.add_request(p, params, request_id=str(i), adapter=a)
         if i == 1:
             engine.step()  # later requests join while the first two decode
