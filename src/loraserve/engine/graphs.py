@@ -27,6 +27,7 @@ import torch
 
 from loraserve.kernels.lora import LoRABatch
 from loraserve.memory.adapter_cache import AdapterCache
+from loraserve.memory.kv_cache import kv_slot
 from loraserve.model.batch import ForwardBatch, LoRAInputs
 from loraserve.model.llama import LlamaForCausalLM
 from loraserve.request import Request
@@ -160,7 +161,7 @@ class DecodeGraphs:
             + [0] * pad,
             batch.positions: positions + [0] * pad,
             batch.slot_mapping: [
-                _slot(r, p, self.block_size) for r, p in zip(requests, positions, strict=True)
+                kv_slot(r, p, self.block_size) for r, p in zip(requests, positions, strict=True)
             ]
             + [scratch] * pad,
             batch.seq_lens: [p + 1 for p in positions] + [1] * pad,
@@ -175,8 +176,3 @@ class DecodeGraphs:
         for i, r in enumerate(requests):
             tables[i, : len(r.block_table)] = torch.tensor(r.block_table, dtype=torch.int32)
         batch.block_tables.copy_(tables, non_blocking=True)
-
-
-def _slot(request: Request, position: int, block_size: int) -> int:
-    page = request.block_table[position // block_size]
-    return page * block_size + position % block_size

@@ -19,6 +19,7 @@ from loraserve.engine.sampler import Sampler, SampleTensors
 from loraserve.engine.scheduler import ScheduledBatch
 from loraserve.kernels.lora import LoRABatch
 from loraserve.memory.adapter_cache import AdapterCache
+from loraserve.memory.kv_cache import kv_slot
 from loraserve.model.batch import ForwardBatch, LoRAInputs
 from loraserve.model.llama import LlamaForCausalLM
 from loraserve.request import Request
@@ -75,7 +76,7 @@ class ModelRunner:
             end = start + n
             input_ids += request.tokens_slice(start, end)
             positions += range(start, end)
-            slots += [self._slot(request, p) for p in range(start, end)]
+            slots += [kv_slot(request, p, self.block_size) for p in range(start, end)]
             seq_lens.append(end)
             query_start.append(query_start[-1] + n)
             if end == request.num_tokens:
@@ -126,10 +127,6 @@ class ModelRunner:
             row_align=cache.row_align,
         )
         return LoRAInputs(cache.pool.buffer.view(-1), meta, self.lora_backend)
-
-    def _slot(self, request: Request, position: int) -> int:
-        page = request.block_table[position // self.block_size]
-        return page * self.block_size + position % self.block_size
 
     def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
         t = torch.tensor(data, dtype=dtype)

@@ -38,3 +38,9 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         self.pool.free(request.block_table)
         request.block_table = []
+
+
+def kv_slot(request: Request, position: int, block_size: int) -> int:
+    """Flat slot (page * block_size + offset) of token ``position`` of ``request``."""
+    page = request.block_table[position // block_size]
+    return page * block_size + position % block_size
