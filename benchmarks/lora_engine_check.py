@@ -1,12 +1,14 @@
 """End-to-end multi-LoRA check on a GPU: Llama-7B shape, dummy weights, n random adapters
-(ranks round-robin), one batch in which requests use different adapters.
+(ranks round-robin, weights from loraserve.bench.adapters' bank), one batch in which
+requests use different adapters.
 
     python benchmarks/lora_engine_check.py --model llama-7b -n 100 --ranks 8,16,32,64 \
         --batch 64 --prompt-len 128 --new-tokens 64 --targets q_proj,k_proj,v_proj,o_proj
 
-Runs the same requests with the Triton LoRA kernels and with the torch reference path, and
-with no adapters at all; prints how many greedy tokens agree, the largest logprob
-difference of the first generated token, and tokens/s of each run.
+Runs the same requests with the Triton LoRA kernels, with the torch reference path, with
+the Triton path and decode steps replayed as CUDA graphs (``triton+graphs``), and with no
+adapters at all; prints how many greedy tokens agree (triton vs torch, triton+graphs vs
+triton), the largest logprob difference of the first generated token, and tokens/s of each.
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ import time
 
 import torch
 
-from loraserve.adapters.peft import random_lora_weights
+from loraserve.bench.adapters import register_adapters
+from loraserve.bench.workload import adapter_name
 from loraserve.engine.args import EngineArgs
 from loraserve.model.loader import PRESETS
 from loraserve.request import SamplingParams
 
 
-def build_engine(args: argparse.Namespace, lora_backend: str):
+def build_engine(args: argparse.Namespace, backend: str):
+    lora_backend = "triton" if backend == "base" else backend.split("+")[0]
     engine = EngineArgs(
         model=args.model,
         load_format="dummy",
@@ -35,25 +39,9 @@ def build_engine(args: argparse.Namespace, lora_backend: str):
         max_model_len=args.prompt_len + args.new_tokens + 16,
         max_lora_rank=max(args.ranks),
         max_loras=max(args.batch, 8),
+        cuda_graph_max_batch=args.batch if backend.endswith("+graphs") else 0,
     ).create_engine()
-    config = engine.config.model
-    for i in range(args.n):
-        rank = args.ranks[i % len(args.ranks)]
-        name = f"adapter-{i}"
-
-        def make(name=name, rank=rank, seed=i):
-            return random_lora_weights(
-                name, config, rank, args.targets, seed, dtype=engine.config.dtype
-            )
-
-        nbytes = (
-            sum(
-                rank * sum(config.lora_shape(t)) * engine.pool.buffer.element_size()
-                for t in args.targets
-            )
-            * config.num_hidden_layers
-        )
-        engine.adapter_store.register_generated(name, make, nbytes)
+    register_adapters(engine, args.n, args.ranks, args.targets)
     return engine
 
 
@@ -70,6 +58,19 @@ def run(engine, prompts, adapters, params):
     _sync()
     elapsed = time.perf_counter() - start
     return [outs[str(i)] for i in range(len(prompts))], elapsed, steps
+
+
+def _compare(a, b, lp_a, lp_b) -> dict:
+    """Greedy tokens and sequences equal, and the largest first-token logprob difference."""
+    same = sum(x == y for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True))
+    lp_diff = max(
+        abs(la[t] - lb[t]) for la, lb in zip(lp_a, lp_b, strict=True) for t in la if t in lb
+    )
+    return {
+        "tokens_equal": f"{same}/{sum(map(len, a))}",
+        "sequences_equal": f"{sum(ra == rb for ra, rb in zip(a, b, strict=True))}/{len(a)}",
+        "max_first_logprob_diff": lp_diff,
+    }
 
 
 def _sync() -> None:
@@ -89,6 +90,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.6)
+    parser.add_argument("--backends", default="triton,torch,triton+graphs,base")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     args.ranks = [int(r) for r in args.ranks.split(",")]
@@ -96,13 +98,13 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     vocab = PRESETS[args.model].vocab_size if args.model in PRESETS else 200
     prompts = torch.randint(0, vocab, (args.batch, args.prompt_len), generator=g).tolist()
-    adapters = [f"adapter-{int(i)}" for i in torch.randint(0, args.n, (args.batch,), generator=g)]
+    adapters = [adapter_name(int(i)) for i in torch.randint(0, args.n, (args.batch,), generator=g)]
     params = SamplingParams(
         max_tokens=args.new_tokens, temperature=0.0, logprobs=1, ignore_eos=True
     )
     results, tokens, first_lp = {}, {}, {}
-    for backend in ("triton", "torch", "base"):
-        engine = build_engine(args, "triton" if backend == "base" else backend)
+    for backend in args.backends.split(","):
+        engine = build_engine(args, backend)
         warm = SamplingParams(max_tokens=2, ignore_eos=True)
         run(engine, prompts[:2], adapters[:2] if backend != "base" else [None, None], warm)
         outs, elapsed, steps = run(
@@ -116,6 +118,7 @@ def main() -> None:
             "ms_per_step": 1000 * elapsed / steps,
             "gpu_loads": stats.gpu_loads,
             "distinct_adapters": len(set(adapters)) if backend != "base" else 0,
+            "graph_steps": engine.runner.graphs.steps if engine.runner.graphs else 0,
         }
         tokens[backend] = [o.token_ids for o in outs]
         first_lp[backend] = [o.logprobs[0] for o in outs]
@@ -123,27 +126,18 @@ def main() -> None:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    a, b = tokens["triton"], tokens["torch"]
-    same = sum(x == y for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True))
-    seq_same = sum(ra == rb for ra, rb in zip(a, b, strict=True))
-    lp_diff = max(
-        abs(la[t] - lb[t])
-        for la, lb in zip(first_lp["triton"], first_lp["torch"], strict=True)
-        for t in la
-        if t in lb
-    )
-    differs_from_base = sum(ra != rc for ra, rc in zip(a, tokens["base"], strict=True))
-    summary = {
-        "tokens_equal": f"{same}/{sum(map(len, a))}",
-        "sequences_equal": f"{seq_same}/{len(a)}",
-        "max_first_logprob_diff": lp_diff,
-        "sequences_changed_by_their_adapter": f"{differs_from_base}/{len(a)}",
-    }
+    summary = {}
+    for x, y in (("triton", "torch"), ("triton+graphs", "triton")):
+        if x in tokens and y in tokens:
+            summary[f"{x} vs {y}"] = _compare(tokens[x], tokens[y], first_lp[x], first_lp[y])
+    if "triton" in tokens and "base" in tokens:
+        changed = sum(ra != rc for ra, rc in zip(tokens["triton"], tokens["base"], strict=True))
+        summary["sequences_changed_by_their_adapter"] = f"{changed}/{len(prompts)}"
     print(json.dumps(summary))
     for k, r in results.items():
         print(
-            f"{k:>7}: {r['tok_per_s']:8.1f} tok/s, {r['ms_per_step']:.2f} ms/step, "
-            f"{r['gpu_loads']} adapter loads"
+            f"{k:>13}: {r['tok_per_s']:8.1f} tok/s, {r['ms_per_step']:.2f} ms/step, "
+            f"{r['gpu_loads']} adapter loads, {r['graph_steps']} graph steps"
         )
     if args.out:
         with open(args.out, "w") as f:

@@ -63,10 +63,10 @@ class EngineArgs:
         "LoRA kernels: auto | torch | triton | bmm (bmm: S-LoRA's padded ablation)",
         choices=LORA_BACKENDS,
     )
-    cuda_graph_max_batch: int = _opt(
-        0,
-        "replay decode steps of up to N requests as CUDA graphs (padded to fixed sizes); "
-        "0 = eager. Experimental until measured on a GPU",
+    cuda_graph_max_batch: int | None = _opt(
+        None,
+        "replay decode steps of up to N requests as CUDA graphs (padded to fixed sizes, "
+        "captured at startup); 0 = eager (default: max-num-seqs on CUDA, 0 on the CPU)",
     )
     max_loras: int = _opt(128, "most adapters resident in the page pool at once")
     max_lora_rank: int = _opt(64, "largest adapter rank served")
@@ -101,6 +101,11 @@ class EngineArgs:
             **{f.name: getattr(ns, _flag(f).replace("-", "_")) for f in dataclasses.fields(cls)}
         )
 
+    def _graph_batch(self, device: str) -> int:
+        if self.cuda_graph_max_batch is not None:
+            return self.cuda_graph_max_batch
+        return self.max_num_seqs if torch.device(device).type == "cuda" else 0
+
     def create_engine(self) -> LLMEngine:
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = _resolve_dtype(self.dtype, device)
@@ -127,7 +132,7 @@ class EngineArgs:
                 adapter_pool_bytes=self.adapter_pool_bytes,
             ),
             lora_backend=self.lora_backend,
-            cuda_graph_max_batch=self.cuda_graph_max_batch,
+            cuda_graph_max_batch=self._graph_batch(device),
             device=device,
             dtype=dtype,
             max_model_len=max_len,

@@ -98,6 +98,8 @@ class LLMEngine:
         )
         self._requests: dict[str, _Tracked] = {}
         self._ids = itertools.count()
+        if self.runner.graphs is not None:
+            self.runner.graphs.capture_all()
         logger.info(
             "page pool: %d pages of %.1f KiB (%d tokens each), %.2f GiB on %s",
             num_pages,

@@ -21,6 +21,7 @@ On the CPU (tests) the padded batch runs eagerly: everything but the capture is 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +55,7 @@ class _Static:
 
 
 class DecodeGraphs:
-    """Padded decode batches of sizes ``capture_sizes(max_batch)``, captured lazily."""
+    """Padded decode batches of sizes ``capture_sizes(max_batch)``."""
 
     def __init__(
         self,
@@ -79,6 +80,22 @@ class DecodeGraphs:
         self._static: dict[int, _Static] = {}
         self.steps = 0  # decode steps served by the padded path
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+
+    def capture_all(self) -> None:
+        """Capture every size now, largest first (smaller graphs reuse its memory), so no
+        request waits for a capture later. On the CPU this only builds the static inputs."""
+        start = time.perf_counter()
+        for size in reversed(self.sizes):
+            if size not in self._static:
+                self._build(size)
+        if self.capture:
+            torch.cuda.synchronize(self.device)
+            logger.info(
+                "captured %d decode graphs (batch 1..%d) in %.1f s",
+                len(self.sizes),
+                self.sizes[-1],
+                time.perf_counter() - start,
+            )
 
     def fits(self, requests: list[Request], counts: list[int]) -> bool:
         """A pure decode step: one new token per request, every request samples."""
@@ -120,7 +137,7 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self._pool):
             static.logits = self._forward(static.batch)
         static.graph = graph
-        logger.info("captured a decode graph for batch %d", static.batch.num_seqs)
+        logger.debug("captured a decode graph for batch %d", static.batch.num_seqs)
 
     def _empty_batch(self, size: int) -> ForwardBatch:
         def zeros(*shape: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:

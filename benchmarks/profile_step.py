@@ -1,0 +1,201 @@
+"""Where the time of one engine step goes, on dummy weights.
+
+    python benchmarks/profile_step.py --model llama-7b --batches 32,128 --context 256 \
+        --out-dir results/
+
+For each batch size and for base-only and multi-adapter batches (one adapter per request,
+ranks round-robin): decode steps are timed end to end and split into host phases (schedule,
+launch, collect = waiting for the device, the rest), the CUDA-graph replay alone is timed
+with CUDA events, and a mixed step (the decode batch plus one new prompt) is timed eagerly.
+A torch.profiler table of the eager decode step (device time per kernel) is written to
+``--out-dir``. Prints one JSON line per scenario.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from loraserve.bench.adapters import register_adapters
+from loraserve.bench.workload import adapter_name
+from loraserve.engine.args import EngineArgs
+from loraserve.model.loader import PRESETS
+from loraserve.request import SamplingParams
+
+
+def build(args: argparse.Namespace):
+    engine = EngineArgs(
+        model=args.model,
+        load_format="dummy",
+        dtype=args.dtype,
+        device=args.device,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_model_len=args.context + args.steps + 64,
+        max_lora_rank=max(args.ranks),
+        max_loras=max(max(args.batches), 8),
+        cuda_graph_max_batch=max(args.batches),
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    ).create_engine()
+    register_adapters(engine, max(args.batches), args.ranks, args.targets)
+    return engine
+
+
+class PhaseTimer:
+    """Wraps bound methods of the engine to add up the host time spent in each."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = defaultdict(float)
+
+    def wrap(self, owner, attr: str, label: str) -> None:
+        fn = getattr(owner, attr)
+
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.totals[label] += time.perf_counter() - t
+
+        setattr(owner, attr, timed)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def scenario(engine, args, batch: int, lora: bool, out_dir: Path) -> dict:
+    vocab = engine.config.model.vocab_size
+    g = torch.Generator().manual_seed(batch)
+    params = SamplingParams(max_tokens=args.steps + 40, temperature=0.0, ignore_eos=True)
+    ids = []
+    for i in range(batch):
+        prompt = torch.randint(0, vocab, (args.context,), generator=g).tolist()
+        rid = f"{'l' if lora else 'b'}{batch}-{i}"
+        engine.add_request(prompt, params, request_id=rid, adapter=adapter_name(i) if lora else None)
+        ids.append(rid)
+    runner = engine.runner
+    graphs = runner.graphs
+    # Step until every request decodes (adapters loaded, prefill done).
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        before = graphs.steps
+        engine.step()
+        if graphs.steps > before and len(engine.scheduler.running) == batch:
+            break
+    for _ in range(3):  # warm: captures, compiles
+        engine.step()
+    sync()
+
+    timer = PhaseTimer()
+    timer.wrap(engine.scheduler, "schedule", "schedule")
+    timer.wrap(runner, "launch", "launch")
+    timer.wrap(runner, "collect", "collect")
+    timer.wrap(engine.adapters, "prefetch", "prefetch")
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        engine.step()
+    sync()
+    step_ms = 1000 * (time.perf_counter() - start) / args.steps
+    phases = {k: 1000 * v / args.steps for k, v in timer.totals.items()}
+    for attr in ("schedule", "launch", "collect", "prefetch"):
+        for owner in (engine.scheduler, runner, engine.adapters):
+            owner.__dict__.pop(attr, None)
+    phases["rest"] = step_ms - sum(phases.values())
+
+    size = next(s for s in graphs.sizes if s >= batch)
+    static = graphs._static[size]
+    replay_ms = None
+    if static.graph is not None:
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+        ev[0].record()
+        for _ in range(args.steps):
+            static.graph.replay()
+        ev[1].record()
+        sync()
+        replay_ms = ev[0].elapsed_time(ev[1]) / args.steps
+
+    # Eager decode steps (no graphs), timed and profiled.
+    runner.graphs = None
+    engine.step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(5):
+        engine.step()
+    sync()
+    eager_ms = 1000 * (time.perf_counter() - start) / 5
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(3):
+            engine.step()
+        sync()
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    name = f"profile_{'lora' if lora else 'base'}_b{batch}.txt"
+    (out_dir / name).write_text(prof.key_averages().table(sort_by=sort, row_limit=45))
+
+    # One mixed step: the decode batch plus a new prompt of args.context tokens.
+    prompt = torch.randint(0, vocab, (args.context,), generator=g).tolist()
+    engine.add_request(
+        prompt, params, request_id=f"mix{batch}{lora}", adapter=adapter_name(0) if lora else None
+    )
+    ids.append(f"mix{batch}{lora}")
+    sync()
+    start = time.perf_counter()
+    engine.step()
+    sync()
+    mixed_ms = 1000 * (time.perf_counter() - start)
+    runner.graphs = graphs
+    for rid in ids:
+        engine.abort(rid)
+    while engine.has_unfinished():
+        engine.step()
+    return {
+        "batch": batch,
+        "lora": lora,
+        "graph_step_ms": step_ms,
+        "graph_step_phases_ms": phases,
+        "graph_replay_ms": replay_ms,
+        "eager_step_ms": eager_ms,
+        "mixed_step_ms": mixed_ms,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="llama-7b", help="a preset or a model directory")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--batches", default="32,128")
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--ranks", default="64,32,16,8")
+    parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.8)
+    parser.add_argument("--out-dir", default=".")
+    args = parser.parse_args()
+    args.batches = [int(b) for b in args.batches.split(",")]
+    args.ranks = [int(r) for r in args.ranks.split(",")]
+    args.targets = args.targets.split(",")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    engine = build(args)
+    results = []
+    for batch in args.batches:
+        for lora in (False, True):
+            r = scenario(engine, args, batch, lora, out_dir)
+            print(json.dumps(r), flush=True)
+            results.append(r)
+    (out_dir / "profile_step.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    assert PRESETS  # presets resolve by name through EngineArgs
+    main()
