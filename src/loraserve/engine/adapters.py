@@ -1,7 +1,11 @@
 """AdapterManager: moves adapters through the three tiers for the scheduler.
 
-    disk (registered: config only) --host thread--> host LRU (AdapterStore)
-        --engine thread: pages + side-stream copy--> pool pages (AdapterCache) --> ready
+    disk (registered: config only) --I/O threads--> host LRU (AdapterStore)
+        --I/O threads: packed into a pinned buffer laid out like its pages (AdapterCache.pack)
+        --engine thread: pages, tables, side-stream copy--> pool pages (AdapterCache) --> ready
+
+The engine thread does only the page allocation and the copy launches (a few per page); the
+reading, generating and packing of weights run on ``IO_THREADS`` background threads.
 
 ``ensure(name)`` is non-blocking: it starts whatever step is missing and says whether the
 adapter is ready on the device now. The scheduler admits a request only when its adapter is
@@ -14,12 +18,13 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from loraserve.adapters.peft import LoRAWeights
 from loraserve.adapters.store import AdapterStore
-from loraserve.memory.adapter_cache import AdapterCache
+from loraserve.memory.adapter_cache import AdapterCache, PackedAdapter
 from loraserve.memory.pool import PageKind
 
 logger = logging.getLogger(__name__)
+
+IO_THREADS = 4  # adapters read/generated and packed at once (file I/O and memcpy: no GIL)
 
 
 class AdapterLoadError(RuntimeError):
@@ -30,8 +35,8 @@ class AdapterManager:
     def __init__(self, store: AdapterStore, cache: AdapterCache, background: bool = True) -> None:
         self.store = store
         self.cache = cache
-        self._executor = ThreadPoolExecutor(1, "adapter-io") if background else None
-        self._fetching: dict[str, Future[LoRAWeights]] = {}
+        self._executor = ThreadPoolExecutor(IO_THREADS, "adapter-io") if background else None
+        self._fetching: dict[str, Future[PackedAdapter]] = {}
         self._failed: dict[str, str] = {}
 
     def __contains__(self, name: str) -> bool:
@@ -44,15 +49,13 @@ class AdapterManager:
             raise AdapterLoadError(self._failed[name])
         if name in self.cache:
             return self.cache.is_ready(name)
-        weights = self._host_weights(name)
-        if weights is None:
+        packed = self._packed(name)
+        if packed is None:
             return False
-        try:
-            loaded = self.cache.load(weights)
-        except ValueError as e:
-            self._fail(name, str(e))
+        need = packed.num_pages
+        loaded = self.cache.load(packed)  # False: gives the packed buffer back
         if not loaded and self._pool_idle():
-            need, have = self.cache.pages_needed(weights), self.cache.pool.num_pages
+            have = self.cache.pool.num_pages
             self._fail(
                 name,
                 f"it needs {need} pages and the page pool has {have}: give the pool more memory",
@@ -70,13 +73,13 @@ class AdapterManager:
             except AdapterLoadError:
                 continue  # reported to the request when it is scheduled
 
-    def _host_weights(self, name: str) -> LoRAWeights | None:
-        """The host copy if available now; otherwise start reading it and return None."""
+    def _packed(self, name: str) -> PackedAdapter | None:
+        """The packed host copy if available now; otherwise start making it, return None."""
         future = self._fetching.get(name)
         if future is None:
             if self._executor is None:
                 return self._read(name)
-            self._fetching[name] = self._executor.submit(self.store.get, name)
+            self._fetching[name] = self._executor.submit(self._pack, name)
             return None
         if not future.done():
             return None
@@ -86,9 +89,12 @@ class AdapterManager:
         except (ValueError, OSError, KeyError) as e:
             self._fail(name, str(e))
 
-    def _read(self, name: str) -> LoRAWeights:
+    def _pack(self, name: str) -> PackedAdapter:
+        return self.cache.pack(self.store.get(name))
+
+    def _read(self, name: str) -> PackedAdapter:
         try:
-            return self.store.get(name)
+            return self._pack(name)
         except (ValueError, OSError, KeyError) as e:
             self._fail(name, str(e))
 
@@ -100,9 +106,15 @@ class AdapterManager:
     def forget(self, name: str) -> None:
         """Drop every trace of an adapter (after unregistering it)."""
         self._failed.pop(name, None)
-        self._fetching.pop(name, None)
+        future = self._fetching.pop(name, None)
+        if future is not None:
+            future.add_done_callback(self._discard)
         if name in self.cache:
             self.cache.evict(name)
+
+    def _discard(self, future: Future[PackedAdapter]) -> None:
+        if future.exception() is None:
+            self.cache.discard(future.result())
 
     def clear_failure(self, name: str) -> None:
         self._failed.pop(name, None)

@@ -18,14 +18,18 @@ Residency contract:
 - Unpinned adapters stay resident (an LRU cache in the pool) until the pool needs their
   pages: the cache is a reclaimer of the pool, so KV growth and other adapters' loads evict
   idle adapters, least recently used first, before anything is preempted.
-- ``load`` allocates the pages (all or nothing), fills a staging buffer on the host and
-  copies it to the pages; on CUDA the copies run on a side stream and the adapter counts as
-  ``ready`` once they have completed, so loading overlaps the step that is computing.
+- ``pack`` lays an adapter's rows out in a (pinned) host staging buffer, exactly as they
+  will sit in its pages, with its tables in page-relative form. It touches no pool state, so
+  the adapter I/O thread runs it off the step loop. ``load`` then only allocates the pages
+  (all or nothing), turns the relative tables into pool offsets and copies the buffer page by
+  page; on CUDA the copies run on a side stream and the adapter counts as ``ready`` once
+  they have completed, so loading overlaps the step that is computing.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -54,6 +58,23 @@ class ResidentAdapter:
             self.host_tables = None
             return True
         return False
+
+
+@dataclass
+class PackedAdapter:
+    """An adapter laid out for its pages, on the host (``AdapterCache.pack``)."""
+
+    weights: LoRAWeights
+    staging: torch.Tensor  # num_pages * page_elems, rows where they will sit in the pages
+    num_pages: int
+    rel_offsets: torch.Tensor  # [layers, targets, 2, max_rank] int64 position in the
+    #                            adapter's own pages (page k starts at k * page_elems); -1: none
+    ranks: torch.Tensor  # [layers, targets] int32
+    scalings: torch.Tensor  # [layers, targets] fp32
+
+    @property
+    def name(self) -> str:
+        return self.weights.name
 
 
 @dataclass
@@ -123,7 +144,9 @@ class AdapterCache:
     def num_pinned(self) -> int:
         return sum(1 for a in self._resident.values() if a.refcount > 0)
 
-    def pages_needed(self, weights: LoRAWeights) -> int:
+    def pages_needed(self, weights: LoRAWeights | PackedAdapter) -> int:
+        if isinstance(weights, PackedAdapter):
+            return weights.num_pages
         _, size = _layout(_matrices(weights), self.pool.page_elems)
         return -(-size // self.pool.page_elems)
 
@@ -144,28 +167,43 @@ class AdapterCache:
 
     # ---- loading and eviction -------------------------------------------------------
 
-    def load(self, weights: LoRAWeights) -> bool:
-        """Make ``weights`` resident. False (nothing changed) if the pool or the slots cannot
-        take it now even after evicting idle adapters."""
-        if weights.name in self._resident:
-            return True
+    def pack(self, weights: LoRAWeights) -> PackedAdapter:
+        """Lay ``weights`` out on the host as its pages will hold them. Thread-safe (no pool
+        state); ValueError if a rank exceeds max_lora_rank."""
         self._check_ranks(weights)
-        if not self._free_slots and not self._evict_one():
-            return False
+        page = self.pool.page_elems
         matrices = _matrices(weights)
-        runs, size = _layout(matrices, self.pool.page_elems)
-        pages = self.pool.allocate(-(-size // self.pool.page_elems), PageKind.ADAPTER)
+        runs, size = _layout(matrices, page)
+        num_pages = -(-size // page)
+        staging = self._staging.take(num_pages * page)
+        self._fill(staging, matrices, runs)
+        return PackedAdapter(weights, staging, num_pages, *self._rel_tables(weights, matrices, runs))
+
+    def discard(self, packed: PackedAdapter) -> None:
+        """Give back the staging buffer of a packed adapter that will not be loaded."""
+        self._staging.give_back(packed.staging, None)
+
+    def load(self, adapter: LoRAWeights | PackedAdapter) -> bool:
+        """Make the adapter resident. False (nothing changed; a packed adapter's staging
+        buffer is given back) if the pool or the slots cannot take it now even after
+        evicting idle adapters."""
+        if adapter.name in self._resident:
+            if isinstance(adapter, PackedAdapter):
+                self.discard(adapter)
+            return True
+        packed = adapter if isinstance(adapter, PackedAdapter) else self.pack(adapter)
+        pages = None
+        if self._free_slots or self._evict_one():
+            pages = self.pool.allocate(packed.num_pages, PageKind.ADAPTER)
         if pages is None:
+            self.discard(packed)
             return False
         slot = self._free_slots.pop()
-        adapter = ResidentAdapter(weights.name, slot, pages, weights.nbytes)
-        staging = self._staging.take(len(pages) * self.pool.page_elems)
-        self._fill(staging, matrices, runs)
-        tables = self._tables(weights, matrices, runs, pages)
-        self._copy_to_device(adapter, staging, tables)
-        self._resident[weights.name] = adapter
+        resident = ResidentAdapter(packed.name, slot, pages, packed.weights.nbytes)
+        self._copy_to_device(resident, packed)
+        self._resident[packed.name] = resident
         self.stats.gpu_loads += 1
-        self.stats.bytes_loaded += weights.nbytes
+        self.stats.bytes_loaded += packed.weights.nbytes
         return True
 
     def evict(self, name: str) -> None:
@@ -218,27 +256,20 @@ class AdapterCache:
             dst = staging[run.pos : run.pos + n * width].view(n, width)
             dst.copy_(mat[run.row_start : run.row_end])
 
-    def _tables(
-        self,
-        weights: LoRAWeights,
-        matrices: list[_Matrix],
-        runs: list[_Run],
-        pages: list[int],
+    def _rel_tables(
+        self, weights: LoRAWeights, matrices: list[_Matrix], runs: list[_Run]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The adapter's slot of the row-offset, rank and scaling tables, on the host."""
-        page = self.pool.page_elems
+        """Row positions in the adapter's own pages, ranks and scalings, on the host."""
         shape = self.row_offsets.shape[1:]
-        pinned = self.device.type == "cuda"
-        table = torch.zeros(shape, dtype=torch.int64, pin_memory=pinned)
-        ranks = torch.zeros(shape[:2], dtype=torch.int32, pin_memory=pinned)
-        scalings = torch.zeros(shape[:2], dtype=torch.float32, pin_memory=pinned)
+        table = torch.full(shape, -1, dtype=torch.int64)
+        ranks = torch.zeros(shape[:2], dtype=torch.int32)
+        scalings = torch.zeros(shape[:2], dtype=torch.float32)
         for run in runs:
             m = matrices[run.matrix]
             width = m.rows.shape[1]
-            base = pages[run.pos // page] * page + run.pos % page
             n = run.row_end - run.row_start
             table[m.layer, m.target, m.ab, run.row_start : run.row_end] = (
-                base + torch.arange(n, dtype=torch.int64) * width
+                run.pos + torch.arange(n, dtype=torch.int64) * width
             )
         for (layer, target), module in weights.modules.items():
             t = LORA_TARGETS.index(target)
@@ -246,15 +277,26 @@ class AdapterCache:
             scalings[layer, t] = module.scaling
         return table, ranks, scalings
 
-    def _copy_to_device(
-        self,
-        adapter: ResidentAdapter,
-        staging: torch.Tensor,
-        tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    ) -> None:
+    def _tables(
+        self, packed: PackedAdapter, pages: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The adapter's slot of the row-offset, rank and scaling tables, on the host."""
+        page = self.pool.page_elems
+        rel = packed.rel_offsets
+        pages_t = torch.tensor(pages, dtype=torch.int64)
+        offsets = pages_t[(rel // page).clamp(min=0)] * page + rel % page
+        table = torch.where(rel >= 0, offsets, 0)
+        tables = (table, packed.ranks, packed.scalings)
+        if self.device.type == "cuda":
+            tables = tuple(t.pin_memory() for t in tables)
+        return tables
+
+    def _copy_to_device(self, adapter: ResidentAdapter, packed: PackedAdapter) -> None:
         """Pages and table rows, host -> device. On CUDA everything goes on the side stream
         from pinned memory, so the host never waits for the step the device is computing."""
         page = self.pool.page_elems
+        staging = packed.staging
+        tables = self._tables(packed, adapter.pages)
         targets = (
             self.row_offsets[adapter.slot],
             self.ranks[adapter.slot],
@@ -346,15 +388,18 @@ class _StagingPool:
         self.dtype = dtype
         self.pinned = pinned
         self._buffers: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
+        self._lock = threading.Lock()  # taken on the adapter I/O thread, given back on the engine's
 
     def take(self, numel: int) -> torch.Tensor:
-        for i, (buf, event) in enumerate(self._buffers):
-            if buf.numel() >= numel and (event is None or event.query()):
-                del self._buffers[i]
-                return buf[:numel]
+        with self._lock:
+            for i, (buf, event) in enumerate(self._buffers):
+                if buf.numel() >= numel and (event is None or event.query()):
+                    del self._buffers[i]
+                    return buf[:numel]
         buf = torch.empty(max(numel, 1 << 22), dtype=self.dtype, pin_memory=self.pinned)
         return buf[:numel]
 
     def give_back(self, buf: torch.Tensor, event: torch.cuda.Event | None) -> None:
         base = buf._base if buf._base is not None else buf
-        self._buffers.append((base, event))
+        with self._lock:
+            self._buffers.append((base, event))
