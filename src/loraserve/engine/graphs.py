@@ -47,9 +47,16 @@ def capture_sizes(max_batch: int) -> list[int]:
 
 @dataclass
 class _Static:
-    """The fixed-address inputs and output of one captured size."""
+    """The fixed-address inputs and output of one captured size.
+
+    The integer inputs are views into one device buffer ``inputs`` [5 + max_blocks, size]
+    (rows: input ids, positions, KV slots, context lengths, adapter slots, then the block
+    table transposed), so a step's inputs travel in one copy from the pinned ``host``.
+    """
 
     batch: ForwardBatch
+    inputs: torch.Tensor
+    host: torch.Tensor
     logits: torch.Tensor | None = None
     graph: torch.cuda.CUDAGraph | None = None
 
@@ -110,42 +117,44 @@ class DecodeGraphs:
         self.steps += 1
         size = next(s for s in self.sizes if s >= len(requests))
         static = self._static.get(size) or self._build(size)
-        self._fill(static.batch, requests)
+        self._fill(static, requests)
         if static.graph is None:
-            return self._forward(static.batch)[: len(requests)]
+            return self._forward(static)[: len(requests)]
         static.graph.replay()
         return static.logits[: len(requests)]
 
-    def _forward(self, batch: ForwardBatch) -> torch.Tensor:
-        return self.model.compute_logits(self.model(batch))
+    def _forward(self, static: _Static) -> torch.Tensor:
+        self._unpack(static)
+        return self.model.compute_logits(self.model(static.batch))
 
     def _build(self, size: int) -> _Static:
-        static = _Static(self._empty_batch(size))
+        static = self._empty_static(size)
         self._static[size] = static
         if self.capture:
             self._capture(static)
         return static
 
     def _capture(self, static: _Static) -> None:
-        self._fill(static.batch, [])
+        self._fill(static, [])
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):  # warm-up: compiles kernels, sets up workspaces
-            self._forward(static.batch)
+            self._forward(static)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            static.logits = self._forward(static.batch)
+            static.logits = self._forward(static)
         static.graph = graph
         logger.debug("captured a decode graph for batch %d", static.batch.num_seqs)
 
-    def _empty_batch(self, size: int) -> ForwardBatch:
-        def zeros(*shape: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-            return torch.zeros(shape, dtype=dtype, device=self.device)
-
+    def _empty_static(self, size: int) -> _Static:
+        inputs = torch.zeros((5 + self.max_blocks, size), dtype=torch.int64, device=self.device)
+        host = torch.zeros(inputs.shape, dtype=torch.int64, pin_memory=self.capture)
+        # seq_lens, seg_slot and the block tables are int32 for the kernels: cast from
+        # ``inputs`` by ``_unpack`` at the start of the forward (captured with the rest).
         meta = LoRABatch(
             seg_start=torch.arange(size + 1, dtype=torch.int32, device=self.device),
-            seg_slot=zeros(size),
+            seg_slot=torch.zeros(size, dtype=torch.int32, device=self.device),
             row_offsets=self.cache.row_offsets,
             ranks=self.cache.ranks,
             scalings=self.cache.scalings,
@@ -154,42 +163,56 @@ class DecodeGraphs:
             num_segments=size,
             row_align=self.cache.row_align,
         )
-        return ForwardBatch(
-            input_ids=zeros(size, dtype=torch.int64),
-            positions=zeros(size, dtype=torch.int64),
-            slot_mapping=zeros(size, dtype=torch.int64),
-            block_tables=zeros(size, self.max_blocks),
-            seq_lens=zeros(size),
+        batch = ForwardBatch(
+            input_ids=inputs[0],
+            positions=inputs[1],
+            slot_mapping=inputs[2],
+            block_tables=torch.zeros(
+                (size, self.max_blocks), dtype=torch.int32, device=self.device
+            ),
+            seq_lens=torch.zeros(size, dtype=torch.int32, device=self.device),
             query_start_loc=torch.arange(size + 1, dtype=torch.int32, device=self.device),
             logits_indices=torch.arange(size, dtype=torch.int64, device=self.device),
             max_q_len=1,
             max_seq_len=self.max_blocks * self.block_size,
             lora=LoRAInputs(self.cache.pool.buffer.view(-1), meta, self.lora_backend),
         )
+        return _Static(batch, inputs, host)
 
-    def _fill(self, batch: ForwardBatch, requests: list[Request]) -> None:
-        """Copy this step's inputs into the static buffers (rows past the requests: padding)."""
-        size = batch.num_seqs
-        pad = size - len(requests)
-        scratch = self.scratch_page * self.block_size
+    def _unpack(self, static: _Static) -> None:
+        """Device-side: the int32 inputs from the int64 buffer (captured in the graph)."""
+        batch, inputs = static.batch, static.inputs
+        batch.seq_lens.copy_(inputs[3])
+        batch.lora.meta.seg_slot.copy_(inputs[4])
+        batch.block_tables.copy_(inputs[5:].t())
+
+    def _fill(self, static: _Static, requests: list[Request]) -> None:
+        """Write this step's inputs into the pinned host buffer and copy it to the device
+        (rows past the requests: padding). The previous step's copy has completed: the
+        engine synchronised on its sampled tokens."""
+        host = static.host
+        n = len(requests)
+        bs = self.block_size
         positions = [r.num_tokens - 1 for r in requests]
-        rows = {
-            batch.input_ids: [r.token_at(p) for r, p in zip(requests, positions, strict=True)]
-            + [0] * pad,
-            batch.positions: positions + [0] * pad,
-            batch.slot_mapping: [
-                kv_slot(r, p, self.block_size) for r, p in zip(requests, positions, strict=True)
+        host[:, n:] = 0
+        host[2, n:] = self.scratch_page * bs
+        host[3, n:] = 1
+        host[4, n:] = -1
+        host[5:, n:] = self.scratch_page
+        if n:
+            rows = [
+                [r.token_at(p) for r, p in zip(requests, positions, strict=True)],
+                positions,
+                [kv_slot(r, p, bs) for r, p in zip(requests, positions, strict=True)],
+                [p + 1 for p in positions],
+                [-1 if r.adapter_slot is None else r.adapter_slot for r in requests],
             ]
-            + [scratch] * pad,
-            batch.seq_lens: [p + 1 for p in positions] + [1] * pad,
-            batch.lora.meta.seg_slot: [
-                -1 if r.adapter_slot is None else r.adapter_slot for r in requests
+            host[:5, :n] = torch.tensor(rows, dtype=torch.int64)
+            tables = host[5:, :n].t()  # [n, max_blocks] view
+            tables.fill_(self.scratch_page)
+            width = max(len(r.block_table) for r in requests)
+            padded = [
+                r.block_table + [self.scratch_page] * (width - len(r.block_table)) for r in requests
             ]
-            + [-1] * pad,
-        }
-        for target, values in rows.items():
-            target.copy_(torch.tensor(values, dtype=target.dtype), non_blocking=True)
-        tables = torch.full((size, self.max_blocks), self.scratch_page, dtype=torch.int32)
-        for i, r in enumerate(requests):
-            tables[i, : len(r.block_table)] = torch.tensor(r.block_table, dtype=torch.int32)
-        batch.block_tables.copy_(tables, non_blocking=True)
+            tables[:, :width] = torch.tensor(padded, dtype=torch.int64)
+        static.inputs.copy_(host, non_blocking=True)
