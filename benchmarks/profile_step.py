@@ -77,7 +77,8 @@ def scenario(engine, args, batch: int, lora: bool, out_dir: Path) -> dict:
     for i in range(batch):
         prompt = torch.randint(0, vocab, (args.context,), generator=g).tolist()
         rid = f"{'l' if lora else 'b'}{batch}-{i}"
-        engine.add_request(prompt, params, request_id=rid, adapter=adapter_name(i) if lora else None)
+        adapter = adapter_name(i) if lora else None
+        engine.add_request(prompt, params, request_id=rid, adapter=adapter)
         ids.append(rid)
     runner = engine.runner
     graphs = runner.graphs

@@ -177,7 +177,8 @@ class AdapterCache:
         num_pages = -(-size // page)
         staging = self._staging.take(num_pages * page)
         self._fill(staging, matrices, runs)
-        return PackedAdapter(weights, staging, num_pages, *self._rel_tables(weights, matrices, runs))
+        tables = self._rel_tables(weights, matrices, runs)
+        return PackedAdapter(weights, staging, num_pages, *tables)
 
     def discard(self, packed: PackedAdapter) -> None:
         """Give back the staging buffer of a packed adapter that will not be loaded."""
