@@ -1,4 +1,5 @@
-"""Building blocks of the Llama-family model: packed linear layers and RMSNorm.
+"""Building blocks of the Llama-family model: packed linear layers and RMSNorm
+(with the residual add fused in).
 
 A ``PackedLinear`` stores several checkpoint projections that read the same input as one
 weight (q|k|v, gate|up), so the base matmul is one dense GEMM. Each projection keeps its
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraserve.config import LORA_TARGETS
+from loraserve.kernels.fused import fused_add_rms_norm
 from loraserve.kernels.lora import lora_apply
 
 if TYPE_CHECKING:
@@ -83,20 +85,19 @@ class PackedLinear(nn.Module):
             )
         return y
 
-    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return tuple(y.split(list(self.sizes.values()), dim=-1))
-
 
 class RMSNorm(nn.Module):
-    """HF Llama's RMSNorm: normalise in fp32, cast back, then scale."""
+    """HF Llama's RMSNorm (normalise in fp32, cast back, then scale), with the residual add
+    before it fused in: ``norm(x, residual) -> (RMSNorm(x + residual), x + residual)``."""
 
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
+        self.backend = "auto"  # of fused_add_rms_norm
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # x, residual [T, hidden] -> normalised [T, hidden], x + residual [T, hidden]
+        return fused_add_rms_norm(x, residual, self.weight, self.eps, backend=self.backend)

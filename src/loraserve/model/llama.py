@@ -10,6 +10,18 @@ Checkpoint names -> modules (HF layout):
     model.layers.{i}.mlp.down_proj.weight           -> layers[i].mlp.down_proj
     model.layers.{i}.{input,post_attention}_layernorm.weight, model.norm.weight
     lm_head.weight (absent when tie_word_embeddings)
+
+Each residual add is fused into the RMSNorm after it (vLLM style): a layer takes the previous
+layer's output and the residual stream before it, and returns the same pair.
+
+    x, residual = embed, None
+    layer:  h, residual = input_layernorm(x, residual)           # residual += x
+            h, residual = post_attention_layernorm(attn(h), residual)
+            x = mlp(h)
+    final:  norm(x, residual)
+
+Per layer, on CUDA: 2 x add+RMSNorm, rotary+KV store, silu*mul (kernels/fused.py), besides
+the matmuls, LoRA and attention.
 """
 
 from __future__ import annotations
@@ -19,7 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraserve.config import ModelConfig
-from loraserve.kernels.attention import paged_attention, store_kv
+from loraserve.kernels.attention import paged_attention
+from loraserve.kernels.fused import rotary_store_kv, silu_and_mul
 from loraserve.model.batch import ForwardBatch
 from loraserve.model.layers import PackedLinear, RMSNorm
 from loraserve.model.rope import RotaryEmbedding
@@ -30,7 +43,6 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.scale = config.head_dim**-0.5
         self.qkv = PackedLinear(
@@ -49,12 +61,17 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         # x [T, hidden]
-        q, k, v = self.qkv.split(self.qkv(x, batch.lora))
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(batch.positions, q, k)
-        store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
+        q = rotary_store_kv(
+            self.qkv(x, batch.lora),
+            batch.positions,
+            self.rotary.cos,
+            self.rotary.sin,
+            batch.slot_mapping,
+            self.k_cache,
+            self.v_cache,
+            self.num_heads,
+            backend=self.backend,
+        )  # [T, heads, head_dim]; K and V of the batch's tokens are in the cache
         o = paged_attention(
             q,
             self.k_cache,
@@ -80,10 +97,11 @@ class MLP(nn.Module):
         self.down_proj = PackedLinear(
             inter, {"down_proj": config.hidden_size}, bias, layer=layer_idx
         )
+        self.backend = "auto"  # of silu_and_mul
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        gate, up = self.gate_up.split(self.gate_up(x, batch.lora))
-        return self.down_proj(F.silu(gate) * up, batch.lora)
+        h = silu_and_mul(self.gate_up(x, batch.lora), backend=self.backend)  # [T, inter]
+        return self.down_proj(h, batch.lora)
 
 
 class DecoderLayer(nn.Module):
@@ -94,9 +112,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, layer_idx)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        x = x + self.attn(self.input_layernorm(x), batch)
-        return x + self.mlp(self.post_attention_layernorm(x), batch)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # x: the previous layer's output [T, hidden]; residual: the stream before it, or None
+        h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.attn(h, batch), residual)
+        return self.mlp(h, batch), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -118,18 +140,27 @@ class LlamaForCausalLM(nn.Module):
             )
 
     def bind_kv_cache(self, kv: torch.Tensor, backend: str = "auto") -> None:
-        """kv: the pool viewed as [num_pages, num_layers, 2, block_size, kv_heads, head_dim]."""
+        """kv: the pool viewed as [num_pages, num_layers, 2, block_size, kv_heads, head_dim].
+        backend: of attention and the fused kernels ("auto": Triton on CUDA)."""
         for i, layer in enumerate(self.layers):
             layer.attn.k_cache = kv[:, i, 0]
             layer.attn.v_cache = kv[:, i, 1]
-            layer.attn.backend = backend
+            for module in (
+                layer.input_layernorm,
+                layer.attn,
+                layer.post_attention_layernorm,
+                layer.mlp,
+            ):
+                module.backend = backend
+        self.norm.backend = backend
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Hidden states after the final norm, only for ``batch.logits_indices`` rows."""
-        x = self.embed_tokens(batch.input_ids)  # [T, hidden]
+        x, residual = self.embed_tokens(batch.input_ids), None  # [T, hidden]
         for layer in self.layers:
-            x = layer(x, batch)
-        return self.norm(x[batch.logits_indices])
+            x, residual = layer(x, residual, batch)
+        rows = batch.logits_indices
+        return self.norm(x[rows], residual[rows])[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden [N, hidden] -> logits [N, vocab] fp32

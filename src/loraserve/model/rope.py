@@ -1,5 +1,5 @@
-"""Rotary position embedding (HF's non-interleaved "rotate_half" convention), with the
-default, linear and llama3 frequency schedules."""
+"""Rotary position embedding tables (HF's non-interleaved "rotate_half" convention), with
+the default, linear and llama3 frequency schedules. Applied by kernels/fused.py."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def _llama3(inv_freq: torch.Tensor, rope: RopeScaling) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies RoPE to q and k given each token's absolute position."""
+    """The cos/sin tables of every position; ``kernels.fused.rotary_store_kv`` applies them."""
 
     def __init__(self, head_dim: int, max_positions: int, rope: RopeScaling) -> None:
         super().__init__()
@@ -46,17 +46,3 @@ class RotaryEmbedding(nn.Module):
         # [max_positions, head_dim // 2] each, fp32
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
-
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions [T]; q [T, heads, head_dim]; k [T, kv_heads, head_dim]
-        cos = self.cos[positions].repeat(1, 2).unsqueeze(1).to(q.dtype)  # [T, 1, head_dim]
-        sin = self.sin[positions].repeat(1, 2).unsqueeze(1).to(q.dtype)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
