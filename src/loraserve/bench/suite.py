@@ -157,18 +157,22 @@ def _ratios(runs: dict[str, dict[str, Any]]) -> dict[str, float | None]:
 
 def _engine_baselines(config: BenchConfig, unified: dict[str, Any]) -> dict[str, EngineArgs]:
     """The engine arguments of each asked-for engine baseline. ``unified``: the engine info
-    of loraserve's own run, whose memory "separate" splits (the same total)."""
+    of loraserve's own run. Every baseline gets its page pool (the same pages; "separate"
+    splits the same total), whatever memory the device has free by then."""
+    same = config.engine
+    if same.num_pages is None and same.pool_bytes is None:
+        same = dataclasses.replace(same, num_pages=unified["pool_pages"])
     variants = {
-        "base": config.engine,
-        "padded": dataclasses.replace(config.engine, lora_backend="bmm"),
-        "separate": _separate_args(config, unified),
+        "base": same,
+        "padded": dataclasses.replace(same, lora_backend="bmm"),
+        "separate": _separate_args(config, same, unified),
     }
     return {name: args for name, args in variants.items() if name in config.baselines}
 
 
-def _separate_args(config: BenchConfig, unified: dict[str, Any]) -> EngineArgs:
+def _separate_args(config: BenchConfig, same: EngineArgs, unified: dict[str, Any]) -> EngineArgs:
     nbytes = config.separate_adapter_bytes or int(SEPARATE_SHARE * unified["pool_bytes"])
-    args = dataclasses.replace(config.engine, adapter_pool_bytes=nbytes)
+    args = dataclasses.replace(same, adapter_pool_bytes=nbytes)
     if args.num_pages is not None:  # a page count is not a budget: take the pages off it
         args = dataclasses.replace(args, num_pages=args.num_pages - nbytes // unified["page_bytes"])
     return args
@@ -213,7 +217,7 @@ def _drive_engine(
         engine.check_integrity()
         return {**run.result(config.slo_s), "engine": _engine_info(engine, args)}
     finally:
-        engine.adapters.shutdown()
+        engine.shutdown()
 
 
 def _warm_up(engine: LLMEngine, generator: AdapterGenerator | None, rank: int) -> None:
@@ -289,6 +293,8 @@ def _free_device_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        logger.info("device memory free after a run: %.1f of %.1f GiB", free / 2**30, total / 2**30)
 
 
 def _environment() -> dict[str, Any]:

@@ -359,6 +359,12 @@ class LLMEngine:
                     break
         return text[: len(text) - hold]
 
+    def shutdown(self) -> None:
+        """Stop the adapter I/O threads and drop the CUDA graphs (their memory pool), so
+        the device memory is free once the engine is released."""
+        self.adapters.shutdown()
+        self.runner.graphs = None
+
     def check_integrity(self) -> None:
         """Pages in use are exactly the block tables of running requests plus the pages of
         resident adapters; adapter pins match the running requests."""

@@ -178,7 +178,7 @@ class AsyncEngine:
             return
         self._commands.put(_STOP)
         self._thread.join(timeout)
-        self.engine.adapters.shutdown()
+        self.engine.shutdown()
 
     @property
     def is_alive(self) -> bool:
