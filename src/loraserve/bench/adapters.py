@@ -14,7 +14,8 @@ Two generators, both deterministic in (adapter, layer, target):
   adapter on 2 CPU cores: with thousands of adapters that measures the random number
   generator, not the server.
 
-Both give A ~ N(0, 1/in_features), B ~ N(0, 0.01/rank), scaling 1.
+Both give deltas of A ~ N(0, 1/in_features), B ~ N(0, 0.01/rank), scaling 1 (``bank``
+keeps A and B at N(0, 1) and puts the two standard deviations into the scaling).
 """
 
 from __future__ import annotations
@@ -68,11 +69,10 @@ class WeightBank:
                 self._values = torch.randn(self.numel, generator=gen).to(self.dtype)
             return self._values
 
-    def matrix(self, key: tuple[int, ...], rows: int, cols: int, std: float) -> torch.Tensor:
-        """[rows, cols], a new tensor: std * a slice chosen by ``key``."""
-        n = rows * cols
+    def slice(self, key: tuple[int, ...], n: int) -> torch.Tensor:
+        """A view of ``n`` values of the bank, chosen by ``key``."""
         start = _mix(key) % (self.numel - n + 1)
-        return (self._get()[start : start + n] * std).view(rows, cols)
+        return self._get()[start : start + n]
 
 
 def _mix(key: tuple[int, ...]) -> int:
@@ -87,17 +87,32 @@ def _mix(key: tuple[int, ...]) -> int:
 def banked_lora_weights(
     bank: WeightBank, name: str, model: ModelConfig, rank: int, targets: Sequence[str], seed: int
 ) -> LoRAWeights:
-    """An adapter of ``rank`` on ``targets`` of every layer, cut from ``bank``."""
+    """An adapter of ``rank`` on ``targets`` of every layer, cut from ``bank``.
+
+    A and B are unscaled N(0, 1) slices of the bank; their standard deviations (1/sqrt(in)
+    and 0.1/sqrt(rank)) go into the module's scaling, which gives the same delta. One
+    ``torch.cat`` copies every matrix into the adapter's own host memory: a handful of torch
+    calls per adapter, so generating on the engine's adapter I/O threads does not fight the
+    engine thread for the GIL. B is made as B^T (contiguous), the layout the pool keeps.
+    """
     raw = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": list(targets)}
     config = config_from_dict(raw, Path(f"<generated {name}>"))
-    modules = {}
-    for layer in range(model.num_hidden_layers):
-        for target in targets:
-            t = LORA_TARGETS.index(target)
-            in_f, out_f = model.lora_shape(target)
-            a = bank.matrix((seed, layer, t, 0), rank, in_f, 1.0 / math.sqrt(in_f))
-            b = bank.matrix((seed, layer, t, 1), out_f, rank, 0.1 / math.sqrt(rank))
-            modules[(layer, target)] = LoRAModule(a, b, 1.0)
+    keys = [(layer, target) for layer in range(model.num_hidden_layers) for target in targets]
+    views = []
+    for layer, target in keys:
+        t = LORA_TARGETS.index(target)
+        for ab, width in enumerate(model.lora_shape(target)):
+            views.append(bank.slice((seed, layer, t, ab), rank * width))
+    flat = torch.cat(views)
+    modules, offset = {}, 0
+    for layer, target in keys:
+        in_f, out_f = model.lora_shape(target)
+        a = flat[offset : offset + rank * in_f].view(rank, in_f)
+        offset += rank * in_f
+        b_t = flat[offset : offset + rank * out_f].view(rank, out_f)
+        offset += rank * out_f
+        scaling = 0.1 / math.sqrt(in_f * rank)
+        modules[(layer, target)] = LoRAModule(a, b_t.t(), scaling)
     return LoRAWeights(name, config, modules)
 
 

@@ -16,6 +16,7 @@ adapters of queued requests while the device computes a step.
 from __future__ import annotations
 
 import logging
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from loraserve.adapters.store import AdapterStore
@@ -24,7 +25,8 @@ from loraserve.memory.pool import PageKind
 
 logger = logging.getLogger(__name__)
 
-IO_THREADS = 4  # adapters read/generated and packed at once (file I/O and memcpy: no GIL)
+# Adapters read/generated and packed at once: file I/O and memcpy, which release the GIL.
+IO_THREADS = max(2, min(8, (os.cpu_count() or 2) // 2))
 
 
 class AdapterLoadError(RuntimeError):

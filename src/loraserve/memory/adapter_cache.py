@@ -251,31 +251,49 @@ class AdapterCache:
 
     @staticmethod
     def _fill(staging: torch.Tensor, matrices: list[_Matrix], runs: list[_Run]) -> None:
+        """Every run's rows to its place, in one call: few torch calls per adapter keep the
+        I/O threads from contending with the engine thread for the GIL."""
+        dsts, srcs = [], []
         for run in runs:
             mat = matrices[run.matrix].rows
             n, width = run.row_end - run.row_start, mat.shape[1]
-            dst = staging[run.pos : run.pos + n * width].view(n, width)
-            dst.copy_(mat[run.row_start : run.row_end])
+            dsts.append(staging[run.pos : run.pos + n * width].view(n, width))
+            srcs.append(mat[run.row_start : run.row_end])
+        torch._foreach_copy_(dsts, srcs)
 
     def _rel_tables(
         self, weights: LoRAWeights, matrices: list[_Matrix], runs: list[_Run]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Row positions in the adapter's own pages, ranks and scalings, on the host."""
-        shape = self.row_offsets.shape[1:]
+        """Row positions in the adapter's own pages, ranks and scalings, on the host (a
+        fixed handful of vectorised torch calls)."""
+        shape = self.row_offsets.shape[1:]  # [layers, targets, 2, max_rank]
         table = torch.full(shape, -1, dtype=torch.int64)
-        ranks = torch.zeros(shape[:2], dtype=torch.int32)
-        scalings = torch.zeros(shape[:2], dtype=torch.float32)
+        # Per run: flat table index of its first row, its length, position and row width.
+        first, count, pos, width = [], [], [], []
         for run in runs:
             m = matrices[run.matrix]
-            width = m.rows.shape[1]
-            n = run.row_end - run.row_start
-            table[m.layer, m.target, m.ab, run.row_start : run.row_end] = (
-                run.pos + torch.arange(n, dtype=torch.int64) * width
-            )
+            first.append(((m.layer * shape[1] + m.target) * 2 + m.ab) * shape[3] + run.row_start)
+            count.append(run.row_end - run.row_start)
+            pos.append(run.pos)
+            width.append(m.rows.shape[1])
+        per_run = torch.tensor([first, count, pos, width], dtype=torch.int64)
+        counts = per_run[1]
+        run_of_row = torch.repeat_interleave(torch.arange(len(runs)), counts)
+        starts = torch.cumsum(counts, 0) - counts
+        j = torch.arange(int(counts.sum())) - starts[run_of_row]  # row index within its run
+        table.view(-1)[per_run[0][run_of_row] + j] = (
+            per_run[2][run_of_row] + j * per_run[3][run_of_row]
+        )
+        index, rank, scale = [], [], []
         for (layer, target), module in weights.modules.items():
-            t = LORA_TARGETS.index(target)
-            ranks[layer, t] = module.a.shape[0]
-            scalings[layer, t] = module.scaling
+            index.append(layer * shape[1] + LORA_TARGETS.index(target))
+            rank.append(module.a.shape[0])
+            scale.append(module.scaling)
+        where = torch.tensor(index, dtype=torch.int64)
+        ranks = torch.zeros(shape[:2], dtype=torch.int32)
+        scalings = torch.zeros(shape[:2], dtype=torch.float32)
+        ranks.view(-1)[where] = torch.tensor(rank, dtype=torch.int32)
+        scalings.view(-1)[where] = torch.tensor(scale, dtype=torch.float32)
         return table, ranks, scalings
 
     def _tables(
