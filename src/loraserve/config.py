@@ -264,8 +264,15 @@ class SchedulerConfig:
 
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
+    # Seconds a new prompt may be held while every running request decodes, so that prompts
+    # arriving close together share one prefill step (0: admit at once).
+    prefill_batch_window: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.prefill_batch_window < 0:
+            raise ValueError(
+                f"prefill_batch_window must be >= 0 seconds, got {self.prefill_batch_window}"
+            )
         if self.max_num_seqs <= 0:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if self.max_num_batched_tokens <= 0:

@@ -111,3 +111,54 @@ def test_request_larger_than_pool_is_rejected_alone(model_dir):
     # The engine still serves a request that fits.
     out = run_all(engine, [[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0.0))
     assert len(out[0].token_ids) == 4
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_prefill_batch_window_groups_arrivals_into_one_prefill_step(model_dir):
+    engine = make_engine(model_dir, prefill_batch_window=0.05)
+    clock = FakeClock()
+    engine.scheduler.clock = clock
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    first = engine.add_request([5, 6, 7, 8], params, request_id="first")
+    engine.step()  # nothing runs: admitted at once
+    assert [r.request_id for r in engine.scheduler.running] == [first]
+    late = []
+    for i in range(3):
+        req = engine.add_request([9, 10 + i, 11], params, request_id=f"late{i}")
+        engine.scheduler.waiting[-1].arrival_time = clock.now
+        late.append(req)
+        engine.step()  # pure decode steps: the new prompts wait
+        assert len(engine.scheduler.running) == 1 and len(engine.scheduler.waiting) == i + 1
+        clock.now += 0.01
+    clock.now += 0.03  # the oldest has now waited 0.05 s
+    scheduled = engine.scheduler.schedule()
+    assert [r.request_id for r in scheduled.requests] == [first, *late]
+    assert scheduled.num_scheduled == [1, 3, 3, 3]
+
+
+def test_prefill_batch_window_keeps_tokens_and_defaults(model_dir):
+    ps = prompts(5, seed=3)
+    eager = run_all(make_engine(model_dir), ps, GREEDY)
+    held = make_engine(model_dir, prefill_batch_window=10.0)  # waits only while others decode
+    outs = []
+    ids = []
+    for i, p in enumerate(ps):  # arrivals between steps: held until nothing else runs
+        ids.append(held.add_request(p, GREEDY, request_id=str(i)))
+        for out in held.step():
+            outs.append(out)
+    while held.has_unfinished():
+        outs.extend(held.step())
+    final = {o.request_id: o for o in outs if o.finished}
+    assert [final[i].token_ids for i in ids] == [o.token_ids for o in eager]
+    assert make_engine(model_dir).config.scheduler.prefill_batch_window == 0.0  # CPU: no graphs
+    graphed = make_engine(model_dir, cuda_graph_max_batch=4)
+    assert graphed.config.scheduler.prefill_batch_window == 0.05
+    with pytest.raises(ValueError, match="prefill_batch_window"):
+        make_engine(model_dir, prefill_batch_window=-1.0)

@@ -29,6 +29,9 @@ from loraserve.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
+# A few decode steps of a 7B model: prompts arriving within it share one (eager) prefill step.
+DEFAULT_PREFILL_WINDOW = 0.05
+
 
 def _opt(default, help: str, **kw):  # noqa: A002 - mirrors argparse
     return field(default=default, metadata={"help": help, **kw})
@@ -55,6 +58,12 @@ class EngineArgs:
     gpu_memory_utilization: float = _opt(0.9, "share of GPU memory loraserve may use")
     max_num_seqs: int = _opt(256, "most sequences in one step")
     max_num_batched_tokens: int = _opt(8192, "most tokens in one step (prefill is chunked)")
+    prefill_batch_window: float | None = _opt(
+        None,
+        "seconds a new prompt may wait while running requests decode, so that prompts "
+        "arriving together share one prefill step (mixed prefill+decode steps run outside the "
+        f"CUDA graphs); default: {DEFAULT_PREFILL_WINDOW} with CUDA graphs, else 0",
+    )
     attention_backend: str = _opt(
         "auto", "auto | torch | triton", choices=("auto", "torch", "triton")
     )
@@ -101,6 +110,11 @@ class EngineArgs:
             **{f.name: getattr(ns, _flag(f).replace("-", "_")) for f in dataclasses.fields(cls)}
         )
 
+    def _prefill_window(self, graph_batch: int) -> float:
+        if self.prefill_batch_window is not None:
+            return self.prefill_batch_window
+        return DEFAULT_PREFILL_WINDOW if graph_batch > 0 else 0.0
+
     def _graph_batch(self, device: str) -> int:
         if self.cuda_graph_max_batch is not None:
             return self.cuda_graph_max_batch
@@ -110,6 +124,7 @@ class EngineArgs:
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = _resolve_dtype(self.dtype, device)
         model_config, path = self._model_config()
+        graph_batch = self._graph_batch(device)
         max_len = self.max_model_len or model_config.max_position_embeddings
         if max_len > model_config.max_position_embeddings:
             raise ValueError(
@@ -124,7 +139,11 @@ class EngineArgs:
                 pool_bytes=self.pool_bytes,
                 gpu_memory_utilization=self.gpu_memory_utilization,
             ),
-            scheduler=SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens),
+            scheduler=SchedulerConfig(
+                self.max_num_seqs,
+                self.max_num_batched_tokens,
+                self._prefill_window(graph_batch),
+            ),
             lora=LoRAConfig(
                 self.max_loras,
                 self.max_lora_rank,
@@ -132,7 +151,7 @@ class EngineArgs:
                 adapter_pool_bytes=self.adapter_pool_bytes,
             ),
             lora_backend=self.lora_backend,
-            cuda_graph_max_batch=self._graph_batch(device),
+            cuda_graph_max_batch=graph_batch,
             device=device,
             dtype=dtype,
             max_model_len=max_len,

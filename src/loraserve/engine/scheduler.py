@@ -20,7 +20,9 @@ prefilled in chunks over several steps.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from loraserve.config import SchedulerConfig
@@ -59,8 +61,10 @@ class Scheduler:
         adapters: AdapterManager | None = None,
         watermark: float = 0.01,
         lookahead: int = 16,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.lookahead = lookahead
+        self.clock = clock
         self.config = config
         self.kv = kv
         self.adapters = adapters
@@ -79,9 +83,21 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self._schedule_running(batch, self.config.max_num_batched_tokens)
-        if not batch.preempted:
+        if not batch.preempted and self._admit_now(batch):
             self._schedule_waiting(batch, budget)
         return batch
+
+    def _admit_now(self, batch: ScheduledBatch) -> bool:
+        """Whether new prompts join this step. With a prefill batch window, a pure decode
+        step (which replays as a CUDA graph) is not turned into a mixed step (which runs
+        eagerly, several times slower) for every arrival: prompts wait until the oldest has
+        waited the window, then go in together."""
+        window = self.config.prefill_batch_window
+        if not self.waiting or window <= 0 or not batch.requests:
+            return bool(self.waiting)
+        if any(n > 1 for n in batch.num_scheduled):
+            return True  # a prefill chunk runs this step anyway
+        return self.clock() - self.waiting[0].arrival_time >= window
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
         i = 0
