@@ -18,12 +18,30 @@ from loraserve.request import Request
 
 @dataclass
 class SampleTensors:
-    """Sampling results still on the device (nothing has been synchronised yet)."""
+    """Sampling results, not synchronised yet. On CUDA they are already being copied into
+    pinned host memory; ``ready`` completes with the copies."""
 
     tokens: torch.Tensor  # [N] int64
     top_ids: torch.Tensor | None  # [N, k] int64, when any request asked for logprobs
     top_logprobs: torch.Tensor | None  # [N, k] fp32
     chosen_logprobs: torch.Tensor | None  # [N] fp32
+    ready: torch.cuda.Event | None = None
+
+    def to_host(self) -> SampleTensors:
+        """Start the device->host copies (CUDA): the step's one wait is then an event wait,
+        which lets the adapter I/O threads have the GIL meanwhile (``tolist`` on a device
+        tensor waits with the GIL held)."""
+        if self.tokens.device.type != "cuda":
+            return self
+        host = [
+            None
+            if t is None
+            else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+            for t in (self.tokens, self.top_ids, self.top_logprobs, self.chosen_logprobs)
+        ]
+        ready = torch.cuda.Event()
+        ready.record()
+        return SampleTensors(*host, ready=ready)
 
 
 class Sampler:
@@ -43,16 +61,18 @@ class Sampler:
             tokens = self._sample(logits, requests, greedy)
         k = max((r.params.logprobs or 0) for r in requests)
         if all(r.params.logprobs is None for r in requests):
-            return SampleTensors(tokens, None, None, None)
+            return SampleTensors(tokens, None, None, None).to_host()
         logp = logits.log_softmax(dim=-1)
         top = logp.topk(k, dim=-1)
         chosen = logp.gather(1, tokens[:, None]).squeeze(1)
-        return SampleTensors(tokens, top.indices, top.values, chosen)
+        return SampleTensors(tokens, top.indices, top.values, chosen).to_host()
 
     def collect(
         self, samples: SampleTensors, requests: list[Request]
     ) -> tuple[list[int], list[dict[int, float] | None]]:
         """Read the results back (synchronises) and shape the logprobs per request."""
+        if samples.ready is not None:
+            samples.ready.synchronize()  # waits without the GIL
         tokens = samples.tokens.tolist()
         if samples.top_ids is None:
             return tokens, [None] * len(requests)
