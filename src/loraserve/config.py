@@ -267,8 +267,13 @@ class SchedulerConfig:
     # Seconds a new prompt may be held while every running request decodes, so that prompts
     # arriving close together share one prefill step (0: admit at once).
     prefill_batch_window: float = 0.0
+    # Fail a request that has waited this long without starting (S-LoRA's early abort: it
+    # can no longer meet a first-token deadline, and the capacity goes to those that can).
+    ttft_deadline: float | None = None
 
     def __post_init__(self) -> None:
+        if self.ttft_deadline is not None and self.ttft_deadline <= 0:
+            raise ValueError(f"ttft_deadline must be > 0 seconds, got {self.ttft_deadline}")
         if self.prefill_batch_window < 0:
             raise ValueError(
                 f"prefill_batch_window must be >= 0 seconds, got {self.prefill_batch_window}"

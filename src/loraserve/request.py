@@ -70,6 +70,12 @@ class RequestStatus(enum.Enum):
     FINISHED = "finished"
 
 
+# Why a request failed (``error_type``): its adapter cannot be loaded; it waited past the
+# engine's first-token deadline without starting (the engine is overloaded).
+ERROR_ADAPTER = "adapter"
+ERROR_DEADLINE = "deadline"
+
+
 class FinishReason(enum.StrEnum):
     STOP = "stop"  # eos, a stop token id or a stop string
     LENGTH = "length"  # max_tokens or the context window
@@ -107,6 +113,7 @@ class Request:
     adapter_slot: int | None = None  # set while the adapter is pinned for this request
     adapter_looked_up: bool = False  # counted once as a pool-tier hit or miss
     error: str | None = None
+    error_type: str | None = None  # ERROR_ADAPTER | ERROR_DEADLINE, with ``error``
 
     @property
     def num_tokens(self) -> int:
@@ -143,5 +150,6 @@ class RequestOutput:
     finish_reason: str | None
     stop_reason: str | int | None = None
     error: str | None = None
+    error_type: str | None = None  # why it failed: ERROR_ADAPTER | ERROR_DEADLINE
     num_preemptions: int = 0
     adapter: str | None = None

@@ -162,3 +162,48 @@ def test_prefill_batch_window_keeps_tokens_and_defaults(model_dir):
     assert graphed.config.scheduler.prefill_batch_window == 0.05
     with pytest.raises(ValueError, match="prefill_batch_window"):
         make_engine(model_dir, prefill_batch_window=-1.0)
+
+
+def test_ttft_deadline_fails_requests_that_waited_too_long(model_dir):
+    engine = make_engine(model_dir, max_num_seqs=1, ttft_deadline=0.5)
+    clock = FakeClock()
+    engine.scheduler.clock = clock
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    engine.add_request([5, 6, 7], params, request_id="runs")
+    engine.add_request([8, 9, 10], params, request_id="waits")
+    for request in engine.scheduler.waiting:
+        request.arrival_time = clock.now
+    outs = engine.step()  # "runs" starts; "waits" has no room (max_num_seqs=1)
+    assert [o.request_id for o in outs] == ["runs"]
+    clock.now += 0.4
+    assert all(o.request_id == "runs" for o in engine.step())  # still inside the deadline
+    clock.now += 0.2
+    outs = {o.request_id: o for o in engine.step()}
+    failed = outs["waits"]
+    assert failed.finished and failed.finish_reason == "error"
+    assert failed.error_type == "deadline" and "first-token deadline of 0.5 s" in failed.error
+    assert not outs["runs"].finished  # the running request is never expired
+    while engine.has_unfinished():
+        engine.step()
+    engine.check_integrity()
+    assert engine.pool.num_free == engine.pool.num_pages
+
+
+def test_ttft_deadline_spares_preempted_requests(model_dir):
+    # A preempted request already had its first token: it waits again without a deadline.
+    engine = make_engine(model_dir, num_pages=4, block_size=16, ttft_deadline=0.5)
+    clock = FakeClock()
+    engine.scheduler.clock = clock
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    for i in range(3):
+        engine.add_request(list(range(3, 20)), params, request_id=str(i))
+    outs = []
+    while engine.has_unfinished():
+        outs.extend(engine.step())
+        clock.now += 0.01
+    final = {o.request_id: o for o in outs if o.finished}
+    preempted = [o for o in final.values() if o.num_preemptions]
+    assert preempted, "the preemption path did not run"
+    assert all(o.finish_reason == "length" for o in preempted)
+    with pytest.raises(ValueError, match="ttft_deadline"):
+        make_engine(model_dir, ttft_deadline=0.0)

@@ -123,3 +123,22 @@ def test_content_type_is_not_required(server):
         content=b'{"model": "a", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}',
     )
     assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    ("error_type", "status"), [("deadline", 503), ("adapter", 500), (None, 500)]
+)
+def test_failed_request_status_follows_the_engine_reason(error_type, status):
+    from loraserve.request import RequestOutput
+    from loraserve.server.errors import APIError
+    from loraserve.server.render import check_output
+
+    out = RequestOutput(
+        "r", None, [1, 2], "", [], None, True, "error", error="why", error_type=error_type
+    )
+    with pytest.raises(APIError) as caught:
+        check_output(out)
+    assert caught.value.status == status and caught.value.message == "why"
+    assert ("Retry-After" in caught.value.headers) == (status == 503)
+    ok = RequestOutput("r", None, [1, 2], "x", [3], None, True, "length")
+    assert check_output(ok) is ok

@@ -64,6 +64,12 @@ class EngineArgs:
         "arriving together share one prefill step (mixed prefill+decode steps run outside the "
         f"CUDA graphs); default: {DEFAULT_PREFILL_WINDOW} with CUDA graphs, else 0",
     )
+    ttft_deadline: float | None = _opt(
+        None,
+        "fail a request that has waited S seconds without starting (S-LoRA's early abort: "
+        "it can no longer meet a first-token deadline; the server answers 503); default: "
+        "wait as long as it takes",
+    )
     attention_backend: str = _opt(
         "auto", "auto | torch | triton", choices=("auto", "torch", "triton")
     )
@@ -143,6 +149,7 @@ class EngineArgs:
                 self.max_num_seqs,
                 self.max_num_batched_tokens,
                 self._prefill_window(graph_batch),
+                self.ttft_deadline,
             ),
             lora=LoRAConfig(
                 self.max_loras,

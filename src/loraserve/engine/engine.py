@@ -341,6 +341,7 @@ class LLMEngine:
             finish_reason=r.finish_reason.value if r.finish_reason else None,
             stop_reason=r.stop_reason,
             error=r.error,
+            error_type=r.error_type,
             num_preemptions=r.num_preemptions,
             adapter=r.adapter,
         )

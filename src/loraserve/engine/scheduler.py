@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from loraserve.config import SchedulerConfig
 from loraserve.engine.adapters import AdapterLoadError, AdapterManager
 from loraserve.memory.kv_cache import KVCacheManager
-from loraserve.request import Request, RequestStatus
+from loraserve.request import ERROR_ADAPTER, ERROR_DEADLINE, Request, RequestStatus
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +83,31 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
         budget = self._schedule_running(batch, self.config.max_num_batched_tokens)
+        if self.config.ttft_deadline is not None:
+            self._expire_waiting(batch, self.config.ttft_deadline)
         if not batch.preempted and self._admit_now(batch):
             self._schedule_waiting(batch, budget)
         return batch
+
+    def _expire_waiting(self, batch: ScheduledBatch, deadline: float) -> None:
+        """Fail queued requests that have waited ``deadline`` seconds without a first token.
+        The queue is in arrival order (preempted requests, which have their first token,
+        go to the front): stop at the first one still inside its deadline."""
+        now = self.clock()
+        for request in list(self.waiting):
+            if request.output_token_ids:
+                continue  # preempted: its first token came in time
+            waited = now - request.arrival_time
+            if waited < deadline:
+                return
+            request.error = (
+                f"request {request.request_id!r} waited {waited:.1f} s without starting, past "
+                f"the engine's first-token deadline of {deadline:g} s: the engine is "
+                "overloaded, retry later"
+            )
+            request.error_type = ERROR_DEADLINE
+            self.waiting.remove(request)
+            batch.failed.append(request)
 
     def _admit_now(self, batch: ScheduledBatch) -> bool:
         """Whether new prompts join this step. With a prefill batch window, a pure decode
@@ -169,6 +191,7 @@ class Scheduler:
             return self.adapters.ensure(request.adapter)
         except AdapterLoadError as e:
             request.error = str(e)
+            request.error_type = ERROR_ADAPTER
             self.waiting.remove(request)
             batch.failed.append(request)
             return False

@@ -13,9 +13,9 @@ from typing import NamedTuple
 
 from pydantic import BaseModel
 
-from loraserve.request import FinishReason, RequestOutput
+from loraserve.request import ERROR_DEADLINE, FinishReason, RequestOutput
 from loraserve.server.async_engine import EngineDeadError
-from loraserve.server.errors import APIError, from_engine_error
+from loraserve.server.errors import RETRY_AFTER_S, APIError, from_engine_error
 from loraserve.server.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -64,9 +64,16 @@ class TokenText:
 
 
 def check_output(out: RequestOutput) -> RequestOutput:
-    """``out``, unless the engine failed the request (e.g. its adapter could not be
-    loaded): then a 500 with the engine's message."""
+    """``out``, unless the engine failed the request: a 503 (with Retry-After) when it
+    waited past the first-token deadline of an overloaded engine, else a 500 with the
+    engine's message (e.g. its adapter could not be loaded)."""
     if out.finish_reason == FinishReason.ERROR:
+        if out.error_type == ERROR_DEADLINE:
+            raise APIError(
+                503,
+                out.error or "the engine is overloaded",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
         raise APIError(500, out.error or "the request failed in the engine")
     return out
 
