@@ -54,7 +54,9 @@ class ResidentAdapter:
     host_tables: tuple[torch.Tensor, ...] | None = None  # pinned sources of the table copy
 
     def ready(self) -> bool:
+        """Its copy has completed (the event is dropped then: nothing waits on it again)."""
         if self.ready_event is None or self.ready_event.query():
+            self.ready_event = None
             self.host_tables = None
             return True
         return False
