@@ -69,3 +69,16 @@ def test_padded_decode_matches_eager(setup, graph_batch):
         assert e.token_ids == p.token_ids
         for le, lp in zip(e.logprobs, p.logprobs, strict=True):
             assert max(abs(le[t] - lp[t]) for t in le) < 1e-5
+
+
+def test_graphs_built_at_startup_and_dropped_on_shutdown(setup):
+    model_dir, _ = setup
+    engine = EngineArgs(
+        model=str(model_dir), dtype="float32", cuda_graph_max_batch=8
+    ).create_engine()
+    graphs = engine.runner.graphs
+    assert sorted(graphs._static) == [1, 2, 4, 8]  # every size ready before any request
+    assert EngineArgs(model=str(model_dir), dtype="float32").create_engine().runner.graphs is None
+    engine.shutdown()
+    assert engine.runner.graphs is None
+    assert engine.adapters._executor._shutdown
