@@ -263,7 +263,31 @@ async def _final_output(
             final = out
         return final
 
-    done = asyncio.ensure_future(last())
+    return await _unless_disconnected(last(), stream, request)
+
+
+async def _first_output(
+    outputs: AsyncIterator[RequestOutput], stream: RequestStream, request: Request
+) -> AsyncIterator[RequestOutput]:
+    """``outputs`` once its first output is in, so that a request the engine fails before
+    its first token (an adapter that cannot be loaded, the first-token deadline) gets its
+    real status instead of a 200 and an error event."""
+    first = await _unless_disconnected(anext(outputs), stream, request)
+
+    async def chained() -> AsyncIterator[RequestOutput]:
+        yield first
+        async for out in outputs:
+            yield out
+
+    return chained()
+
+
+async def _unless_disconnected(
+    awaitable: Awaitable[RequestOutput], stream: RequestStream, request: Request
+) -> RequestOutput:
+    """``awaitable``'s output, checked (``render.check_output``); the request is aborted
+    and a 499 raised if the client disconnects first."""
+    done = asyncio.ensure_future(awaitable)
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({done, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -348,6 +372,7 @@ async def create_completion(
     meta = _meta("cmpl", body)
     stream, outputs = await state.submit(prompt, params, adapter, meta.id, arrival)
     if body.stream:
+        outputs = await _first_output(outputs, stream, request)
         return _event_stream(
             render.completion_chunks(outputs, body, meta, state.token_text), stream
         )
@@ -369,6 +394,7 @@ async def create_chat_completion(
     meta = _meta("chatcmpl", body)
     stream, outputs = await state.submit(prompt, params, adapter, meta.id, arrival)
     if body.stream:
+        outputs = await _first_output(outputs, stream, request)
         return _event_stream(render.chat_chunks(outputs, body, meta, state.token_text), stream)
     out = await _final_output(outputs, stream, request)
     return _json(render.chat_response(out, body, meta, state.token_text))
