@@ -6,6 +6,10 @@ is timed with triton.testing.do_bench (median) and reported as microseconds and 
 GB/s (KV bytes read + q read + out written) against the H200's 4.26 TB/s; prefill also
 reports TFLOP/s of the causal attention matmuls.
 
+Split-KV decode (small batches, long contexts): each (batch, context) is timed without
+splits, with the num_splits the kernel picks (num_kv_splits, max_seq_len = context) and with
+every num_splits of --split-sweep; a summary table gives the speedups and the best count.
+
     python benchmarks/bench_attention.py --out bench_attention.json
 """
 
@@ -20,7 +24,12 @@ import torch
 import triton
 import triton.testing
 
-from loraserve.kernels.attention import paged_attention_ref, paged_attention_triton, store_kv
+from loraserve.kernels.attention import (
+    num_kv_splits,
+    paged_attention_ref,
+    paged_attention_triton,
+    store_kv,
+)
 
 logger = logging.getLogger("bench_attention")
 
@@ -63,6 +72,7 @@ class Result:
     gb_per_s: float
     bandwidth_util: float
     tflop_per_s: float
+    num_splits: int | None = None  # split-KV decode; None: the single-kernel path
 
 
 def make_batch(
@@ -114,9 +124,13 @@ def traffic(batch: Batch) -> tuple[int, float]:
     return kv_bytes + q_out_bytes, flops
 
 
-def time_batch(batch: Batch, phase: str, shape: str, context: int, q_len: int) -> Result:
+def time_batch(
+    batch: Batch, phase: str, shape: str, context: int, q_len: int, num_splits: int | None = None
+) -> Result:
     def call() -> torch.Tensor:
-        return paged_attention_triton(*batch.args(), out=out, max_q_len=batch.max_q_len)
+        return paged_attention_triton(
+            *batch.args(), out=out, max_q_len=batch.max_q_len, num_splits=num_splits
+        )
 
     out = torch.empty_like(batch.q)
     ms = triton.testing.do_bench(call, return_mode="median")
@@ -132,15 +146,19 @@ def time_batch(batch: Batch, phase: str, shape: str, context: int, q_len: int) -
         gb_per_s=gb_per_s,
         bandwidth_util=gb_per_s * 1e9 / PEAK_BYTES_PER_S,
         tflop_per_s=flops / (ms * 1e-3) / 1e12,
+        num_splits=num_splits,
     )
 
 
-def max_error(dtype: torch.dtype, block_size: int) -> float:
-    """Max abs error of the kernel vs the reference on a small mixed batch."""
+def max_error(dtype: torch.dtype, block_size: int, num_splits: int | None = None) -> float:
+    """Max abs error of the kernel vs the reference on a small mixed batch, or on a decode
+    batch through split-KV when num_splits is given."""
     torch.manual_seed(0)
     seq_lens, q_lens = [37, 300, 129, 1000], [1, 300, 17, 1]
+    if num_splits is not None:
+        seq_lens, q_lens = [37, 3000, 129, 1000, 1], [1] * 5
     batch = make_batch(seq_lens, q_lens, HEAD_SHAPES["gqa32x8"], block_size, 2, dtype)
-    got = paged_attention_triton(*batch.args())
+    got = paged_attention_triton(*batch.args(), max_q_len=max(q_lens), num_splits=num_splits)
     want = paged_attention_ref(*batch.args())
     return (got.float() - want.float()).abs().max().item()
 
@@ -152,6 +170,43 @@ def check_store_kv(block_size: int) -> None:
     slot = batch.block_tables[0, 1].long() * block_size + 2
     store_kv(k, k, batch.k_cache, batch.v_cache, slot.view(1))
     assert torch.equal(batch.k_cache[slot // block_size, 2], k[0])
+
+
+def split_decode(args: argparse.Namespace, results: list[Result]) -> list[dict]:
+    """Decode with and without split-KV; appends every timing to results, returns a summary."""
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    summary = []
+    for shape, heads in HEAD_SHAPES.items():
+        for context in args.split_contexts:
+            for bs in args.split_batches:
+                batch = make_batch([context] * bs, [1] * bs, heads, args.block_size, 2, args.dtype)
+                auto = num_kv_splits(bs, heads[1], context, num_sms)
+                base = time_batch(batch, "decode", shape, context, 1)
+                split = {
+                    n: time_batch(batch, "split", shape, context, 1, n) for n in args.split_sweep
+                }
+                if auto > 1 and auto not in split:
+                    split[auto] = time_batch(batch, "split", shape, context, 1, auto)
+                results += [base, *split.values()]
+                best = min(split.values(), key=lambda r: r.us)
+                auto_us = split[auto].us if auto > 1 else base.us
+                summary.append(
+                    dict(
+                        shape=shape,
+                        batch=bs,
+                        context=context,
+                        no_split_us=base.us,
+                        no_split_gb_per_s=base.gb_per_s,
+                        auto_splits=auto,
+                        auto_us=auto_us,
+                        auto_gb_per_s=base.gb_per_s * base.us / auto_us,
+                        best_splits=best.num_splits,
+                        best_us=best.us,
+                    )
+                )
+                logger.info("%s", summary[-1])
+                del batch
+    return summary
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -171,8 +226,11 @@ def run(args: argparse.Namespace) -> dict:
             results.append(time_batch(batch, "prefill", shape, prompt, prompt))
             logger.info("%s", results[-1])
             del batch
+    split_summary = split_decode(args, results)
     check_store_kv(args.block_size)
     errors = {str(dt): max_error(dt, args.block_size) for dt in (torch.bfloat16, torch.float16)}
+    for dt in (torch.bfloat16, torch.float16):
+        errors[f"{dt} split-KV x7"] = max_error(dt, args.block_size, num_splits=7)
     return {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
@@ -182,18 +240,34 @@ def run(args: argparse.Namespace) -> dict:
         "peak_gb_per_s": PEAK_BYTES_PER_S / 1e9,
         "max_abs_error_vs_ref": errors,
         "results": [asdict(r) for r in results],
+        "split_kv_decode": split_summary,
     }
 
 
 def print_table(report: dict) -> None:
     header = (
-        f"{'phase':8}{'shape':10}{'batch':>6}{'ctx':>6}{'us':>10}{'GB/s':>9}{'%BW':>6}{'TF/s':>8}"
+        f"{'phase':8}{'shape':10}{'batch':>6}{'ctx':>6}{'splits':>7}{'us':>10}{'GB/s':>9}"
+        f"{'%BW':>6}{'TF/s':>8}"
     )
     print(header)
     for r in report["results"]:
+        splits = "-" if r["num_splits"] is None else r["num_splits"]
         print(
-            f"{r['phase']:8}{r['shape']:10}{r['batch']:>6}{r['context']:>6}{r['us']:>10.1f}"
-            f"{r['gb_per_s']:>9.0f}{100 * r['bandwidth_util']:>5.0f}%{r['tflop_per_s']:>8.1f}"
+            f"{r['phase']:8}{r['shape']:10}{r['batch']:>6}{r['context']:>6}{splits:>7}"
+            f"{r['us']:>10.1f}{r['gb_per_s']:>9.0f}{100 * r['bandwidth_util']:>5.0f}%"
+            f"{r['tflop_per_s']:>8.1f}"
+        )
+    print("\nsplit-KV decode: no split vs the kernel's choice vs the best of the sweep")
+    print(
+        f"{'shape':10}{'batch':>6}{'ctx':>6}{'none us':>9}{'GB/s':>7}{'auto':>6}{'us':>9}"
+        f"{'GB/s':>7}{'speedup':>8}{'best':>6}{'us':>9}"
+    )
+    for r in report["split_kv_decode"]:
+        print(
+            f"{r['shape']:10}{r['batch']:>6}{r['context']:>6}{r['no_split_us']:>9.1f}"
+            f"{r['no_split_gb_per_s']:>7.0f}{r['auto_splits']:>6}{r['auto_us']:>9.1f}"
+            f"{r['auto_gb_per_s']:>7.0f}{r['no_split_us'] / r['auto_us']:>7.2f}x"
+            f"{r['best_splits']:>6}{r['best_us']:>9.1f}"
         )
     print(f"max abs error vs reference: {report['max_abs_error_vs_ref']}")
 
@@ -205,6 +279,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--contexts", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--prefill-lens", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--prefill-batch", type=int, default=4)
+    p.add_argument("--split-batches", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--split-contexts", type=int, nargs="+", default=[2048, 8192])
+    p.add_argument("--split-sweep", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--dtype", type=lambda s: getattr(torch, s), default=torch.bfloat16)
     return p.parse_args()

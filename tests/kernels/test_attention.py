@@ -15,7 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from loraserve.kernels import attention
 from loraserve.kernels.attention import (
+    decode_num_splits,
+    num_kv_splits,
     paged_attention,
     paged_attention_ref,
     paged_attention_triton,
@@ -216,3 +219,101 @@ def test_store_kv_writes_only_addressed_slots(block_size: int) -> None:
         want[slot // block_size, LAYER, 1, slot % block_size] = v[t]
     store_kv(k, v, pool[:, LAYER, 0], pool[:, LAYER, 1], slots)
     assert torch.equal(pool, want)
+
+
+# Split-KV decode. Splits are runs of whole 64-position chunks (BLOCK_N; a page when pages are
+# larger), so a 700-token context has 11 chunks, a 150-token one 3 and the short ones 1: with
+# more splits than chunks (16 > 11; 3 and 8 against the short ones), the splits past a
+# sequence's end are empty.
+SPLIT_SHAPES = [
+    (4, 4, 64, 16),  # MHA, head_dim 64
+    (8, 2, 128, 16),  # GQA, group of 4, head_dim 128
+    (6, 2, 80, 8),  # GQA, group of 3, head_dim not a power of two
+    (4, 1, 24, 32),  # MQA
+    (2, 2, 40, 1),  # one token per page
+    (4, 2, 160, 128),  # head_dim > 128 (32-position tiles), a page longer than a tile
+]
+
+
+def split_decode_specs(block_size: int) -> list[tuple[int, int]]:
+    """One token, exactly a page, a page + 1, long, medium: decode (q_len 1) each."""
+    return [(1, 1), (block_size, 1), (block_size + 1, 1), (700, 1), (150, 1)]
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 8, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("shape", SPLIT_SHAPES, ids=["mha", "gqa4", "gqa3", "mqa", "bs1", "d160"])
+def test_split_decode_matches_reference(shape: tuple, dtype: torch.dtype, num_splits: int) -> None:
+    case = make_case(split_decode_specs(shape[3]), shape, dtype, seed=6)
+    got = paged_attention_triton(*case.args(), max_q_len=1, num_splits=num_splits)
+    want = paged_attention_ref(*case.args())
+    assert got.dtype == dtype
+    assert torch.isfinite(got).all()
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def test_split_decode_skips_sequences_without_query() -> None:
+    case = make_case([(200, 1), (90, 0), (5, 1)], SHAPES[1], torch.float32, seed=7)
+    got = paged_attention_triton(*case.args(), max_q_len=1, num_splits=4)
+    torch.testing.assert_close(got, paged_attention_ref(*case.args()), atol=1e-4, rtol=1e-4)
+
+
+def test_num_kv_splits_fills_the_gpu_within_limits() -> None:
+    h200 = 132
+    assert num_kv_splits(1, 32, 2048, h200) == 8  # 2048 // 256 tokens per split
+    assert num_kv_splits(1, 32, 8192, h200) == 9  # ceil(2 * 132 / 32) programs per (seq, head)
+    assert num_kv_splits(4, 32, 8192, h200) == 3
+    assert num_kv_splits(1, 8, 32768, h200) == 32  # capped
+    assert num_kv_splits(16, 32, 8192, h200) == 1  # 512 programs: two waves already
+    assert num_kv_splits(256, 32, 2048, h200) == 1
+    assert num_kv_splits(1, 32, 300, h200) == 1  # too short to split
+    assert num_kv_splits(0, 32, 2048, h200) == 1
+
+
+def test_decode_num_splits_only_for_decode_with_max_seq_len() -> None:
+    case = make_case(DECODE, SHAPES[3], torch.float32, seed=8)
+    q, k_cache = case.q, case.k_cache
+    assert decode_num_splits(q, k_cache, 3, 1, None) == 1
+    assert decode_num_splits(q, k_cache, 3, 2, 2048) == 1  # not decode
+    # The interpreter counts as 4 SMs: 3 sequences x 1 kv head -> ceil(8 / 3) = 3 splits.
+    assert decode_num_splits(q, k_cache, 3, 1, 2048) == 3
+
+
+class KernelSpy:
+    """Records the grids a Triton kernel is launched with, then launches it."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+        self.grids: list[tuple] = []
+
+    def __getitem__(self, grid: tuple):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("max_seq_len", [None, 2048])
+def test_max_seq_len_turns_split_kv_on(monkeypatch, max_seq_len: int | None) -> None:
+    case = make_case(DECODE, SHAPES[3], torch.float32, seed=9)
+    split = KernelSpy(attention._paged_decode_split_kernel)
+    single = KernelSpy(attention._paged_attention_kernel)
+    monkeypatch.setattr(attention, "_paged_decode_split_kernel", split)
+    monkeypatch.setattr(attention, "_paged_attention_kernel", single)
+    # max_seq_len is an upper bound (a CUDA graph passes the model's max length)
+    got = paged_attention(*case.args(), backend="triton", max_q_len=1, max_seq_len=max_seq_len)
+    torch.testing.assert_close(got, paged_attention_ref(*case.args()), atol=1e-4, rtol=1e-4)
+    if max_seq_len is None:
+        assert (split.grids, single.grids) == ([], [(1, 3, 1)])
+    else:
+        assert (split.grids, single.grids) == ([(3, 3, 1)], [])
+
+
+def test_split_kv_needs_single_token_queries() -> None:
+    case = make_case(MIXED, SHAPES[0], torch.float32, seed=10)
+    with pytest.raises(ValueError, match="max_q_len == 1"):
+        paged_attention_triton(*case.args(), max_q_len=50, num_splits=2)
+    with pytest.raises(ValueError, match="num_splits >= 1"):
+        paged_attention_triton(*case.args(), max_q_len=1, num_splits=0)
+    # Prefill and mixed batches ignore max_seq_len.
+    got = paged_attention_triton(*case.args(), max_seq_len=4096)
+    torch.testing.assert_close(got, paged_attention_ref(*case.args()), atol=1e-4, rtol=1e-4)

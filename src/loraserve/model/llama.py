@@ -82,6 +82,7 @@ class Attention(nn.Module):
             self.scale,
             backend=self.backend,
             max_q_len=batch.max_q_len,
+            max_seq_len=batch.max_seq_len,
         )  # [T, heads, head_dim]
         return self.o_proj(o.reshape(-1, self.num_heads * self.head_dim), batch.lora)
 
