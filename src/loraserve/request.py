@@ -107,6 +107,7 @@ class Request:
     stop_reason: str | int | None = None
     num_preemptions: int = 0
     first_token_time: float | None = None
+    first_scheduled_time: float | None = None  # first admission into a step
     generator: torch.Generator | None = None
     prompt: str | None = None
     adapter: str | None = None  # None: the base model
@@ -153,3 +154,6 @@ class RequestOutput:
     error_type: str | None = None  # why it failed: ERROR_ADAPTER | ERROR_DEADLINE
     num_preemptions: int = 0
     adapter: str | None = None
+    # Seconds from arrival to the first step that computed it (waiting for room and for its
+    # adapter); None until then.
+    time_in_queue: float | None = None

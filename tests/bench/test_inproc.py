@@ -51,6 +51,11 @@ def test_driver_end_to_end(engine_args):
     assert decode["decode_steps"] > 0 and decode["avg_batch"] >= 1
     assert decode["floor_ms"] > 0 and decode["measured_ms"] > 0
     assert decode["avg_adapter_bytes"] > 0 and decode["avg_kv_bytes"] > 0
+    queue = result["queue"]
+    assert queue["started"] == 20
+    assert 0 <= queue["avg_s"] <= queue["p99_s"] <= queue["max_s"]
+    first_token_waits = [r.first_token - r.arrival for r in run.records]
+    assert queue["max_s"] <= max(first_token_waits)  # the queue is part of the first token
 
 
 def test_time_limit_cuts_the_run(engine_args):

@@ -207,3 +207,21 @@ def test_ttft_deadline_spares_preempted_requests(model_dir):
     assert all(o.finish_reason == "length" for o in preempted)
     with pytest.raises(ValueError, match="ttft_deadline"):
         make_engine(model_dir, ttft_deadline=0.0)
+
+
+def test_time_in_queue_is_arrival_to_first_step(model_dir):
+    engine = make_engine(model_dir, max_num_seqs=1)
+    clock = FakeClock()
+    engine.scheduler.clock = clock
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    for rid in ("a", "b"):
+        engine.add_request([5, 6, 7], params, request_id=rid)
+    for request in engine.scheduler.waiting:
+        request.arrival_time = clock.now
+    seen: dict[str, list] = {"a": [], "b": []}
+    while engine.has_unfinished():
+        for out in engine.step():
+            seen[out.request_id].append(out.time_in_queue)
+        clock.now += 0.25
+    assert set(seen["a"]) == {0.0}  # started at once
+    assert set(seen["b"]) == {0.75}  # "a" took the only seat for 3 steps

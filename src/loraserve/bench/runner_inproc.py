@@ -56,6 +56,7 @@ class RequestState:
     finish: float | None = None
     output_tokens: int = 0
     error: str | None = None
+    queue_s: float | None = None  # arrival -> first step (engine-side), when it started
 
     def record(self) -> RequestRecord:
         t = self.request.trace
@@ -182,7 +183,22 @@ class InprocDriver:
             pool=self.pool.as_dict(self.engine),
             adapters=self._adapter_stats(gpu0, host0),
             decode=self.decode.as_dict(),
+            extra={"queue": self._queue_stats()},
         )
+
+    def _queue_stats(self) -> dict[str, Any]:
+        """Engine-side time from arrival to the first step of the requests that started
+        (waiting for room in the batch and for their adapter)."""
+        waits = sorted(s.queue_s for s in self.live.values() if s.queue_s is not None)
+        if not waits:
+            return {"started": 0, "avg_s": None, "p99_s": None, "max_s": None}
+        p99 = waits[min(len(waits) - 1, int(0.99 * len(waits)))]
+        return {
+            "started": len(waits),
+            "avg_s": sum(waits) / len(waits),
+            "p99_s": p99,
+            "max_s": waits[-1],
+        }
 
     def _sleep_until(self, due: float) -> None:
         limit = self.options.time_limit
@@ -233,6 +249,8 @@ class InprocDriver:
             return
         if out.token_ids and live.first_token is None:
             live.first_token = now
+        if live.queue_s is None:
+            live.queue_s = out.time_in_queue
         live.output_tokens = len(out.token_ids)
         if out.finished:
             live.error = out.error if out.finish_reason == "error" else None

@@ -312,6 +312,9 @@ def format_run(where: str, r: dict[str, Any]) -> str:
         f"first token avg {_s(r['avg_first_token_s'])} p99 {_s(r['p99_first_token_s'])}, "
         f"SLO({r['slo_s']:g} s) {_pct(r['slo_attainment'])}"
     )
+    queue = r.get("queue") or {}
+    if queue.get("started"):
+        line += f", in queue avg {_s(queue['avg_s'])} p99 {_s(queue['p99_s'])}"
     loads = r.get("adapter_loads") or {}
     if "gpu_loads" in loads:
         line += f", adapter loads gpu {loads['gpu_loads']} host {loads['host_loads']}"

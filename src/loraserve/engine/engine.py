@@ -344,6 +344,9 @@ class LLMEngine:
             error_type=r.error_type,
             num_preemptions=r.num_preemptions,
             adapter=r.adapter,
+            time_in_queue=(
+                None if r.first_scheduled_time is None else r.first_scheduled_time - r.arrival_time
+            ),
         )
 
     def _visible_text(self, tracked: _Tracked) -> str:

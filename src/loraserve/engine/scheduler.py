@@ -172,6 +172,8 @@ class Scheduler:
                 return
             self.waiting.remove(request)
             self._pin(request)
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = self.clock()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             batch.add(request, n)
