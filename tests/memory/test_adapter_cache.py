@@ -1,0 +1,79 @@
+"""AdapterCache packing: rows land where the tables say, in whole rows per page; failed loads
+change nothing and give their staging buffer back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraserve.adapters.peft import random_lora_weights
+from loraserve.config import LORA_TARGETS, ModelConfig
+from loraserve.memory.adapter_cache import AdapterCache
+from loraserve.memory.pool import PageKind, PagePool
+
+# hidden 24, GQA 4/2 heads of 6 (kv 12), intermediate 40: widths 24, 12 and 40
+MODEL = ModelConfig(100, 24, 40, 3, 4, 2, 6)
+PAGE = 100  # not a multiple of any width: rows must skip page ends
+
+
+def make_cache(num_pages: int = 40, max_loras: int = 4) -> AdapterCache:
+    pool = PagePool(num_pages, PAGE, torch.float32, "cpu")
+    pool.buffer.fill_(float("nan"))  # unwritten pool memory must never be read as a row
+    return AdapterCache(pool, MODEL, max_loras, max_rank=8)
+
+
+def test_rows_are_where_the_tables_point():
+    cache = make_cache()
+    targets = ["q_proj", "v_proj", "o_proj", "down_proj"]
+    weights = random_lora_weights("a", MODEL, 5, targets, seed=0)
+    packed = cache.pack(weights)
+    assert packed.num_pages == cache.pages_needed(weights)
+    assert cache.load(packed) and cache.is_ready("a")
+    slot = cache.get("a").slot
+    pool = cache.pool.buffer.view(-1)
+    for layer in range(MODEL.num_hidden_layers):
+        for t, target in enumerate(LORA_TARGETS):
+            module = weights.modules.get((layer, target))
+            rank = int(cache.ranks[slot, layer, t])
+            if module is None:
+                assert rank == 0
+                continue
+            assert rank == 5 and cache.scalings[slot, layer, t] == module.scaling
+            for ab, rows in ((0, module.a), (1, module.b.t())):
+                width = rows.shape[1]
+                for j in range(rank):
+                    start = int(cache.row_offsets[slot, layer, t, ab, j])
+                    assert start // PAGE == (start + width - 1) // PAGE, "a row crosses a page"
+                    assert start // PAGE in cache.get("a").pages
+                    assert torch.equal(pool[start : start + width], rows[j])
+    cache.check_integrity()
+
+
+def test_a_load_that_does_not_fit_changes_nothing():
+    cache = make_cache(num_pages=3)
+    weights = random_lora_weights("big", MODEL, 8, list(LORA_TARGETS), seed=1)
+    packed = cache.pack(weights)
+    assert packed.num_pages > 3
+    spare = len(cache._staging._buffers)
+    assert not cache.load(packed)
+    assert "big" not in cache and cache.pool.num_used(PageKind.ADAPTER) == 0
+    assert len(cache._staging._buffers) == spare + 1  # the staging buffer came back
+    cache.check_integrity()
+
+
+def test_loading_a_resident_adapter_again_gives_its_buffer_back():
+    cache = make_cache()
+    weights = random_lora_weights("a", MODEL, 2, ["k_proj"], seed=2)
+    assert cache.load(weights)  # LoRAWeights are packed on the spot
+    pages = cache.pool.num_used(PageKind.ADAPTER)
+    again = cache.pack(weights)
+    spare = len(cache._staging._buffers)
+    assert cache.load(again)
+    assert cache.pool.num_used(PageKind.ADAPTER) == pages
+    assert len(cache._staging._buffers) == spare + 1
+
+
+def test_rank_above_the_served_maximum_is_refused_when_packing():
+    cache = make_cache()
+    with pytest.raises(ValueError, match="max_lora_rank=8"):
+        cache.pack(random_lora_weights("r16", MODEL, 16, ["q_proj"], seed=3))
