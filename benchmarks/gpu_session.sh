@@ -1,12 +1,15 @@
 #!/bin/bash
 # The GPU measurements still owed to docs/benchmarks.md, for the lent H200, in priority order.
 #
-#   bash benchmarks/gpu_session.sh parity n2000 profile128 lora_bf16     # one device call
+#   bash benchmarks/gpu_session.sh parity attention lora_bf16 profile128   # one device call
+#   bash benchmarks/gpu_session.sh s2n2000                                 # another
 #
 # Each named part runs under its own time limit and writes under $OUT (at most 8 files come
-# back from a device call: profiles are tarred). Parts and their rough device minutes:
+# back from a device call: profiles are tarred). One device call may run 10 minutes: keep
+# the parts of a call under ~9. Parts and their rough device minutes:
 #   parity      fused kernels + Triton paths against HF/PEFT in fp32 on the GPU   (2)
-#   n2000       S2 then S1, n=2000, R=40, loraserve and base on the same trace    (8)
+#   s2n2000     S2, n=2000, R=40, loraserve and base on the same trace            (5)
+#   s1n2000     the same for S1                                                   (5)
 #   profile128  profile_step.py at batch 128, with and without adapters           (2)
 #   lora_bf16   Triton vs torch LoRA tokens in bf16, bank adapters                (1)
 #   attention   split-KV vs one-pass decode attention                             (1)
@@ -23,11 +26,10 @@ for part in "$@"; do
     parity)
       LORASERVE_TEST_DEVICE=cuda timeout 240 python -m pytest -q -x \
         tests/engine/test_hf_parity.py tests/engine/test_lora_parity.py 2>&1 | tail -4 ;;
-    n2000)
-      for s in S2 S1; do
-        bench 280 --setting $s -n 2000 --rate 40 --duration 60 --baselines base \
-          --time-limit 100 --out "$OUT/bench_${s}_n2000_r40.json"
-      done ;;
+    s2n2000|s1n2000)
+      s=$(echo "${part:0:2}" | tr a-z A-Z)
+      bench 330 --setting "$s" -n 2000 --rate 40 --duration 60 --baselines base \
+        --time-limit 100 --out "$OUT/bench_${s}_n2000_r40.json" ;;
     profile128)
       timeout 200 python benchmarks/profile_step.py --model llama-7b --batches 128 \
         --context 256 --steps 20 --out-dir "$OUT/prof" 2>&1 | grep '^{'
