@@ -194,11 +194,11 @@ class DecodeGraphs:
         n = len(requests)
         bs = self.block_size
         positions = [r.num_tokens - 1 for r in requests]
-        host[:, n:] = 0
+        host[:5, n:] = 0
         host[2, n:] = self.scratch_page * bs
         host[3, n:] = 1
         host[4, n:] = -1
-        host[5:, n:] = self.scratch_page
+        host[5:] = self.scratch_page  # block tables: unused entries and padding rows
         if n:
             rows = [
                 [r.token_at(p) for r, p in zip(requests, positions, strict=True)],
@@ -209,7 +209,6 @@ class DecodeGraphs:
             ]
             host[:5, :n] = torch.tensor(rows, dtype=torch.int64)
             tables = host[5:, :n].t()  # [n, max_blocks] view
-            tables.fill_(self.scratch_page)
             width = max(len(r.block_table) for r in requests)
             padded = [
                 r.block_table + [self.scratch_page] * (width - len(r.block_table)) for r in requests
