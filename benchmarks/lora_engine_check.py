@@ -23,6 +23,7 @@ import torch
 from loraserve.bench.adapters import register_adapters
 from loraserve.bench.workload import adapter_name
 from loraserve.engine.args import EngineArgs
+from loraserve.kernels.compiles import compiled_variants, new_variants
 from loraserve.model.loader import PRESETS
 from loraserve.request import SamplingParams
 
@@ -107,6 +108,7 @@ def main() -> None:
         engine = build_engine(args, backend)
         warm = SamplingParams(max_tokens=2, ignore_eos=True)
         run(engine, prompts[:2], adapters[:2] if backend != "base" else [None, None], warm)
+        compiled0 = compiled_variants()
         outs, elapsed, steps = run(
             engine, prompts, adapters if backend != "base" else [None] * len(prompts), params
         )
@@ -119,6 +121,7 @@ def main() -> None:
             "gpu_loads": stats.gpu_loads,
             "distinct_adapters": len(set(adapters)) if backend != "base" else 0,
             "graph_steps": engine.runner.graphs.steps if engine.runner.graphs else 0,
+            "triton_compiles": new_variants(compiled0, compiled_variants()),
         }
         tokens[backend] = [o.token_ids for o in outs]
         first_lp[backend] = [o.logprobs[0] for o in outs]
@@ -137,7 +140,8 @@ def main() -> None:
     for k, r in results.items():
         print(
             f"{k:>13}: {r['tok_per_s']:8.1f} tok/s, {r['ms_per_step']:.2f} ms/step, "
-            f"{r['gpu_loads']} adapter loads, {r['graph_steps']} graph steps"
+            f"{r['gpu_loads']} adapter loads, {r['graph_steps']} graph steps, "
+            f"{sum(r['triton_compiles'].values())} Triton compiles in the timed run"
         )
     if args.out:
         with open(args.out, "w") as f:

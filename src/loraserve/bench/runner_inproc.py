@@ -27,6 +27,7 @@ from loraserve.bench.metrics import SLO_SECONDS, RequestRecord, summarize
 from loraserve.bench.physics import DecodeStats, kv_bytes_per_token, weight_bytes
 from loraserve.bench.workload import TraceRequest
 from loraserve.engine.engine import LLMEngine, PromptError
+from loraserve.kernels.compiles import compiled_variants, new_variants
 from loraserve.memory.adapter_cache import CacheStats
 from loraserve.memory.pool import PageKind
 from loraserve.request import Request, RequestOutput, SamplingParams
@@ -158,6 +159,7 @@ class InprocDriver:
         host0 = self.engine.adapter_store.stats
         pending = deque(self.requests)
         limit = self.options.time_limit
+        compiled0 = compiled_variants()
         with tqdm(
             total=len(self.requests),
             desc=self.options.label,
@@ -184,7 +186,10 @@ class InprocDriver:
             pool=self.pool.as_dict(self.engine),
             adapters=self._adapter_stats(gpu0, host0),
             decode=self.decode.as_dict(),
-            extra={"queue": self._queue_stats()},
+            extra={
+                "queue": self._queue_stats(),
+                "triton_compiles": new_variants(compiled0, compiled_variants()),
+            },
         )
 
     def _queue_stats(self) -> dict[str, Any]:

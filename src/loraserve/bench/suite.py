@@ -315,6 +315,9 @@ def format_run(where: str, r: dict[str, Any]) -> str:
     queue = r.get("queue") or {}
     if queue.get("started"):
         line += f", in queue avg {_s(queue['avg_s'])} p99 {_s(queue['p99_s'])}"
+    compiles = r.get("triton_compiles")
+    if compiles:
+        line += f", Triton compiles during the run {sum(compiles.values())}"
     loads = r.get("adapter_loads") or {}
     if "gpu_loads" in loads:
         line += f", adapter loads gpu {loads['gpu_loads']} host {loads['host_loads']}"
