@@ -82,3 +82,16 @@ def test_graphs_built_at_startup_and_dropped_on_shutdown(setup):
     engine.shutdown()
     assert engine.runner.graphs is None
     assert engine.adapters._executor._shutdown
+
+
+def test_graphs_default_only_with_capturable_backends():
+    assert EngineArgs(max_num_seqs=64)._graph_batch("cuda") == 64
+    assert EngineArgs()._graph_batch("cpu") == 0
+    # The torch reference paths read the batch back to the host: no graphs by default.
+    assert EngineArgs(attention_backend="torch")._graph_batch("cuda") == 0
+    assert EngineArgs(lora_backend="torch")._graph_batch("cuda") == 0
+    assert EngineArgs(lora_backend="bmm", max_num_seqs=8)._graph_batch("cuda") == 8
+    with pytest.raises(ValueError, match="--lora-backend torch.*--cuda-graph-max-batch 0"):
+        EngineArgs(lora_backend="torch", cuda_graph_max_batch=8)._graph_batch("cuda")
+    # On the CPU the padded path runs eagerly with any backend (tests use it).
+    assert EngineArgs(lora_backend="torch", cuda_graph_max_batch=8)._graph_batch("cpu") == 8

@@ -10,6 +10,7 @@ import torch
 import transformers
 
 from loraserve.engine.args import EngineArgs
+from loraserve.memory.pool import PageKind
 from loraserve.request import SamplingParams
 
 NEW_TOKENS = 32
@@ -80,7 +81,8 @@ def test_greedy_matches_hf_with_late_arrivals(tiny_model_factory, name):
         for out in engine.step():
             results[out.request_id] = out
     engine.check_integrity()
-    assert engine.pool.num_free == engine.pool.num_pages
+    # On CUDA the decode graphs keep one scratch page (RESERVED) for their padding rows.
+    assert engine.pool.num_free == engine.pool.num_pages - engine.pool.num_used(PageKind.RESERVED)
     for i, prompt in enumerate(ps):
         ours = results[str(i)]
         tokens, logprobs = hf_greedy(model_dir, prompt, NEW_TOKENS)

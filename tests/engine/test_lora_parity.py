@@ -13,6 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from loraserve.engine.args import EngineArgs
 from loraserve.entrypoints.llm import LLM
+from loraserve.memory.pool import PageKind
 from loraserve.request import SamplingParams
 
 DEVICE = os.environ.get("LORASERVE_TEST_DEVICE", "cpu")
@@ -158,9 +159,9 @@ def test_small_pool_evicts_and_reloads_adapters(base_dir, adapter_dirs):
         small.engine.check_integrity()
     stats = small.engine.adapter_cache.stats
     assert stats.gpu_evictions > 0 and stats.gpu_loads > len(pages)
-    assert small.engine.pool.num_free == small.engine.pool.num_pages - sum(
-        len(a.pages) for a in small.engine.adapter_cache.resident()
-    )
+    pool = small.engine.pool
+    adapter_pages = sum(len(a.pages) for a in small.engine.adapter_cache.resident())
+    assert pool.num_free == pool.num_pages - pool.num_used(PageKind.RESERVED) - adapter_pages
 
 
 def test_unknown_adapter_is_a_key_error_before_anything_runs(base_dir, adapter_dirs):
@@ -235,7 +236,8 @@ def test_random_workload_with_adapters_keeps_pool_consistent(base_dir, adapter_d
     assert engine.adapter_cache.stats.gpu_evictions > 0
     assert all(a.refcount == 0 for a in engine.adapter_cache.resident())
     adapter_pages = sum(len(a.pages) for a in engine.adapter_cache.resident())
-    assert engine.pool.num_free == engine.pool.num_pages - adapter_pages
+    reserved = engine.pool.num_used(PageKind.RESERVED)  # CUDA: the graphs' scratch page
+    assert engine.pool.num_free == engine.pool.num_pages - reserved - adapter_pages
 
 
 def test_pool_tier_hits_and_misses_count_requests(base_dir, adapter_dirs):
@@ -246,3 +248,43 @@ def test_pool_tier_hits_and_misses_count_requests(base_dir, adapter_dirs):
     assert (stats.gpu_hits, stats.gpu_misses, stats.gpu_loads) == (0, 1, 1)
     llm.generate([[5, 6, 7], [8, 9]], params, adapter="v")
     assert (stats.gpu_hits, stats.gpu_misses, stats.gpu_loads) == (2, 1, 1)
+
+
+def test_mixed_step_runs_decode_rows_in_decode_form(base_dir, adapter_dirs):
+    """A step with decoding and prefilling adapter requests gives the decode rows one
+    single-row segment each (matrix-vector kernels) and the prefill rows their own segments."""
+    engine = EngineArgs(model=str(base_dir), dtype="float32", max_lora_rank=128).create_engine()
+    for name, path in adapter_dirs.items():
+        engine.add_adapter(name, path)
+    seen = []
+    build = engine.runner._lora_inputs
+
+    def record(requests, query_start):
+        lora = build(requests, query_start)
+        seen.append(lora)
+        return lora
+
+    engine.runner._lora_inputs = record
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    names = list(ADAPTERS)
+    prompts = equal_length_prompts(4)
+    for i in range(2):  # two decoding (same adapter: still one segment per row) ...
+        engine.add_request(prompts[i], params, request_id=str(i), adapter=names[0])
+    while not engine.step():  # until both have prefilled (their adapter loads first)
+        pass
+    engine.add_request(prompts[2], params, request_id="2", adapter=names[1])  # ... and a prefill
+    engine.add_request(prompts[3], params, request_id="3", adapter=None)
+    mixed = None
+    while mixed is None or mixed.decode is None and engine.has_unfinished():
+        engine.step()
+        mixed = seen[-1] if seen else None
+    assert mixed.decode is not None
+    assert mixed.decode.max_seg_len == 1 and mixed.decode.num_segments == 2
+    assert mixed.decode.seg_start.tolist() == [0, 1, 2]
+    assert mixed.meta.num_segments == 1 and mixed.meta.max_seg_len == len(prompts[2])
+    first, end = mixed.meta.seg_start.tolist()
+    assert end - first == len(prompts[2])
+    assert first >= 2  # after every decode row (request 3, base-only, may be one by now)
+    while engine.has_unfinished():
+        engine.step()
+    assert seen[-1].decode is None and seen[-1].meta.max_seg_len == 1  # pure decode

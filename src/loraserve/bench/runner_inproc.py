@@ -148,6 +148,7 @@ class InprocDriver:
         self.live: dict[str, RequestState] = {}
         self.pool = PoolPeak()
         self.decode = DecodeStats(weight_bytes(engine.model))
+        self.steps: dict[str, list[float]] = {k: [0, 0.0] for k in ("decode", "mixed", "empty")}
         self._kv_token = kv_bytes_per_token(engine.config.model, engine.config.dtype)
         self._start = 0.0
 
@@ -188,9 +189,21 @@ class InprocDriver:
             decode=self.decode.as_dict(),
             extra={
                 "queue": self._queue_stats(),
+                "steps": self._step_stats(wall),
                 "triton_compiles": new_variants(compiled0, compiled_variants()),
             },
         )
+
+    def _step_stats(self, wall: float) -> dict[str, Any]:
+        """Where the wall time went: pure decode steps (graphed when they fit), steps that
+        prefilled or changed the batch ("mixed"), steps that produced nothing ("empty":
+        waiting for adapters or the prefill window), and the rest (idle, the driver)."""
+        stats: dict[str, Any] = {
+            kind: {"steps": n, "seconds": t, "avg_ms": 1e3 * t / n if n else None}
+            for kind, (n, t) in self.steps.items()
+        }
+        stats["outside_steps_s"] = wall - sum(t for _, t in self.steps.values())
+        return stats
 
     def _queue_stats(self) -> dict[str, Any]:
         """Engine-side time from arrival to the first step of the requests that started
@@ -233,6 +246,11 @@ class InprocDriver:
         self.pool.sample(self.engine)
         if decode is not None and _same_requests(running, outputs, self.engine):
             self.decode.add(seconds, len(running), *decode)
+            kind = "decode"
+        else:
+            kind = "mixed" if outputs else "empty"
+        self.steps[kind][0] += 1
+        self.steps[kind][1] += seconds
         for out in outputs:
             self._update(out, now, bar)
         if not outputs and not self.engine.scheduler.running:

@@ -315,6 +315,14 @@ def format_run(where: str, r: dict[str, Any]) -> str:
     queue = r.get("queue") or {}
     if queue.get("started"):
         line += f", in queue avg {_s(queue['avg_s'])} p99 {_s(queue['p99_s'])}"
+    steps = r.get("steps")
+    if steps:
+        parts = [
+            f"{k} {v['steps']} x {v['avg_ms']:.1f} ms"
+            for k, v in steps.items()
+            if isinstance(v, dict) and v["steps"]
+        ]
+        line += f"\n    steps: {', '.join(parts)}; outside steps {steps['outside_steps_s']:.1f} s"
     compiles = r.get("triton_compiles")
     if compiles:
         line += f", Triton compiles during the run {sum(compiles.values())}"

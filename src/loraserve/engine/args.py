@@ -122,9 +122,26 @@ class EngineArgs:
         return DEFAULT_PREFILL_WINDOW if graph_batch > 0 else 0.0
 
     def _graph_batch(self, device: str) -> int:
+        """Decode graphs: on by default on CUDA, unless a torch reference path (which reads
+        its batch layout back to the host in every layer) cannot be captured."""
+        cuda = torch.device(device).type == "cuda"
+        host_paths = [
+            f"--{flag} torch"
+            for flag, value in (
+                ("attention-backend", self.attention_backend),
+                ("lora-backend", self.lora_backend),
+            )
+            if value == "torch"
+        ]
         if self.cuda_graph_max_batch is not None:
+            if cuda and self.cuda_graph_max_batch > 0 and host_paths:
+                raise ValueError(
+                    f"CUDA graphs cannot capture {' and '.join(host_paths)} (the torch "
+                    "reference path syncs with the host in every layer): use the triton "
+                    "backend or pass --cuda-graph-max-batch 0"
+                )
             return self.cuda_graph_max_batch
-        return self.max_num_seqs if torch.device(device).type == "cuda" else 0
+        return self.max_num_seqs if cuda and not host_paths else 0
 
     def create_engine(self) -> LLMEngine:
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")

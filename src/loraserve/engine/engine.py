@@ -19,6 +19,7 @@ from loraserve.adapters.store import AdapterStore
 from loraserve.config import CacheConfig, EngineConfig, ModelConfig
 from loraserve.engine.adapters import AdapterManager
 from loraserve.engine.graphs import DecodeGraphs
+from loraserve.engine.precompile import precompile
 from loraserve.engine.runner import ModelRunner
 from loraserve.engine.sampler import Sampler
 from loraserve.engine.scheduler import Scheduler
@@ -98,6 +99,8 @@ class LLMEngine:
         )
         self._requests: dict[str, _Tracked] = {}
         self._ids = itertools.count()
+        if self.device.type == "cuda":
+            self._precompile()
         if self.runner.graphs is not None:
             self.runner.graphs.capture_all()
         logger.info(
@@ -107,6 +110,20 @@ class LLMEngine:
             config.cache.block_size,
             num_pages * self.pool.page_bytes / 2**30,
             self.device,
+        )
+
+    def _precompile(self) -> None:
+        """Compile the kernel variants of eager steps now, not mid-serving (precompile.py)."""
+        sched = self.config.scheduler
+        precompile(
+            self.model,
+            self.pool,
+            self.adapter_cache,
+            self.config.lora_backend,
+            self.config.cache.block_size,
+            self.max_model_len,
+            sched.max_num_batched_tokens,
+            sched.max_num_seqs,  # mixed steps run their decode rows' LoRA in decode form
         )
 
     def _decode_graphs(self) -> DecodeGraphs | None:

@@ -58,9 +58,12 @@ class ModelRunner:
         self.lora_backend = lora_backend
 
     def prepare(self, scheduled: ScheduledBatch) -> tuple[ForwardBatch, list[Request]]:
+        # Decode rows first, then prefill rows; within each, rows of one adapter side by
+        # side (adapters first, base-model rows last): each part's LoRA segments are runs
+        # of consecutive rows.
         order = sorted(
             range(len(scheduled.requests)),
-            key=lambda i: _slot_key(scheduled.requests[i]),
+            key=lambda i: (scheduled.num_scheduled[i] > 1, _slot_key(scheduled.requests[i])),
         )
         requests = [scheduled.requests[i] for i in order]
         counts = [scheduled.num_scheduled[i] for i in order]
@@ -99,23 +102,36 @@ class ModelRunner:
         return batch, sampling
 
     def _lora_inputs(self, requests: list[Request], query_start: list[int]) -> LoRAInputs | None:
-        """One segment per run of consecutive rows with the same adapter slot."""
-        seg_start: list[int] = []
-        seg_slot: list[int] = []
-        end = 0
+        """Single-token rows: one segment each, for the matrix-vector kernels. Longer rows:
+        one segment per run of consecutive rows with the same adapter slot, for the tiled
+        kernels. A step with both gets both (prepare puts the decode rows first)."""
+        decode: tuple[list[int], list[int]] = ([], [])  # (seg_start, seg_slot)
+        prefill: tuple[list[int], list[int]] = ([], [])
+        ends = [0, 0]
         for i, request in enumerate(requests):
             if request.adapter_slot is None:
-                break  # base-model requests come last
-            if not seg_slot or seg_slot[-1] != request.adapter_slot:
-                seg_start.append(query_start[i])
+                continue  # base-model rows close each part
+            start, end = query_start[i], query_start[i + 1]
+            part = 0 if end - start == 1 else 1
+            seg_start, seg_slot = decode if part == 0 else prefill
+            if part == 0 or not seg_slot or seg_slot[-1] != request.adapter_slot:
+                seg_start.append(start)
                 seg_slot.append(request.adapter_slot)
-            end = query_start[i + 1]
-        if not seg_slot:
+            ends[part] = end
+        metas = [
+            self._lora_meta(starts + [end], slots)
+            for (starts, slots), end in zip((prefill, decode), ends[::-1], strict=True)
+            if slots
+        ]
+        if not metas:
             return None
-        seg_start.append(end)
+        pool = self.adapter_cache.pool.buffer.view(-1)
+        return LoRAInputs(pool, metas[0], self.lora_backend, metas[1] if len(metas) > 1 else None)
+
+    def _lora_meta(self, seg_start: list[int], seg_slot: list[int]) -> LoRABatch:
         cache = self.adapter_cache
         lengths = [b - a for a, b in zip(seg_start, seg_start[1:], strict=False)]
-        meta = LoRABatch(
+        return LoRABatch(
             seg_start=self._tensor(seg_start, torch.int32),
             seg_slot=self._tensor(seg_slot, torch.int32),
             row_offsets=cache.row_offsets,
@@ -126,7 +142,6 @@ class ModelRunner:
             num_segments=len(seg_slot),
             row_align=cache.row_align,
         )
-        return LoRAInputs(cache.pool.buffer.view(-1), meta, self.lora_backend)
 
     def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
         t = torch.tensor(data, dtype=dtype)

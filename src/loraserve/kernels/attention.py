@@ -199,7 +199,7 @@ def _attend_kv_range(
     return m_i, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt_seq"])
 def _paged_attention_kernel(
     q_ptr,
     k_ptr,
@@ -289,7 +289,7 @@ def _split_range(seq_len, split, num_splits, SPLIT_UNIT: tl.constexpr):
     return start, tl.minimum(start + chunks_per_split * SPLIT_UNIT, seq_len)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "stride_bt_seq"])
 def _paged_decode_split_kernel(
     q_ptr,
     k_ptr,
@@ -374,7 +374,7 @@ def _paged_decode_split_kernel(
     tl.store(acc_ptr + a_rows[:, None] + d[None, :], acc, mask=q_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _combine_splits_kernel(
     acc_ptr,  # fp32 [num_seqs, num_heads, num_splits, head_dim]
     m_ptr,  # fp32 [num_seqs, num_heads, num_splits]
@@ -551,7 +551,8 @@ def _split_kv_decode(
         out.stride(0),
         out.stride(1),
         HEAD_DIM=head_dim,
-        BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+        # One variant for every split count up to _MAX_SPLITS (masked lanes cost nothing).
+        BLOCK_S=triton.next_power_of_2(max(_MAX_SPLITS, num_splits)),
         BLOCK_D=meta["BLOCK_D"],
     )
 

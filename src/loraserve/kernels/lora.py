@@ -58,6 +58,11 @@ from loraserve.config import LORA_TARGETS
 
 NUM_TARGETS = len(LORA_TARGETS)
 MAX_CALL_TARGETS = 3  # targets one call may cover (q|k|v is the widest packing)
+# Int arguments that change from call to call (layer, target, K split): not specialised on
+# (value 1, divisibility by 16), so a new layer or batch shape never compiles a new variant
+# in the middle of serving. warm_up_lora_kernels compiles the rest at start-up.
+_RUNTIME_INTS = ("layer", "first_target", "k_per_split", "split_k", "n_tiles")
+_DECODE_MAX_SPLIT_K = 32
 
 
 @dataclass
@@ -269,7 +274,7 @@ def _a_columns(
     return cols, live, tl.multiple_of(a_off, ROW_ALIGN)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _shrink_decode_kernel(
     x_ptr,
     v_ptr,
@@ -328,7 +333,7 @@ def _shrink_decode_kernel(
     tl.store(v_row + cols, tl.sum(acc, axis=1), mask=live)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _shrink_prefill_kernel(
     x_ptr,
     v_ptr,
@@ -412,7 +417,7 @@ def _expand_target(
     return rank, scale, o, n, (rank == 0) | (n_tile * BLOCK_N >= n)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _expand_decode_kernel(
     y_ptr,
     v_ptr,
@@ -476,7 +481,7 @@ def _expand_decode_kernel(
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _expand_prefill_kernel(
     y_ptr,
     v_ptr,
@@ -616,7 +621,9 @@ def _decode_tiles(
     block_c = min(r_pad, 32)
     block_k = min(256, triton.next_power_of_2(in_features))
     c_tiles = triton.cdiv(n_targets * r_pad, block_c)
-    split_k = _split_k(num_segments * c_tiles, 2, 32, in_features, block_k, num_sms)
+    split_k = _split_k(
+        num_segments * c_tiles, 2, _DECODE_MAX_SPLIT_K, in_features, block_k, num_sms
+    )
     block_r = min(r_pad, 64)
     block_n = min(max(64, 8192 // block_r), triton.next_power_of_2(max_out))
     while block_n > 64 and num_segments * n_targets * triton.cdiv(max_out, block_n) < num_sms:
@@ -776,7 +783,8 @@ def _expand(
             *args,
             R_PAD=r_pad,
             ROW_ALIGN=batch.row_align,
-            BLOCK_S=triton.next_power_of_2(tiles.split_k),
+            # One variant for every split up to the decode cap (masked partials cost nothing).
+            BLOCK_S=triton.next_power_of_2(max(tiles.split_k, _DECODE_MAX_SPLIT_K)),
             BLOCK_R=tiles.block_r,
             BLOCK_N=tiles.block_n,
             num_warps=tiles.expand_warps,

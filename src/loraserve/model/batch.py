@@ -21,6 +21,13 @@ class LoRAInputs:
     pool: torch.Tensor  # [num_pages * page_elems], the page pool viewed flat
     meta: LoRABatch
     backend: str = "auto"
+    # A mixed step's single-token rows, one segment each, in the matrix-vector (decode) form;
+    # ``meta`` then holds the prefill rows. The two cover disjoint rows.
+    decode: LoRABatch | None = None
+
+    @property
+    def metas(self) -> tuple[LoRABatch, ...]:
+        return (self.meta,) if self.decode is None else (self.meta, self.decode)
 
 
 @dataclass

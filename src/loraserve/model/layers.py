@@ -73,16 +73,17 @@ class PackedLinear(nn.Module):
         # x [T, in_features] -> [T, out_features]
         y = F.linear(x, self.weight, self.bias)
         if lora is not None:
-            lora_apply(
-                x,
-                y,
-                lora.pool,
-                lora.meta,
-                self.layer,
-                self.first_target,
-                self.out_slices,
-                backend=lora.backend,
-            )
+            for meta in lora.metas:
+                lora_apply(
+                    x,
+                    y,
+                    lora.pool,
+                    meta,
+                    self.layer,
+                    self.first_target,
+                    self.out_slices,
+                    backend=lora.backend,
+                )
         return y
 
 

@@ -1,0 +1,183 @@
+"""Compile every Triton kernel variant the engine can launch, before it serves.
+
+Triton compiles a kernel the first time it meets a new set of compile-time parameters; on
+an H200 that takes 0.2-2 s per variant, during which the step (and every request in it)
+waits. A 60 s S-LoRA run at 40 req/s met 76 new variants mid-run (docs/benchmarks.md).
+The int arguments that vary per call are marked ``do_not_specialize`` in the kernels; what
+remains is a handful of block-size choices, which depend on host ints only:
+
+    prefill / mixed steps   LoRA tiles by the longest adapter segment, attention rows by
+                            the longest query run: a few buckets of next_power_of_2(len)
+    decode rows             LoRA matrix-vector tiles by the number of segments (the decode
+                            rows of mixed steps, and eager decode steps), attention with
+                            and without split-KV (CUDA graphs capture their own)
+
+``precompile`` runs one model forward per distinct variant, on a scratch page with LoRA
+segments of slot -1 (the kernels launch, compile, and skip the rows), so the real strides
+and dtypes are the ones compiled. The engine calls it on CUDA only (the CPU interpreter
+compiles nothing); tests call it on the CPU to run every probe forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from loraserve.kernels.attention import _block_m, decode_num_splits
+from loraserve.kernels.lora import _num_sms, _pick_tiles
+from loraserve.memory.adapter_cache import AdapterCache
+from loraserve.memory.pool import PageKind, PagePool
+from loraserve.model.batch import ForwardBatch, LoRAInputs
+from loraserve.model.layers import PackedLinear
+from loraserve.model.llama import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+_MAX_PREFILL_PROBE = 256  # every block-size choice saturates well below this many rows
+
+
+def prefill_lengths(
+    linears: list[PackedLinear], group: int, max_rank: int, max_len: int, num_sms: int
+) -> list[int]:
+    """One query length per distinct (attention rows, LoRA prefill tiles) variant."""
+    seen: dict[tuple, int] = {}
+    for n in range(2, min(max_len, _MAX_PREFILL_PROBE) + 1):
+        key = (_block_m(group, n), _lora_key(linears, max_rank, n, 1, num_sms))
+        seen.setdefault(key, n)
+    return sorted(seen.values())
+
+
+def decode_batch_sizes(
+    linears: list[PackedLinear], max_rank: int, max_seqs: int, num_sms: int
+) -> list[int]:
+    """One decode batch size per distinct LoRA matrix-vector tile choice."""
+    seen: dict[tuple, int] = {}
+    for s in range(1, max_seqs + 1):
+        seen.setdefault(_lora_key(linears, max_rank, 1, s, num_sms), s)
+    return sorted(seen.values())
+
+
+def _lora_key(
+    linears: list[PackedLinear], max_rank: int, seg_len: int, segments: int, num_sms: int
+) -> tuple:
+    """The compile-time part of every layer's LoRA tiles (split_k is a runtime int)."""
+    key = []
+    for lin in linears:
+        max_out = max(n for _, n in lin.out_slices)
+        tiles = _pick_tiles(
+            max_rank, seg_len, segments, lin.in_features, len(lin.out_slices), max_out, num_sms
+        )
+        key.append(tiles._replace(split_k=0))
+    return tuple(key)
+
+
+def precompile(
+    model: LlamaForCausalLM,
+    pool: PagePool,
+    adapter_cache: AdapterCache | None,
+    lora_backend: str,
+    block_size: int,
+    max_model_len: int,
+    max_num_batched_tokens: int,
+    eager_decode_max: int,
+) -> int:
+    """Run one forward per kernel variant (see the module docstring); returns how many.
+    ``eager_decode_max``: the most decode rows a step runs without a CUDA graph (0: none)."""
+    device = model.embed_tokens.weight.device
+    start = time.perf_counter()
+    page = pool.allocate(1, PageKind.RESERVED)
+    if page is None:
+        raise ValueError("the page pool has no page left to compile the kernels with")
+    lora = adapter_cache is not None and lora_backend in ("auto", "triton")
+    linears = [m for m in model.modules() if isinstance(m, PackedLinear)] if lora else []
+    max_rank = adapter_cache.max_rank if lora else 0
+    sms = _num_sms(device)
+    attn = model.layers[0].attn
+    group = attn.num_heads // attn.k_cache.shape[2]
+    forwards = 0
+    try:
+        probe = _Probe(model, page[0], block_size, adapter_cache if lora else None, device)
+        longest = min(max_model_len - 1, max_num_batched_tokens)
+        for n in prefill_lengths(linears, group, max(max_rank, 1), longest, sms):
+            probe.run([n], max_seq_len=n)
+            forwards += 1
+        if eager_decode_max > 0:
+            for s in decode_batch_sizes(linears, max(max_rank, 1), eager_decode_max, sms):
+                probe.run([1] * s, max_seq_len=1)
+                forwards += 1
+            q = torch.empty(1, attn.num_heads, attn.head_dim, device=device)
+            if decode_num_splits(q, attn.k_cache, 1, 1, max_model_len) > 1:
+                probe.run([1], max_seq_len=max_model_len)  # the split-KV decode kernels
+                forwards += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    finally:
+        pool.free(page)
+    logger.info(
+        "compiled kernels with %d forwards in %.1f s", forwards, time.perf_counter() - start
+    )
+    return forwards
+
+
+class _Probe:
+    """Forwards of sequences whose KV all lands on one scratch page; LoRA segments (one per
+    sequence) have slot -1, so the LoRA kernels launch and skip every row."""
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        page: int,
+        block_size: int,
+        adapter_cache: AdapterCache | None,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.page = page
+        self.block_size = block_size
+        self.cache = adapter_cache
+        self.device = device
+
+    def run(self, q_lens: list[int], max_seq_len: int) -> None:
+        from loraserve.kernels.lora import LoRABatch
+
+        tokens = sum(q_lens)
+        starts = [0]
+        for n in q_lens:
+            starts.append(starts[-1] + n)
+        seq_lens = [max(n, 1) for n in q_lens]
+        pages = -(-max(seq_lens) // self.block_size)
+
+        def t(data: list[int], dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(data, dtype=dtype, device=self.device)
+
+        slots = [self.page * self.block_size + i % self.block_size for i in range(tokens)]
+        lora = None
+        if self.cache is not None:
+            meta = LoRABatch(
+                seg_start=t(starts, torch.int32),
+                seg_slot=t([-1] * len(q_lens), torch.int32),
+                row_offsets=self.cache.row_offsets,
+                ranks=self.cache.ranks,
+                scalings=self.cache.scalings,
+                max_rank=self.cache.max_rank,
+                max_seg_len=max(q_lens),
+                num_segments=len(q_lens),
+                row_align=self.cache.row_align,
+            )
+            lora = LoRAInputs(self.cache.pool.buffer.view(-1), meta, "triton")
+        batch = ForwardBatch(
+            input_ids=t([0] * tokens, torch.int64),
+            positions=t([i % self.block_size for i in range(tokens)], torch.int64),
+            slot_mapping=t(slots, torch.int64),
+            block_tables=t([[self.page] * pages for _ in q_lens], torch.int32),
+            seq_lens=t(seq_lens, torch.int32),
+            query_start_loc=t(starts, torch.int32),
+            logits_indices=t([s - 1 for s in starts[1:]], torch.int64),
+            max_q_len=max(q_lens),
+            max_seq_len=max_seq_len,
+            lora=lora,
+        )
+        with torch.inference_mode():
+            self.model.compute_logits(self.model(batch))

@@ -1,0 +1,66 @@
+"""Kernel precompilation at start-up: one probe forward per distinct block-size choice, on a
+scratch page that goes back to the pool, leaving the engine's outputs unchanged."""
+
+from __future__ import annotations
+
+from loraserve.adapters.peft import make_random_adapter
+from loraserve.config import ModelConfig
+from loraserve.engine.args import EngineArgs
+from loraserve.engine.precompile import (
+    _lora_key,
+    decode_batch_sizes,
+    precompile,
+    prefill_lengths,
+)
+from loraserve.kernels.attention import _block_m
+from loraserve.model.layers import PackedLinear
+from loraserve.request import SamplingParams
+
+
+def _linears(engine):
+    return [m for m in engine.model.modules() if isinstance(m, PackedLinear)]
+
+
+def test_probe_lengths_cover_every_variant(tiny_model_factory):
+    engine = EngineArgs(model=str(tiny_model_factory()), dtype="float32").create_engine()
+    linears = _linears(engine)
+    assert len(linears) == 4 * engine.config.model.num_hidden_layers
+    sms = 132
+    lengths = prefill_lengths(linears, 2, 64, 300, sms)
+    keys = {(_block_m(2, n), _lora_key(linears, 64, n, 1, sms)) for n in range(2, 257)}
+    probed = {(_block_m(2, n), _lora_key(linears, 64, n, 1, sms)) for n in lengths}
+    assert probed == keys and len(lengths) == len(keys)
+    # LoRA prefill tiles (16/32/64 rows) and attention rows change at 17 and 33 tokens.
+    assert lengths == [2, 9, 17, 33]
+    sizes = decode_batch_sizes(linears, 64, 256, sms)
+    all_keys = {_lora_key(linears, 64, 1, s, sms) for s in range(1, 257)}
+    assert {_lora_key(linears, 64, 1, s, sms) for s in sizes} == all_keys
+    assert sizes[0] == 1 and sizes == sorted(set(sizes))
+
+
+def test_precompile_probes_leave_the_engine_unchanged(tiny_model_factory, tmp_path):
+    model_dir = tiny_model_factory()
+    config = ModelConfig.from_dir(model_dir)
+    adapter = make_random_adapter(tmp_path / "a", config, 8, ["q_proj", "down_proj"], seed=3)
+    params = SamplingParams(max_tokens=6, temperature=0.0, logprobs=1, ignore_eos=True)
+    prompts = [[5, 6, 7, 8, 9], list(range(3, 40))]
+    outputs = []
+    for probe in (False, True):
+        engine = EngineArgs(
+            model=str(model_dir), dtype="float32", lora_backend="triton"
+        ).create_engine()
+        engine.add_adapter("a", str(adapter))
+        free = engine.pool.num_free
+        if probe:
+            forwards = precompile(
+                engine.model, engine.pool, engine.adapter_cache, "triton", 16, 128, 64, 8
+            )
+            assert forwards >= 4
+            assert engine.pool.num_free == free  # the scratch page went back
+        for i, p in enumerate(prompts):
+            engine.add_request(p, params, request_id=str(i), adapter="a" if i else None)
+        done = {}
+        while engine.has_unfinished():
+            done.update({o.request_id: o for o in engine.step()})
+        outputs.append([(done[k].token_ids, done[k].logprobs) for k in sorted(done)])
+    assert outputs[0] == outputs[1]
