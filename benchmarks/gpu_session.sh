@@ -1,8 +1,9 @@
 #!/bin/bash
 # The GPU measurements still owed to docs/benchmarks.md, for the lent H200, in priority order.
 #
-#   bash benchmarks/gpu_session.sh parity attention lora_bf16 profile128   # one device call
-#   bash benchmarks/gpu_session.sh s2n2000                                 # another
+#   bash benchmarks/gpu_session.sh parity profile_mixed      # one device call
+#   bash benchmarks/gpu_session.sh s2n2000                   # another
+#   bash benchmarks/gpu_session.sh table_S2_5,100            # S2 at n=5,100: base, PEFT
 #
 # Each named part runs under its own time limit and writes under $OUT (at most 8 files come
 # back from a device call: profiles are tarred). One device call may run 10 minutes: keep
@@ -10,15 +11,19 @@
 #   parity      fused kernels + Triton paths against HF/PEFT in fp32 on the GPU   (2)
 #   s2n2000     S2, n=2000, R=40, loraserve and base on the same trace            (5)
 #   s1n2000     the same for S1                                                   (5)
+#   s2n2000_ai  S2 n=2000 with --admission-interval 0.5 (loraserve and base)       (6)
 #   profile128  profile_step.py at batch 128, with and without adapters           (2)
 #   lora_bf16   Triton vs torch LoRA tokens in bf16, bank adapters                (1)
 #   attention   split-KV vs one-pass decode attention                             (1)
 #   s2n100      S2 n=100 R=10 120 s with base and PEFT                            (7)
+#   profile_mixed  batch 240 with adapters: decode and mixed (8 prompts) steps     (4)
+#   table_S_N   setting S at n in N (comma list), R=10, 45 s trace, base (+ PEFT
+#               when every n <= 100), one base run for the sweep     (2 per run + 1.5 PEFT)
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-bench() { timeout "$1" python -m loraserve bench "${@:2}" --no-progress 2>&1 | grep -v Warning | tail -6; }
+bench() { timeout "$1" python -m loraserve bench "${@:2}" --no-progress 2>&1 | grep -v Warning | tail -40; }
 
 for part in "$@"; do
   echo "=== $part"
@@ -26,10 +31,12 @@ for part in "$@"; do
     parity)
       LORASERVE_TEST_DEVICE=cuda timeout 240 python -m pytest -q -x \
         tests/engine/test_hf_parity.py tests/engine/test_lora_parity.py 2>&1 | tail -4 ;;
-    s2n2000|s1n2000)
+    s2n2000|s1n2000|s2n2000_ai|s1n2000_ai)
       s=$(echo "${part:0:2}" | tr a-z A-Z)
-      bench 330 --setting "$s" -n 2000 --rate 40 --duration 60 --baselines base \
-        --time-limit 100 --out "$OUT/bench_${s}_n2000_r40.json" ;;
+      extra=()  # _ai: admission interval 0.5 s (both runs), against the default
+      if [[ $part == *_ai ]]; then extra=(--admission-interval 0.5); fi
+      bench 400 --setting "$s" -n 2000 --rate 40 --duration 60 --baselines base \
+        --time-limit 90 "${extra[@]}" --out "$OUT/bench_${s}_n2000_r40${part:7}.json" ;;
     profile128)
       timeout 200 python benchmarks/profile_step.py --model llama-7b --batches 128 \
         --context 256 --steps 20 --out-dir "$OUT/prof" 2>&1 | grep '^{'
@@ -43,6 +50,16 @@ for part in "$@"; do
     s2n100)
       bench 420 --setting S2 -n 100 --duration 120 --baselines base,peft --peft-batch 32 \
         --peft-time-limit 120 --time-limit 150 --out "$OUT/bench_S2_n100_120s.json" ;;
+    profile_mixed)
+      timeout 300 python benchmarks/profile_step.py --model llama-7b --batches 240 --context 256 \
+        --steps 10 --mixed-prompts 8 --scenarios lora --out-dir "$OUT/prof" 2>&1 | grep '^{'
+      tar czf "$OUT/prof_mixed.tgz" -C "$OUT" prof && rm -r "$OUT/prof" ;;
+    table_*)
+      IFS=_ read -r _ s ns <<< "$part"
+      baselines=base
+      if [ "$(echo "$ns" | tr , '\n' | sort -n | tail -1)" -le 100 ]; then baselines=base,peft; fi
+      bench 560 --setting "$s" -n "$ns" --rate 10 --duration 45 --baselines "$baselines" \
+        --time-limit 60 --peft-time-limit 60 --out "$OUT/bench_${s}_n${ns//,/-}.json" ;;
     *) echo "unknown part $part" ;;
   esac
 done

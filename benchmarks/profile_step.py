@@ -6,9 +6,10 @@
 For each batch size and for base-only and multi-adapter batches (one adapter per request,
 ranks round-robin): decode steps are timed end to end and split into host phases (schedule,
 launch, collect = waiting for the device, the rest), the CUDA-graph replay alone is timed
-with CUDA events, and a mixed step (the decode batch plus one new prompt) is timed eagerly.
-A torch.profiler table of the eager decode step (device time per kernel) is written to
-``--out-dir``. Prints one JSON line per scenario.
+with CUDA events, and a mixed step (the decode batch plus --mixed-prompts new prompts) is
+timed eagerly, wall and device. torch.profiler tables of the eager decode step and of the
+mixed step (device time per kernel) are written to ``--out-dir``. Prints one JSON line per
+scenario.
 """
 
 from __future__ import annotations
@@ -141,17 +142,35 @@ def scenario(engine, args, batch: int, lora: bool, out_dir: Path) -> dict:
     name = f"profile_{'lora' if lora else 'base'}_b{batch}.txt"
     (out_dir / name).write_text(prof.key_averages().table(sort_by=sort, row_limit=45))
 
-    # One mixed step: the decode batch plus a new prompt of args.context tokens.
-    prompt = torch.randint(0, vocab, (args.context,), generator=g).tolist()
-    engine.add_request(
-        prompt, params, request_id=f"mix{batch}{lora}", adapter=adapter_name(0) if lora else None
-    )
-    ids.append(f"mix{batch}{lora}")
-    sync()
-    start = time.perf_counter()
-    engine.step()
-    sync()
-    mixed_ms = 1000 * (time.perf_counter() - start)
+    # One mixed step: the decode batch plus --mixed-prompts new prompts of args.context
+    # tokens (adapters already resident, so only compute is timed), then the same again
+    # under the profiler: host time (wall) against device time (CUDA events).
+    def mixed_step(tag: str) -> tuple[float, float | None]:
+        for k in range(args.mixed_prompts):
+            prompt = torch.randint(0, vocab, (args.context,), generator=g).tolist()
+            rid = f"mix{tag}{batch}{lora}-{k}"
+            engine.add_request(
+                prompt, params, request_id=rid, adapter=adapter_name(k) if lora else None
+            )
+            ids.append(rid)
+        sync()
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if sync_on else []
+        if events:
+            events[0].record()
+        start = time.perf_counter()
+        engine.step()
+        wall = 1000 * (time.perf_counter() - start)
+        if events:
+            events[1].record()
+        sync()
+        return wall, events[0].elapsed_time(events[1]) if events else None
+
+    sync_on = torch.cuda.is_available()
+    mixed_ms, mixed_device_ms = mixed_step("a")
+    with torch.profiler.profile(activities=activities) as prof:
+        mixed_step("b")
+    name = f"profile_mixed_{'lora' if lora else 'base'}_b{batch}.txt"
+    (out_dir / name).write_text(prof.key_averages().table(sort_by=sort, row_limit=45))
     runner.graphs = graphs
     for rid in ids:
         engine.abort(rid)
@@ -165,6 +184,8 @@ def scenario(engine, args, batch: int, lora: bool, out_dir: Path) -> dict:
         "graph_replay_ms": replay_ms,
         "eager_step_ms": eager_ms,
         "mixed_step_ms": mixed_ms,
+        "mixed_step_device_ms": mixed_device_ms,
+        "mixed_prompts": args.mixed_prompts,
     }
 
 
@@ -176,6 +197,10 @@ def main() -> None:
     parser.add_argument("--batches", default="32,128")
     parser.add_argument("--context", type=int, default=256)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument(
+        "--mixed-prompts", type=int, default=1, help="new prompts in the mixed step"
+    )
+    parser.add_argument("--scenarios", default="base,lora", help="base,lora | lora | base")
     parser.add_argument("--ranks", default="64,32,16,8")
     parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
@@ -190,7 +215,7 @@ def main() -> None:
     engine = build(args)
     results = []
     for batch in args.batches:
-        for lora in (False, True):
+        for lora in (s == "lora" for s in args.scenarios.split(",")):
             r = scenario(engine, args, batch, lora, out_dir)
             print(json.dumps(r), flush=True)
             results.append(r)

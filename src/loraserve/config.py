@@ -270,8 +270,16 @@ class SchedulerConfig:
     # Fail a request that has waited this long without starting (S-LoRA's early abort: it
     # can no longer meet a first-token deadline, and the capacity goes to those that can).
     ttft_deadline: float | None = None
+    # With the batch (nearly) full and prompts waiting, let new prompts join at most once per
+    # this many seconds, unless max_num_seqs / 8 sequence slots are free: at saturation every
+    # finished request would otherwise turn the next graphed decode step into a mixed one.
+    admission_interval: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.admission_interval < 0:
+            raise ValueError(
+                f"admission_interval must be >= 0 seconds, got {self.admission_interval}"
+            )
         if self.ttft_deadline is not None and self.ttft_deadline <= 0:
             raise ValueError(f"ttft_deadline must be > 0 seconds, got {self.ttft_deadline}")
         if self.prefill_batch_window < 0:

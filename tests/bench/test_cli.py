@@ -41,6 +41,10 @@ def test_sweep_writes_json_and_png(tiny_model, tmp_path, capsys):
     png = out.with_suffix(".png")
     assert png.is_file() and png.stat().st_size > 1000
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Arrivals and lengths do not depend on n: one base run serves the whole sweep.
+    first, second = (p["runs"]["base"] for p in results["points"])
+    assert "reused_from_n" not in first and second["reused_from_n"] == 2
+    assert second["throughput_req_s"] == first["throughput_req_s"]
     err = capsys.readouterr().err
     assert "n=4 rate=10 separate:" in err and "decode step" in err
 

@@ -253,7 +253,13 @@ def test_pool_tier_hits_and_misses_count_requests(base_dir, adapter_dirs):
 def test_mixed_step_runs_decode_rows_in_decode_form(base_dir, adapter_dirs):
     """A step with decoding and prefilling adapter requests gives the decode rows one
     single-row segment each (matrix-vector kernels) and the prefill rows their own segments."""
-    engine = EngineArgs(model=str(base_dir), dtype="float32", max_lora_rank=128).create_engine()
+    engine = EngineArgs(
+        model=str(base_dir),
+        dtype="float32",
+        device=DEVICE,
+        max_lora_rank=128,
+        cuda_graph_max_batch=0,  # pure decode steps eager too (they build LoRA inputs)
+    ).create_engine()
     for name, path in adapter_dirs.items():
         engine.add_adapter(name, path)
     seen = []
@@ -265,7 +271,7 @@ def test_mixed_step_runs_decode_rows_in_decode_form(base_dir, adapter_dirs):
         return lora
 
     engine.runner._lora_inputs = record
-    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     names = list(ADAPTERS)
     prompts = equal_length_prompts(4)
     for i in range(2):  # two decoding (same adapter: still one segment per row) ...

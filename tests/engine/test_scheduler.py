@@ -225,3 +225,33 @@ def test_time_in_queue_is_arrival_to_first_step(model_dir):
         clock.now += 0.25
     assert set(seen["a"]) == {0.0}  # started at once
     assert set(seen["b"]) == {0.75}  # "a" took the only seat for 3 steps
+
+
+def test_admission_interval_holds_prompts_while_the_batch_is_nearly_full(model_dir):
+    engine = make_engine(model_dir, max_num_seqs=16, admission_interval=1.0)
+    clock = FakeClock()
+    engine.scheduler.clock = clock
+    params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True)
+    for i in range(15):
+        engine.add_request([5, 6, 7 + i], params, request_id=f"r{i}")
+    engine.step()  # an idle engine admits at once
+    assert len(engine.scheduler.running) == 15
+    engine.add_request([9, 9, 9], params, request_id="late")
+    for _ in range(3):  # one free slot (< 16 / 8): held, the steps stay pure decode
+        clock.now += 0.2
+        engine.step()
+        assert [r.request_id for r in engine.scheduler.waiting] == ["late"]
+        assert len(engine.scheduler.running) == 15
+    clock.now += 0.5  # a second since the last admission
+    scheduled = engine.scheduler.schedule()
+    assert scheduled.requests[-1].request_id == "late" and scheduled.num_scheduled[-1] == 3
+    # Two free slots (16 / 8) admit at once, interval or not.
+    roomy = make_engine(model_dir, max_num_seqs=16, admission_interval=100.0)
+    roomy.scheduler.clock = clock
+    for i in range(14):
+        roomy.add_request([5, 6, 7 + i], params, request_id=f"r{i}")
+    roomy.step()
+    roomy.add_request([9, 9, 9], params, request_id="late")
+    assert roomy.scheduler.schedule().requests[-1].request_id == "late"
+    with pytest.raises(ValueError, match="admission_interval"):
+        make_engine(model_dir, admission_interval=-1.0)

@@ -76,7 +76,10 @@ def run_bench(config: BenchConfig, report: Report = logger.info) -> dict[str, An
     model = model_config(config.engine.model)
     with tempfile.TemporaryDirectory(prefix="loraserve-bench-") as tmp:
         files = Path(config.adapter_files or tmp)
-        points = [_run_point(config, w, model, files, report) for w in config.workloads()]
+        base_runs: dict[tuple, dict[str, Any]] = {}  # one base run per distinct trace
+        points = [
+            _run_point(config, w, model, files, report, base_runs) for w in config.workloads()
+        ]
     return {
         "config": config.as_dict(),
         "environment": _environment(),
@@ -113,8 +116,16 @@ def bench_requests(
 
 
 def _run_point(
-    config: BenchConfig, workload: WorkloadConfig, model: ModelConfig, files: Path, report: Report
+    config: BenchConfig,
+    workload: WorkloadConfig,
+    model: ModelConfig,
+    files: Path,
+    report: Report,
+    base_runs: dict[tuple, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """One trace through loraserve and each baseline. ``base_runs``: base-model results by
+    trace; S-LoRA's generator draws arrivals and lengths independently of n, so the points
+    of an n sweep share one trace and one base run ("reused_from_n" marks the copies)."""
     requests = bench_requests(workload, model.vocab_size, config.max_requests)
     base = [r._replace(adapter=None) for r in requests]
     where = f"{config.setting or model.name} n={workload.num_adapters} rate={workload.rate:g}"
@@ -130,9 +141,15 @@ def _run_point(
             done("base", _http_run(config, base, "base", model, files))
     else:
         done("loraserve", _engine_run(config, config.engine, workload, requests, "loraserve"))
+        trace = tuple((r.trace.arrival, r.trace.input_len, r.trace.output_len) for r in base)
         for name, args in _engine_baselines(config, runs["loraserve"]["engine"]).items():
+            if name == "base" and base_runs is not None and trace in base_runs:
+                done(name, base_runs[trace])
+                continue
             variant = base if name == "base" else requests
             done(name, _engine_run(config, args, workload, variant, name))
+            if name == "base" and base_runs is not None:
+                base_runs[trace] = {**runs[name], "reused_from_n": workload.num_adapters}
     if "peft" in config.baselines:
         done("peft", _peft_run(config, requests, model))
     return {

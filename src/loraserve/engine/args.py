@@ -70,6 +70,12 @@ class EngineArgs:
         "it can no longer meet a first-token deadline; the server answers 503); default: "
         "wait as long as it takes",
     )
+    admission_interval: float = _opt(
+        0.0,
+        "with the batch nearly full and prompts waiting, admit new prompts at most every S "
+        "seconds (unless max_num_seqs/8 slots are free), so fewer decode steps turn into "
+        "mixed prefill steps at saturation; 0: admit whenever a slot frees",
+    )
     attention_backend: str = _opt(
         "auto", "auto | torch | triton", choices=("auto", "torch", "triton")
     )
@@ -167,6 +173,7 @@ class EngineArgs:
                 self.max_num_batched_tokens,
                 self._prefill_window(graph_batch),
                 self.ttft_deadline,
+                self.admission_interval,
             ),
             lora=LoRAConfig(
                 self.max_loras,

@@ -26,6 +26,7 @@ import time
 import torch
 
 from loraserve.kernels.attention import _block_m, decode_num_splits
+from loraserve.kernels.host import next_power_of_2
 from loraserve.kernels.lora import _num_sms, _pick_tiles
 from loraserve.memory.adapter_cache import AdapterCache
 from loraserve.memory.pool import PageKind, PagePool
@@ -62,14 +63,16 @@ def decode_batch_sizes(
 def _lora_key(
     linears: list[PackedLinear], max_rank: int, seg_len: int, segments: int, num_sms: int
 ) -> tuple:
-    """The compile-time part of every layer's LoRA tiles (split_k is a runtime int)."""
+    """The compile-time part of every layer's LoRA tiles: split_k is a runtime int, but the
+    decode expand kernel sums the splits in a power-of-two block (BLOCK_S)."""
     key = []
     for lin in linears:
         max_out = max(n for _, n in lin.out_slices)
         tiles = _pick_tiles(
             max_rank, seg_len, segments, lin.in_features, len(lin.out_slices), max_out, num_sms
         )
-        key.append(tiles._replace(split_k=0))
+        split = next_power_of_2(tiles.split_k) if tiles.block_m == 1 else 0
+        key.append(tiles._replace(split_k=split))
     return tuple(key)
 
 

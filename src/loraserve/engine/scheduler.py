@@ -20,6 +20,7 @@ prefilled in chunks over several steps.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -71,6 +72,7 @@ class Scheduler:
         self.watermark_pages = int(watermark * kv.pool.num_pages)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self._last_admission = -math.inf  # clock() of the last admission (admission_interval)
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
@@ -113,13 +115,21 @@ class Scheduler:
         """Whether new prompts join this step. With a prefill batch window, a pure decode
         step (which replays as a CUDA graph) is not turned into a mixed step (which runs
         eagerly, several times slower) for every arrival: prompts wait until the oldest has
-        waited the window, then go in together."""
-        window = self.config.prefill_batch_window
-        if not self.waiting or window <= 0 or not batch.requests:
+        waited the window, then go in together. With an admission interval, a nearly full
+        batch (fewer than max_num_seqs / 8 free slots) admits at most once per interval."""
+        if not self.waiting or not batch.requests:
             return bool(self.waiting)
         if any(n > 1 for n in batch.num_scheduled):
             return True  # a prefill chunk runs this step anyway
-        return self.clock() - self.waiting[0].arrival_time >= window
+        now = self.clock()
+        window = self.config.prefill_batch_window
+        if window > 0 and now - self.waiting[0].arrival_time < window:
+            return False
+        interval = self.config.admission_interval
+        if interval > 0 and now - self._last_admission < interval:
+            free = self.config.max_num_seqs - len(self.running)
+            return free >= max(1, self.config.max_num_seqs // 8)
+        return True
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
         i = 0
@@ -172,8 +182,9 @@ class Scheduler:
                 return
             self.waiting.remove(request)
             self._pin(request)
+            self._last_admission = self.clock()
             if request.first_scheduled_time is None:
-                request.first_scheduled_time = self.clock()
+                request.first_scheduled_time = self._last_admission
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             batch.add(request, n)

@@ -60,6 +60,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from loraserve.kernels.host import cdiv, next_power_of_2
+
 _LOG2E = 1.4426950408889634
 
 # Split-KV decode: split until the grid holds about _SPLIT_WAVES programs per SM, each split
@@ -428,8 +430,8 @@ def _max_q_len(query_start_loc: Tensor) -> int:
 
 def _block_m(group: int, max_q_len: int) -> int:
     """Rows per program: every head of the group, and up to 64 rows of query tokens."""
-    rows = triton.next_power_of_2(group * max_q_len)
-    return max(16, triton.next_power_of_2(group), min(64, rows))
+    rows = next_power_of_2(group * max_q_len)
+    return max(16, next_power_of_2(group), min(64, rows))
 
 
 def _check_inputs(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> None:
@@ -480,7 +482,7 @@ def _kernel_meta(q: Tensor, k_cache: Tensor, max_q_len: int) -> dict:
     """Compile-time parameters shared by the single-kernel and the split-KV paths."""
     head_dim = q.shape[2]
     group = q.shape[1] // k_cache.shape[2]
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = max(16, next_power_of_2(head_dim))
     return dict(
         HEAD_DIM=head_dim,
         PAGE_SIZE=k_cache.shape[1],
@@ -552,7 +554,7 @@ def _split_kv_decode(
         out.stride(1),
         HEAD_DIM=head_dim,
         # One variant for every split count up to _MAX_SPLITS (masked lanes cost nothing).
-        BLOCK_S=triton.next_power_of_2(max(_MAX_SPLITS, num_splits)),
+        BLOCK_S=next_power_of_2(max(_MAX_SPLITS, num_splits)),
         BLOCK_D=meta["BLOCK_D"],
     )
 
@@ -598,7 +600,7 @@ def paged_attention_triton(
         return out
 
     meta = _kernel_meta(q, k_cache, max_q_len)
-    grid = (triton.cdiv(max_q_len, meta["BLOCK_M"] // meta["GROUP"]), num_seqs, num_kv_heads)
+    grid = (cdiv(max_q_len, meta["BLOCK_M"] // meta["GROUP"]), num_seqs, num_kv_heads)
     _paged_attention_kernel[grid](
         q,
         k_cache,

@@ -35,6 +35,7 @@ import triton.language as tl
 from torch import Tensor
 
 from loraserve.kernels.attention import store_kv
+from loraserve.kernels.host import cdiv, next_power_of_2
 
 
 def _use_triton(backend: str, x: Tensor) -> bool:
@@ -104,7 +105,7 @@ def fused_add_rms_norm_triton(
     if num_rows == 0:
         return out, s
     res = x if residual is None else residual  # not read without a residual
-    block = triton.next_power_of_2(hidden)
+    block = next_power_of_2(hidden)
     _add_rms_norm_kernel[(num_rows,)](
         x,
         res,
@@ -302,9 +303,9 @@ def rotary_store_kv_triton(
         NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim,
         PAGE_SIZE=block_size,
-        BLOCK_H=triton.next_power_of_2(num_heads),
-        BLOCK_KV=triton.next_power_of_2(num_kv_heads),
-        BLOCK_HALF=triton.next_power_of_2(head_dim // 2),
+        BLOCK_H=next_power_of_2(num_heads),
+        BLOCK_KV=next_power_of_2(num_kv_heads),
+        BLOCK_HALF=next_power_of_2(head_dim // 2),
         enable_fp_fusion=False,  # no a*b+c*d -> fma: each product rounded, as in torch
     )
     return q
@@ -358,8 +359,8 @@ def silu_and_mul_triton(gate_up: Tensor) -> Tensor:
     out = torch.empty((num_rows, inter), dtype=gate_up.dtype, device=gate_up.device)
     if num_rows == 0:
         return out
-    block = min(1024, triton.next_power_of_2(inter))
-    grid = (num_rows, triton.cdiv(inter, block))
+    block = min(1024, next_power_of_2(inter))
+    grid = (num_rows, cdiv(inter, block))
     _silu_and_mul_kernel[grid](
         gate_up, out, gate_up.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4
     )

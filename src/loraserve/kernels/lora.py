@@ -55,6 +55,7 @@ import triton.language as tl
 from torch import Tensor
 
 from loraserve.config import LORA_TARGETS
+from loraserve.kernels.host import cdiv, next_power_of_2
 
 NUM_TARGETS = len(LORA_TARGETS)
 MAX_CALL_TARGETS = 3  # targets one call may cover (q|k|v is the widest packing)
@@ -578,7 +579,7 @@ def _num_sms(device: torch.device) -> int:
 
 def _r_pad(max_rank: int) -> int:
     """Per-target stride of the shrink columns: a power of two >= max(16, max_rank)."""
-    return max(16, triton.next_power_of_2(max_rank))
+    return max(16, next_power_of_2(max_rank))
 
 
 def pick_tiles(
@@ -608,8 +609,8 @@ def _pick_tiles(
 
 def _split_k(programs: int, waves: int, cap: int, in_features: int, block_k: int, sms: int) -> int:
     """Splits of the input features that bring the shrink grid to about ``waves`` waves."""
-    want = triton.cdiv(waves * sms, programs)
-    return max(1, min(want, cap, triton.cdiv(in_features, block_k)))
+    want = cdiv(waves * sms, programs)
+    return max(1, min(want, cap, cdiv(in_features, block_k)))
 
 
 def _decode_tiles(
@@ -619,14 +620,14 @@ def _decode_tiles(
     split to about two waves; the whole rank (up to 64) of B^T at once in tiles of about 8K
     elements, N narrowed (down to 64) until the expand grid fills the GPU."""
     block_c = min(r_pad, 32)
-    block_k = min(256, triton.next_power_of_2(in_features))
-    c_tiles = triton.cdiv(n_targets * r_pad, block_c)
+    block_k = min(256, next_power_of_2(in_features))
+    c_tiles = cdiv(n_targets * r_pad, block_c)
     split_k = _split_k(
         num_segments * c_tiles, 2, _DECODE_MAX_SPLIT_K, in_features, block_k, num_sms
     )
     block_r = min(r_pad, 64)
-    block_n = min(max(64, 8192 // block_r), triton.next_power_of_2(max_out))
-    while block_n > 64 and num_segments * n_targets * triton.cdiv(max_out, block_n) < num_sms:
+    block_n = min(max(64, 8192 // block_r), next_power_of_2(max_out))
+    while block_n > 64 and num_segments * n_targets * cdiv(max_out, block_n) < num_sms:
         block_n //= 2
     return LoRATiles(1, block_c, block_k, split_k, block_r, block_n, 2, 2)
 
@@ -643,16 +644,16 @@ def _prefill_tiles(
     """tl.dot tiles, every dim >= 16. Shrink: 64 rows x up to 128 columns (every target at
     once when they fit), K split to about one wave (every expand N tile re-reads each
     split's partials, so fewer splits than decode). Expand: 16-32 rows x 128 columns."""
-    block_m = min(64, max(16, triton.next_power_of_2(max_seg_len)))
-    block_c = min(128, triton.next_power_of_2(n_targets * r_pad))
-    block_k = min(64, max(16, triton.next_power_of_2(in_features)))
-    programs = num_segments * triton.cdiv(max_seg_len, block_m)
-    programs *= triton.cdiv(n_targets * r_pad, block_c)
+    block_m = min(64, max(16, next_power_of_2(max_seg_len)))
+    block_c = min(128, next_power_of_2(n_targets * r_pad))
+    block_k = min(64, max(16, next_power_of_2(in_features)))
+    programs = num_segments * cdiv(max_seg_len, block_m)
+    programs *= cdiv(n_targets * r_pad, block_c)
     split_k = _split_k(programs, 1, 8, in_features, block_k, num_sms)
     shrink_warps = 8 if block_m * block_c >= 8192 else 4
     expand_m = min(block_m, 32 if r_pad >= 64 else 16)
     block_r = min(r_pad, 32)
-    block_n = min(128, max(16, triton.next_power_of_2(max_out)))
+    block_n = min(128, max(16, next_power_of_2(max_out)))
     return LoRATiles(
         block_m, block_c, block_k, split_k, block_r, block_n, shrink_warps, 4, expand_m
     )
@@ -692,10 +693,10 @@ def _shrink(
     v = torch.empty(
         tiles.split_k, x.shape[0], n_targets * r_pad, dtype=torch.float32, device=x.device
     )
-    k_per_split = triton.cdiv(triton.cdiv(in_features, tiles.split_k), tiles.block_k)
+    k_per_split = cdiv(cdiv(in_features, tiles.split_k), tiles.block_k)
     k_per_split *= tiles.block_k
-    m_tiles = triton.cdiv(batch.max_seg_len, tiles.block_m)
-    c_tiles = triton.cdiv(n_targets * r_pad, tiles.block_c)
+    m_tiles = cdiv(batch.max_seg_len, tiles.block_m)
+    c_tiles = cdiv(n_targets * r_pad, tiles.block_c)
     grid = (batch.num_segments, m_tiles, c_tiles * tiles.split_k)
     args = (
         x,
@@ -753,8 +754,8 @@ def _expand(
     tiles: LoRATiles,
 ) -> None:
     """y[:, slice_t] += scaling_t * (sum of v's partials) @ B^T_t for every target t."""
-    n_tiles = triton.cdiv(max(n for _, n in out_slices), tiles.block_n)
-    m_tiles = triton.cdiv(batch.max_seg_len, tiles.expand_m)
+    n_tiles = cdiv(max(n for _, n in out_slices), tiles.block_n)
+    m_tiles = cdiv(batch.max_seg_len, tiles.expand_m)
     grid = (batch.num_segments, m_tiles, len(out_slices) * n_tiles)
     args = (
         y,
@@ -783,8 +784,7 @@ def _expand(
             *args,
             R_PAD=r_pad,
             ROW_ALIGN=batch.row_align,
-            # One variant for every split up to the decode cap (masked partials cost nothing).
-            BLOCK_S=triton.next_power_of_2(max(tiles.split_k, _DECODE_MAX_SPLIT_K)),
+            BLOCK_S=next_power_of_2(tiles.split_k),
             BLOCK_R=tiles.block_r,
             BLOCK_N=tiles.block_n,
             num_warps=tiles.expand_warps,
