@@ -191,6 +191,31 @@ def test_triton_writes_given_out_with_given_max_q_len() -> None:
     torch.testing.assert_close(got, paged_attention_ref(*case.args()), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("num_splits_forced", [None, 3])
+def test_decode_and_prefill_sequences_in_two_launches(
+    backend: str, num_splits_forced: int | None, monkeypatch
+) -> None:
+    """A mixed step's decode sequences (first, one row each) and prefill sequences attended
+    in separate launches into one output (as the model does) equal one launch for all."""
+    specs = [(37, 1), (9, 1), (20, 1), (50, 50), (70, 13)]
+    case = make_case(specs, SHAPES[1], torch.float32, seed=6)
+    want = paged_attention_ref(*case.args())
+    if num_splits_forced is not None:  # the decode part through the split-KV kernels
+
+        def splits(q, k_cache, num_seqs, max_q_len, max_seq_len):
+            return num_splits_forced if max_q_len == 1 else 1
+
+        monkeypatch.setattr(attention, "decode_num_splits", splits)
+    out = torch.full_like(case.q, float("nan"))
+    q, k, v, tables, lens, starts, scale = case.args()
+    d = 3
+    paged_attention(q, k, v, tables[:d], lens[:d], starts[: d + 1], scale, backend, 1, 70, out=out)
+    assert out[d:].isnan().all()  # only the decode rows so far
+    paged_attention(q, k, v, tables[d:], lens[d:], starts[d:], scale, backend, 50, 70, out=out)
+    torch.testing.assert_close(out, want, atol=1e-4, rtol=1e-4)
+
+
 def test_dispatch_picks_backend() -> None:
     case = make_case(MIXED, SHAPES[0], torch.float32, seed=4)
     ref = paged_attention(*case.args(), backend="torch")

@@ -98,6 +98,7 @@ class ModelRunner:
             max_q_len=max(counts),
             max_seq_len=max(seq_lens),
             lora=self._lora_inputs(requests, query_start),
+            num_decode_seqs=sum(n == 1 for n in counts),  # sorted first
         )
         return batch, sampling
 

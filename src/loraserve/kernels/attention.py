@@ -118,11 +118,13 @@ def paged_attention_ref(
     seq_lens: Tensor,  # int32 [num_seqs]
     query_start_loc: Tensor,  # int32 [num_seqs + 1]
     scale: float,
+    out: Tensor | None = None,  # written only at the batch's query rows
 ) -> Tensor:  # [num_tokens, num_heads, head_dim], dtype of q
     """Plain torch paged attention: one sequence at a time, fp32 inside."""
     block_size = k_cache.shape[1]
     group = q.shape[1] // k_cache.shape[2]
-    out = torch.empty_like(q)
+    if out is None:
+        out = torch.empty_like(q)
     starts = query_start_loc.tolist()
     for s, seq_len in enumerate(seq_lens.tolist()):
         pages = block_tables[s, : -(-seq_len // block_size)].long()
@@ -632,13 +634,16 @@ def paged_attention(
     backend: str = "auto",  # "auto": triton on CUDA, torch elsewhere; "torch" | "triton"
     max_q_len: int | None = None,  # only used by the triton backend
     max_seq_len: int | None = None,  # only used by the triton backend (split-KV decode)
+    out: Tensor | None = None,  # write here (only the batch's query rows are written)
 ) -> Tensor:  # [num_tokens, num_heads, head_dim], dtype of q
-    """Causal paged attention of the batch's query tokens over their cached contexts."""
+    """Causal paged attention of the batch's query tokens over their cached contexts.
+    Sequence s owns query rows query_start_loc[s] .. query_start_loc[s + 1] of ``q`` (absolute
+    rows: a batch may be a slice of the sequences of a larger one)."""
     if backend == "auto":
         backend = "triton" if q.is_cuda else "torch"
     args = (q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale)
     if backend == "torch":
-        return paged_attention_ref(*args)
+        return paged_attention_ref(*args, out=out)
     if backend == "triton":
-        return paged_attention_triton(*args, max_q_len=max_q_len, max_seq_len=max_seq_len)
+        return paged_attention_triton(*args, out=out, max_q_len=max_q_len, max_seq_len=max_seq_len)
     raise ValueError(f"unknown attention backend {backend!r}")

@@ -42,6 +42,10 @@ class ForwardBatch:
     max_q_len: int
     max_seq_len: int
     lora: LoRAInputs | None = None  # None: no request in the batch uses an adapter
+    # Sequences 0..D-1 have one query token each (token rows 0..D-1). In a step that also
+    # prefills, attention runs them apart, in the decode form, instead of giving each the
+    # max_q_len-row programs of the prefill form. 0: one launch for everything.
+    num_decode_seqs: int = 0
 
     @property
     def num_tokens(self) -> int:

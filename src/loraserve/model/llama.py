@@ -72,19 +72,44 @@ class Attention(nn.Module):
             self.num_heads,
             backend=self.backend,
         )  # [T, heads, head_dim]; K and V of the batch's tokens are in the cache
-        o = paged_attention(
-            q,
-            self.k_cache,
-            self.v_cache,
-            batch.block_tables,
-            batch.seq_lens,
-            batch.query_start_loc,
-            self.scale,
-            backend=self.backend,
-            max_q_len=batch.max_q_len,
-            max_seq_len=batch.max_seq_len,
-        )  # [T, heads, head_dim]
+        o = self._attend(q, batch)  # [T, heads, head_dim]
         return self.o_proj(o.reshape(-1, self.num_heads * self.head_dim), batch.lora)
+
+    def _attend(self, q: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+        """Paged attention of every query row; a mixed step's decode sequences (the first
+        ``num_decode_seqs``) in a launch of their own. Both launches index rows absolutely
+        (query_start_loc), so they write disjoint rows of one output."""
+        kv = (self.k_cache, self.v_cache)
+        d = batch.num_decode_seqs
+        if not 0 < d < batch.num_seqs:
+            return paged_attention(
+                q,
+                *kv,
+                batch.block_tables,
+                batch.seq_lens,
+                batch.query_start_loc,
+                self.scale,
+                backend=self.backend,
+                max_q_len=batch.max_q_len,
+                max_seq_len=batch.max_seq_len,
+            )
+        out = torch.empty_like(q)
+        decode = (slice(0, d), slice(0, d + 1), 1)  # (sequences, their query starts, max_q_len)
+        prefill = (slice(d, None), slice(d, None), batch.max_q_len)
+        for seqs, starts, max_q_len in (decode, prefill):
+            paged_attention(
+                q,
+                *kv,
+                batch.block_tables[seqs],
+                batch.seq_lens[seqs],
+                batch.query_start_loc[starts],
+                self.scale,
+                backend=self.backend,
+                max_q_len=max_q_len,
+                max_seq_len=batch.max_seq_len,
+                out=out,
+            )
+        return out
 
 
 class MLP(nn.Module):
