@@ -129,7 +129,13 @@ class Request:
         return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
 
     def tokens_slice(self, start: int, end: int) -> list[int]:
-        return (self.prompt_token_ids + self.output_token_ids)[start:end]
+        """Tokens start..end-1 of prompt + output (without copying the whole sequence)."""
+        n = len(self.prompt_token_ids)
+        if start >= n:
+            return self.output_token_ids[start - n : end - n]
+        if end <= n:
+            return self.prompt_token_ids[start:end]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - n]
 
     @property
     def finished(self) -> bool:

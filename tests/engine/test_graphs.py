@@ -4,6 +4,7 @@ tokens and logprobs as the ordinary path, with adapters and base-model requests 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from loraserve.engine.args import EngineArgs
 from loraserve.engine.graphs import capture_sizes
@@ -95,3 +96,33 @@ def test_graphs_default_only_with_capturable_backends():
         EngineArgs(lora_backend="torch", cuda_graph_max_batch=8)._graph_batch("cuda")
     # On the CPU the padded path runs eagerly with any backend (tests use it).
     assert EngineArgs(lora_backend="torch", cuda_graph_max_batch=8)._graph_batch("cpu") == 8
+
+
+def test_block_tables_rewritten_only_where_changed_and_always_complete(setup):
+    """The incremental block-table fill gives, after any sequence of steps, exactly the
+    tables a full rewrite would: each row its request's pages, the scratch page elsewhere."""
+    from types import SimpleNamespace
+
+    model_dir, _ = setup
+    engine = EngineArgs(
+        model=str(model_dir), dtype="float32", cuda_graph_max_batch=4
+    ).create_engine()
+    graphs = engine.runner.graphs
+    static = graphs._static[4]
+    scratch = graphs.scratch_page
+
+    def req(rid, pages):
+        return SimpleNamespace(request_id=rid, block_table=list(pages))
+
+    def expected(requests):
+        cols = [r.block_table for r in requests] + [[]] * (4 - len(requests))
+        width = static.host.shape[0] - 5
+        return torch.tensor([c + [scratch] * (width - len(c)) for c in cols]).t()
+
+    a, b, c = req("a", [3, 4, 5]), req("b", [7]), req("c", [9, 10])
+    steps = [[a, b], [a, b], [b], [c, a, b], [a], [c], []]  # [c] after [a]: a shorter table
+    for i, requests in enumerate(steps):
+        if i == 2:
+            a.block_table.append(11)  # a grows by a page
+        graphs._fill_tables(static, requests)
+        assert torch.equal(static.host[5:], expected(requests)), i

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -57,6 +57,9 @@ class _Static:
     batch: ForwardBatch
     inputs: torch.Tensor
     host: torch.Tensor
+    # What each row of ``host``'s block tables holds: (request id, table length), or None
+    # for the scratch page only. Consecutive decode steps mostly keep every row as it was.
+    tables: list[tuple[str, int] | None] = field(default_factory=list)
     logits: torch.Tensor | None = None
     graph: torch.cuda.CUDAGraph | None = None
 
@@ -193,25 +196,42 @@ class DecodeGraphs:
         host = static.host
         n = len(requests)
         bs = self.block_size
-        positions = [r.num_tokens - 1 for r in requests]
         host[:5, n:] = 0
         host[2, n:] = self.scratch_page * bs
         host[3, n:] = 1
         host[4, n:] = -1
-        host[5:] = self.scratch_page  # block tables: unused entries and padding rows
         if n:
-            rows = [
-                [r.token_at(p) for r, p in zip(requests, positions, strict=True)],
-                positions,
-                [kv_slot(r, p, bs) for r, p in zip(requests, positions, strict=True)],
-                [p + 1 for p in positions],
-                [-1 if r.adapter_slot is None else r.adapter_slot for r in requests],
-            ]
+            rows: list[list[int]] = [[], [], [], [], []]
+            ids, positions, slots, lens, adapters = rows
+            for r in requests:
+                p = r.num_tokens - 1
+                ids.append(r.token_at(p))
+                positions.append(p)
+                slots.append(kv_slot(r, p, bs))
+                lens.append(p + 1)
+                adapters.append(-1 if r.adapter_slot is None else r.adapter_slot)
             host[:5, :n] = torch.tensor(rows, dtype=torch.int64)
-            tables = host[5:, :n].t()  # [n, max_blocks] view
-            width = max(len(r.block_table) for r in requests)
-            padded = [
-                r.block_table + [self.scratch_page] * (width - len(r.block_table)) for r in requests
-            ]
-            tables[:, :width] = torch.tensor(padded, dtype=torch.int64)
+        self._fill_tables(static, requests)
         static.inputs.copy_(host, non_blocking=True)
+
+    def _fill_tables(self, static: _Static, requests: list[Request]) -> None:
+        """The block tables, transposed into ``host[5:]``: only rows whose request or table
+        length changed since the last fill are rewritten (a table grows by one page every
+        block_size tokens); unused entries and padding rows point at the scratch page."""
+        tables = static.host[5:]
+        state = static.tables
+        if len(state) != tables.shape[1]:
+            tables.fill_(self.scratch_page)
+            state[:] = [None] * tables.shape[1]
+        for i, r in enumerate(requests):
+            key = (r.request_id, len(r.block_table))
+            if state[i] == key:
+                continue
+            if state[i] is not None and state[i][0] != r.request_id:
+                tables[:, i] = self.scratch_page  # another request's longer table
+            tables[: key[1], i] = torch.tensor(r.block_table, dtype=torch.int64)
+            state[i] = key
+        for i in range(len(requests), len(state)):
+            if state[i] is not None:
+                tables[:, i] = self.scratch_page
+                state[i] = None
