@@ -113,11 +113,12 @@ def scenario(engine, args, batch: int, lora: bool, out_dir: Path) -> dict:
     size = next(s for s in graphs.sizes if s >= batch)
     static = graphs._static[size]
     replay_ms = None
-    if static.graph is not None:
+    graph = static.graphs.get(graphs.targets_for(list(engine.scheduler.running)))
+    if graph is not None:
         ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
         ev[0].record()
         for _ in range(args.steps):
-            static.graph.replay()
+            graph.replay()
         ev[1].record()
         sync()
         replay_ms = ev[0].elapsed_time(ev[1]) / args.steps

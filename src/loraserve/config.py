@@ -23,6 +23,15 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 # The linear layers a LoRA adapter may target, in the order kernels and tables index them.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def target_mask(targets) -> int:
+    """Bit i set for each target LORA_TARGETS[i] in ``targets``."""
+    return sum(1 << LORA_TARGETS.index(t) for t in set(targets))
+
+
+ALL_TARGETS = target_mask(LORA_TARGETS)
+QKVO_TARGETS = target_mask(LORA_TARGETS[:4])
 # "bmm": S-LoRA's padded ablation (kernels/lora.py lora_apply_bmm), for benchmarks.
 LORA_BACKENDS = ("auto", "torch", "triton", "bmm")
 

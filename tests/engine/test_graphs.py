@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from loraserve.config import LORA_TARGETS
 from loraserve.engine.args import EngineArgs
 from loraserve.engine.graphs import capture_sizes
 from loraserve.memory.pool import PageKind
@@ -126,3 +127,43 @@ def test_block_tables_rewritten_only_where_changed_and_always_complete(setup):
             a.block_table.append(11)  # a grows by a page
         graphs._fill_tables(static, requests)
         assert torch.equal(static.host[5:], expected(requests)), i
+
+
+def test_lora_launches_only_for_targets_of_the_steps_adapters(setup, monkeypatch):
+    """An eager step launches LoRA kernels only for projections some adapter in it adapts;
+    decode graphs replay the smallest captured target set (none, q,k,v,o, all) covering them."""
+    import loraserve.model.layers as layers
+    from loraserve.config import ALL_TARGETS, QKVO_TARGETS, target_mask
+
+    model_dir, adapters = setup  # "a": q_proj, v_proj; "b": o_proj, down_proj
+    calls: list[int] = []
+    real = layers.lora_apply
+
+    def counting(x, y, pool, meta, layer, first_target, *args, **kwargs):
+        calls.append(first_target)
+        return real(x, y, pool, meta, layer, first_target, *args, **kwargs)
+
+    monkeypatch.setattr(layers, "lora_apply", counting)
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    launched, chosen = {}, {}
+    for graph_batch in (0, 4):
+        engine = EngineArgs(
+            model=str(model_dir), dtype="float32", cuda_graph_max_batch=graph_batch
+        ).create_engine()
+        for name, path in adapters.items():
+            engine.add_adapter(name, path)
+        graphs = engine.runner.graphs
+        for adapter in (None, "a", "b"):
+            calls.clear()
+            engine.add_request([5, 6, 7], params, request_id=str(adapter), adapter=adapter)
+            while engine.has_unfinished():
+                if graphs is not None and engine.scheduler.running:
+                    chosen[adapter] = graphs.targets_for(engine.scheduler.running)
+                engine.step()
+            if graphs is None:
+                launched[adapter] = {LORA_TARGETS[t] for t in calls}
+    # Eager: the packed layers whose targets the adapter has (q|k|v starts at q_proj).
+    assert launched == {None: set(), "a": {"q_proj"}, "b": {"o_proj", "down_proj"}}
+    assert graphs.target_sets == [0, QKVO_TARGETS, ALL_TARGETS]
+    assert chosen == {None: 0, "a": QKVO_TARGETS, "b": ALL_TARGETS}
+    assert target_mask(["q_proj", "v_proj"]) == 0b101

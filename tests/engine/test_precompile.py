@@ -62,5 +62,10 @@ def test_precompile_probes_leave_the_engine_unchanged(tiny_model_factory, tmp_pa
         done = {}
         while engine.has_unfinished():
             done.update({o.request_id: o for o in engine.step()})
-        outputs.append([(done[k].token_ids, done[k].logprobs) for k in sorted(done)])
-    assert outputs[0] == outputs[1]
+        outputs.append([done[k] for k in sorted(done)])
+    # The adapter loads in the background, so the step in which request 1 joins (and with it
+    # the batch shapes, hence fp32 rounding) may differ between the two runs.
+    for plain, probed in zip(*outputs, strict=True):
+        assert plain.token_ids == probed.token_ids
+        for a, b in zip(plain.logprobs, probed.logprobs, strict=True):
+            assert a.keys() == b.keys() and max(abs(a[t] - b[t]) for t in a) < 1e-5

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from loraserve.config import ALL_TARGETS, QKVO_TARGETS
 from loraserve.kernels.lora import LoRABatch
 from loraserve.memory.adapter_cache import AdapterCache
 from loraserve.memory.kv_cache import kv_slot
@@ -60,8 +61,8 @@ class _Static:
     # What each row of ``host``'s block tables holds: (request id, table length), or None
     # for the scratch page only. Consecutive decode steps mostly keep every row as it was.
     tables: list[tuple[str, int] | None] = field(default_factory=list)
-    logits: torch.Tensor | None = None
-    graph: torch.cuda.CUDAGraph | None = None
+    logits: torch.Tensor | None = None  # [size, vocab] fp32, written by every variant
+    graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)  # by LoRA targets
 
 
 class DecodeGraphs:
@@ -88,6 +89,12 @@ class DecodeGraphs:
         self.device = device
         self.capture = device.type == "cuda"
         self._static: dict[int, _Static] = {}
+        # One graph per size for each set of LoRA targets (bits of LORA_TARGETS) it launches
+        # kernels for: none (base-model batches), q,k,v,o (S-LoRA's adapters), all. A step
+        # replays the smallest set that covers its adapters' targets.
+        self.target_sets = sorted(
+            {0, QKVO_TARGETS, ALL_TARGETS} if adapter_cache.max_loras else {0}
+        )
         self.steps = 0  # decode steps served by the padded path
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
 
@@ -101,9 +108,10 @@ class DecodeGraphs:
         if self.capture:
             torch.cuda.synchronize(self.device)
             logger.info(
-                "captured %d decode graphs (batch 1..%d) in %.1f s",
-                len(self.sizes),
+                "captured %d decode graphs (batch 1..%d, %d LoRA target sets) in %.1f s",
+                len(self.sizes) * len(self.target_sets),
                 self.sizes[-1],
+                len(self.target_sets),
                 time.perf_counter() - start,
             )
 
@@ -121,10 +129,22 @@ class DecodeGraphs:
         size = next(s for s in self.sizes if s >= len(requests))
         static = self._static.get(size) or self._build(size)
         self._fill(static, requests)
-        if static.graph is None:
+        targets = self.targets_for(requests)
+        graph = static.graphs.get(targets)
+        if graph is None:
+            static.batch.lora.targets = targets
             return self._forward(static)[: len(requests)]
-        static.graph.replay()
+        graph.replay()
         return static.logits[: len(requests)]
+
+    def targets_for(self, requests: list[Request]) -> int:
+        """The smallest captured target set covering the requests' adapters' targets."""
+        needed = 0
+        slot_targets = self.cache.slot_targets
+        for r in requests:
+            if r.adapter_slot is not None:
+                needed |= slot_targets[r.adapter_slot]
+        return next(t for t in self.target_sets if needed & ~t == 0)
 
     def _forward(self, static: _Static) -> torch.Tensor:
         self._unpack(static)
@@ -134,21 +154,27 @@ class DecodeGraphs:
         static = self._empty_static(size)
         self._static[size] = static
         if self.capture:
-            self._capture(static)
+            for targets in reversed(self.target_sets):  # the largest graph first
+                self._capture(static, targets)
         return static
 
-    def _capture(self, static: _Static) -> None:
+    def _capture(self, static: _Static, targets: int) -> None:
         self._fill(static, [])
+        static.batch.lora.targets = targets
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):  # warm-up: compiles kernels, sets up workspaces
-            self._forward(static)
+            logits = self._forward(static)
         torch.cuda.current_stream(self.device).wait_stream(stream)
+        if static.logits is None:
+            static.logits = torch.empty_like(logits)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            static.logits = self._forward(static)
-        static.graph = graph
-        logger.debug("captured a decode graph for batch %d", static.batch.num_seqs)
+            static.logits.copy_(self._forward(static))
+        static.graphs[targets] = graph
+        logger.debug(
+            "captured a decode graph: batch %d, targets %#x", static.batch.num_seqs, targets
+        )
 
     def _empty_static(self, size: int) -> _Static:
         inputs = torch.zeros((5 + self.max_blocks, size), dtype=torch.int64, device=self.device)

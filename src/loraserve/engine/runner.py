@@ -126,8 +126,13 @@ class ModelRunner:
         ]
         if not metas:
             return None
+        slot_targets = self.adapter_cache.slot_targets
+        targets = 0
+        for slot in {*decode[1], *prefill[1]}:
+            targets |= slot_targets[slot]
         pool = self.adapter_cache.pool.buffer.view(-1)
-        return LoRAInputs(pool, metas[0], self.lora_backend, metas[1] if len(metas) > 1 else None)
+        second = metas[1] if len(metas) > 1 else None
+        return LoRAInputs(pool, metas[0], self.lora_backend, second, targets)
 
     def _lora_meta(self, seg_start: list[int], seg_slot: list[int]) -> LoRABatch:
         cache = self.adapter_cache

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from loraserve.adapters.peft import LoRAWeights
-from loraserve.config import LORA_TARGETS, ModelConfig
+from loraserve.config import LORA_TARGETS, ModelConfig, target_mask
 from loraserve.memory.pool import PageKind, PagePool
 
 logger = logging.getLogger(__name__)
@@ -121,6 +121,9 @@ class AdapterCache:
         self.scalings = torch.zeros(shape, dtype=torch.float32, device=self.device)
         self._resident: OrderedDict[str, ResidentAdapter] = OrderedDict()  # LRU order
         self._free_slots = list(range(max_loras - 1, -1, -1))
+        # Per slot, the targets its adapter adapts (bits of LORA_TARGETS; 0: free): a step
+        # launches LoRA only for the layers' projections that some adapter in it adapts.
+        self.slot_targets = [0] * max_loras
         on_cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if on_cuda else None
         self._staging = _StagingPool(pool.buffer.dtype, pinned=on_cuda)
@@ -202,6 +205,7 @@ class AdapterCache:
             self.discard(packed)
             return False
         slot = self._free_slots.pop()
+        self.slot_targets[slot] = target_mask(t for _, t in packed.weights.modules)
         resident = ResidentAdapter(packed.name, slot, pages, packed.weights.nbytes)
         self._copy_to_device(resident, packed)
         self._resident[packed.name] = resident
@@ -237,6 +241,7 @@ class AdapterCache:
             adapter.ready_event.synchronize()
         del self._resident[adapter.name]
         self.ranks[adapter.slot] = 0
+        self.slot_targets[adapter.slot] = 0
         self.pool.free(adapter.pages)
         self._free_slots.append(adapter.slot)
         return len(adapter.pages)

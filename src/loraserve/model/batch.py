@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loraserve.config import ALL_TARGETS
 from loraserve.kernels.lora import LoRABatch
 
 
@@ -24,6 +25,9 @@ class LoRAInputs:
     # A mixed step's single-token rows, one segment each, in the matrix-vector (decode) form;
     # ``meta`` then holds the prefill rows. The two cover disjoint rows.
     decode: LoRABatch | None = None
+    # Targets some adapter of the step adapts (bits of LORA_TARGETS): projections outside
+    # it launch no LoRA kernels (every row would skip them).
+    targets: int = ALL_TARGETS
 
     @property
     def metas(self) -> tuple[LoRABatch, ...]:

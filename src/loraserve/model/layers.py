@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraserve.config import LORA_TARGETS
+from loraserve.config import LORA_TARGETS, target_mask
 from loraserve.kernels.fused import fused_add_rms_norm
 from loraserve.kernels.lora import lora_apply
 
@@ -44,6 +44,7 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.layer = layer
         self.first_target = LORA_TARGETS.index(next(iter(projections)))
+        self.target_mask = target_mask(projections)
         self.in_features = in_features
         self.sizes = dict(projections)
         self.offsets: dict[str, int] = {}
@@ -72,7 +73,7 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor, lora: LoRAInputs | None = None) -> torch.Tensor:
         # x [T, in_features] -> [T, out_features]
         y = F.linear(x, self.weight, self.bias)
-        if lora is not None:
+        if lora is not None and lora.targets & self.target_mask:
             for meta in lora.metas:
                 lora_apply(
                     x,
