@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 import torch
 
 from loraserve.config import ALL_TARGETS, QKVO_TARGETS
-from loraserve.kernels.lora import LoRABatch
 from loraserve.memory.adapter_cache import AdapterCache
 from loraserve.memory.kv_cache import kv_slot
 from loraserve.model.batch import ForwardBatch, LoRAInputs
@@ -181,16 +180,10 @@ class DecodeGraphs:
         host = torch.zeros(inputs.shape, dtype=torch.int64, pin_memory=self.capture)
         # seq_lens, seg_slot and the block tables are int32 for the kernels: cast from
         # ``inputs`` by ``_unpack`` at the start of the forward (captured with the rest).
-        meta = LoRABatch(
-            seg_start=torch.arange(size + 1, dtype=torch.int32, device=self.device),
-            seg_slot=torch.zeros(size, dtype=torch.int32, device=self.device),
-            row_offsets=self.cache.row_offsets,
-            ranks=self.cache.ranks,
-            scalings=self.cache.scalings,
-            max_rank=self.cache.max_rank,
+        meta = self.cache.lora_batch(
+            torch.arange(size + 1, dtype=torch.int32, device=self.device),
+            torch.zeros(size, dtype=torch.int32, device=self.device),
             max_seg_len=1,
-            num_segments=size,
-            row_align=self.cache.row_align,
         )
         batch = ForwardBatch(
             input_ids=inputs[0],

@@ -143,8 +143,6 @@ class _Probe:
         self.device = device
 
     def run(self, q_lens: list[int], max_seq_len: int) -> None:
-        from loraserve.kernels.lora import LoRABatch
-
         tokens = sum(q_lens)
         starts = [0]
         for n in q_lens:
@@ -158,16 +156,8 @@ class _Probe:
         slots = [self.page * self.block_size + i % self.block_size for i in range(tokens)]
         lora = None
         if self.cache is not None:
-            meta = LoRABatch(
-                seg_start=t(starts, torch.int32),
-                seg_slot=t([-1] * len(q_lens), torch.int32),
-                row_offsets=self.cache.row_offsets,
-                ranks=self.cache.ranks,
-                scalings=self.cache.scalings,
-                max_rank=self.cache.max_rank,
-                max_seg_len=max(q_lens),
-                num_segments=len(q_lens),
-                row_align=self.cache.row_align,
+            meta = self.cache.lora_batch(
+                t(starts, torch.int32), t([-1] * len(q_lens), torch.int32), max(q_lens)
             )
             lora = LoRAInputs(self.cache.pool.buffer.view(-1), meta, "triton")
         batch = ForwardBatch(

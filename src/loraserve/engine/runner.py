@@ -135,18 +135,9 @@ class ModelRunner:
         return LoRAInputs(pool, metas[0], self.lora_backend, second, targets)
 
     def _lora_meta(self, seg_start: list[int], seg_slot: list[int]) -> LoRABatch:
-        cache = self.adapter_cache
         lengths = [b - a for a, b in zip(seg_start, seg_start[1:], strict=False)]
-        return LoRABatch(
-            seg_start=self._tensor(seg_start, torch.int32),
-            seg_slot=self._tensor(seg_slot, torch.int32),
-            row_offsets=cache.row_offsets,
-            ranks=cache.ranks,
-            scalings=cache.scalings,
-            max_rank=cache.max_rank,
-            max_seg_len=max(lengths),
-            num_segments=len(seg_slot),
-            row_align=cache.row_align,
+        return self.adapter_cache.lora_batch(
+            self._tensor(seg_start, torch.int32), self._tensor(seg_slot, torch.int32), max(lengths)
         )
 
     def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:

@@ -38,6 +38,7 @@ import torch
 
 from loraserve.adapters.peft import LoRAWeights
 from loraserve.config import LORA_TARGETS, ModelConfig, target_mask
+from loraserve.kernels.lora import LoRABatch
 from loraserve.memory.pool import PageKind, PagePool
 
 logger = logging.getLogger(__name__)
@@ -169,6 +170,23 @@ class AdapterCache:
         if adapter.refcount <= 0:
             raise RuntimeError(f"adapter {name!r} released more often than acquired")
         adapter.refcount -= 1
+
+    def lora_batch(
+        self, seg_start: torch.Tensor, seg_slot: torch.Tensor, max_seg_len: int
+    ) -> LoRABatch:
+        """A step's LoRA metadata over this cache's tables: segment s is token rows
+        seg_start[s] .. seg_start[s + 1] with the adapter in slot seg_slot[s] (-1: none)."""
+        return LoRABatch(
+            seg_start=seg_start,
+            seg_slot=seg_slot,
+            row_offsets=self.row_offsets,
+            ranks=self.ranks,
+            scalings=self.scalings,
+            max_rank=self.max_rank,
+            max_seg_len=max_seg_len,
+            num_segments=seg_slot.shape[0],
+            row_align=self.row_align,
+        )
 
     # ---- loading and eviction -------------------------------------------------------
 
