@@ -5,6 +5,7 @@ batch (``generate(..., adapter_names=[...])``)."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -276,8 +277,11 @@ def test_mixed_step_runs_decode_rows_in_decode_form(base_dir, adapter_dirs):
     prompts = equal_length_prompts(4)
     for i in range(2):  # two decoding (same adapter: still one segment per row) ...
         engine.add_request(prompts[i], params, request_id=str(i), adapter=names[0])
-    while not engine.step():  # until both have prefilled (their adapter loads first)
-        pass
+    started = set()
+    while started != {"0", "1"}:  # until both have prefilled (their adapter loads first;
+        # a background load may finish between the two admissions, so they can start in
+        # different steps)
+        started |= {out.request_id for out in engine.step() if out.token_ids}
     engine.add_request(prompts[2], params, request_id="2", adapter=names[1])  # ... and a prefill
     engine.add_request(prompts[3], params, request_id="3", adapter=None)
     mixed = None
@@ -294,3 +298,32 @@ def test_mixed_step_runs_decode_rows_in_decode_form(base_dir, adapter_dirs):
     while engine.has_unfinished():
         engine.step()
     assert seen[-1].decode is None and seen[-1].meta.max_seg_len == 1  # pure decode
+
+
+def test_adapter_load_finishing_mid_pass_keeps_arrival_order(base_dir, adapter_dirs):
+    """Two queued requests of one adapter: when its load completes between the scheduler's
+    two readiness checks, the later request must not start before the earlier one."""
+    engine = EngineArgs(model=str(base_dir), dtype="float32", device="cpu").create_engine()
+    name = next(iter(ADAPTERS))
+    engine.add_adapter(name, adapter_dirs[name])
+    real = engine.adapters.ensure
+    calls = []
+
+    def ensure(adapter):
+        calls.append(adapter)
+        if len(calls) == 1:  # the first check: not ready yet, and the load lands right after
+            while not real(adapter):
+                time.sleep(0.001)
+            return False
+        return real(adapter)
+
+    engine.adapters.ensure = ensure
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    prompts = equal_length_prompts(2)
+    for i in range(2):
+        engine.add_request(prompts[i], params, request_id=str(i), adapter=name)
+    first = None
+    while first is None:
+        scheduled = engine.scheduler.schedule()
+        first = [r.request_id for r in scheduled.requests] or None
+    assert first == ["0", "1"]

@@ -163,10 +163,16 @@ class Scheduler:
 
     def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         skipped = 0
+        not_ready: set[str] = set()
         for request in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 return
-            if not self._adapter_ready(request, batch):
+            # An adapter found not ready stays so for the rest of this pass: a background load
+            # finishing mid-pass must not let a later request of that adapter overtake an
+            # earlier one.
+            if request.adapter in not_ready or not self._adapter_ready(request, batch):
+                if not (batch.failed and batch.failed[-1] is request):
+                    not_ready.add(request.adapter)
                 # Look only a few adapters ahead: loading for the whole queue would make the
                 # queue's adapters evict each other from the pool.
                 skipped += 1
