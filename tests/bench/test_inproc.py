@@ -44,6 +44,7 @@ def test_driver_end_to_end(engine_args):
     used = {r.adapter for r in requests}
     assert loads["distinct_adapters_issued"] == loads["distinct_adapters_served"] == len(used)
     assert loads["gpu_loads"] == loads["host_loads"] == len(used)  # the pool keeps them all
+    assert loads["io_thread_s"] > 0  # generating and packing them took time somewhere
     peak = result["pool_peak"]
     assert peak["kv_pages"] > 0 and peak["adapter_pages"] > 0
     assert peak["total_pages"] <= peak["pool_pages"] and peak["adapter_pool_pages"] is None
@@ -54,6 +55,16 @@ def test_driver_end_to_end(engine_args):
     queue = result["queue"]
     assert queue["started"] == 20
     assert 0 <= queue["avg_s"] <= queue["p99_s"] <= queue["max_s"]
+    steps = result["steps"]
+    for kind in ("decode", "mixed"):
+        k = steps[kind]
+        assert k["steps"] > 0
+        phases = k["phases_avg_ms"]
+        assert set(phases) == {"schedule", "launch", "prefetch", "wait", "finish"}
+        assert all(ms >= 0 for ms in phases.values()) and phases["launch"] > 0
+        # The engine's phases are inside the driver's timing of the same steps.
+        assert sum(phases.values()) <= k["avg_ms"] * (1 + 1e-6)
+        assert sum(phases.values()) >= 0.2 * k["avg_ms"]
     first_token_waits = [r.first_token - r.arrival for r in run.records]
     assert queue["max_s"] <= max(first_token_waits)  # the queue is part of the first token
 

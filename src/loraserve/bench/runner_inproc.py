@@ -26,7 +26,7 @@ from loraserve.adapters.store import StoreStats
 from loraserve.bench.metrics import SLO_SECONDS, RequestRecord, summarize
 from loraserve.bench.physics import DecodeStats, kv_bytes_per_token, weight_bytes
 from loraserve.bench.workload import TraceRequest
-from loraserve.engine.engine import LLMEngine, PromptError
+from loraserve.engine.engine import LLMEngine, PromptError, StepTiming
 from loraserve.kernels.compiles import compiled_variants, new_variants
 from loraserve.memory.adapter_cache import CacheStats
 from loraserve.memory.pool import PageKind
@@ -138,6 +138,33 @@ def warm_up(engine: LLMEngine, adapter: str | None) -> None:
             time.sleep(2e-4)  # waiting for the adapter: let the loader thread run
 
 
+@dataclass
+class StepKind:
+    """Steps of one kind: their count, wall time, and the engine's phases summed
+    (``StepTiming``: a phase ``wait`` near zero means the host, not the device, set the pace)."""
+
+    steps: int = 0
+    seconds: float = 0.0
+    phases: dict[str, float] = field(
+        default_factory=lambda: {f.name: 0.0 for f in dataclasses.fields(StepTiming)}
+    )
+
+    def add(self, seconds: float, timing: StepTiming) -> None:
+        self.steps += 1
+        self.seconds += seconds
+        for name in self.phases:
+            self.phases[name] += getattr(timing, name)
+
+    def as_dict(self) -> dict[str, Any]:
+        n = self.steps
+        return {
+            "steps": n,
+            "seconds": self.seconds,
+            "avg_ms": 1e3 * self.seconds / n if n else None,
+            "phases_avg_ms": {k: 1e3 * v / n for k, v in self.phases.items()} if n else None,
+        }
+
+
 class InprocDriver:
     def __init__(
         self, engine: LLMEngine, requests: list[BenchRequest], options: RunOptions
@@ -148,15 +175,17 @@ class InprocDriver:
         self.live: dict[str, RequestState] = {}
         self.pool = PoolPeak()
         self.decode = DecodeStats(weight_bytes(engine.model))
-        self.steps: dict[str, list[float]] = {k: [0, 0.0] for k in ("decode", "mixed", "empty")}
+        self.steps = {kind: StepKind() for kind in ("decode", "mixed", "empty")}
         self._kv_token = kv_bytes_per_token(engine.config.model, engine.config.dtype)
         self._start = 0.0
+        self._io0 = 0.0
 
     def _now(self) -> float:
         return time.perf_counter() - self._start
 
     def run(self) -> EngineRun:
         gpu0 = dataclasses.replace(self.engine.adapter_cache.stats)
+        self._io0 = self.engine.adapters.io_seconds
         host0 = self.engine.adapter_store.stats
         pending = deque(self.requests)
         limit = self.options.time_limit
@@ -198,11 +227,8 @@ class InprocDriver:
         """Where the wall time went: pure decode steps (graphed when they fit), steps that
         prefilled or changed the batch ("mixed"), steps that produced nothing ("empty":
         waiting for adapters or the prefill window), and the rest (idle, the driver)."""
-        stats: dict[str, Any] = {
-            kind: {"steps": n, "seconds": t, "avg_ms": 1e3 * t / n if n else None}
-            for kind, (n, t) in self.steps.items()
-        }
-        stats["outside_steps_s"] = wall - sum(t for _, t in self.steps.values())
+        stats: dict[str, Any] = {kind: k.as_dict() for kind, k in self.steps.items()}
+        stats["outside_steps_s"] = wall - sum(k.seconds for k in self.steps.values())
         return stats
 
     def _queue_stats(self) -> dict[str, Any]:
@@ -249,8 +275,7 @@ class InprocDriver:
             kind = "decode"
         else:
             kind = "mixed" if outputs else "empty"
-        self.steps[kind][0] += 1
-        self.steps[kind][1] += seconds
+        self.steps[kind].add(seconds, self.engine.last_step)
         for out in outputs:
             self._update(out, now, bar)
         if not outputs and not self.engine.scheduler.running:
@@ -300,6 +325,8 @@ class InprocDriver:
             "gpu_bytes_loaded": gpu.bytes_loaded - gpu0.bytes_loaded,
             "host_loads": _host_loads(host) - _host_loads(host0),
             "host_evictions": host.host_evictions - host0.host_evictions,
+            # Reading/generating and packing, summed over the adapter I/O threads.
+            "io_thread_s": self.engine.adapters.io_seconds - self._io0,
             "distinct_adapters_issued": len(issued),
             "distinct_adapters_served": len(served),
         }

@@ -346,6 +346,8 @@ def format_run(where: str, r: dict[str, Any]) -> str:
     loads = r.get("adapter_loads") or {}
     if "gpu_loads" in loads:
         line += f", adapter loads gpu {loads['gpu_loads']} host {loads['host_loads']}"
+        if loads.get("io_thread_s") is not None:
+            line += f" (I/O threads busy {loads['io_thread_s']:.1f} s)"
     decode = r.get("decode") or {}
     if decode.get("decode_steps"):
         line += (
@@ -353,6 +355,11 @@ def format_run(where: str, r: dict[str, Any]) -> str:
             f" at batch {decode['avg_batch']:.1f}; floor (weights + KV + distinct adapters)"
             f" / 4.26 TB/s = {decode['floor_ms']:.2f} ms; ratio {decode['measured_over_floor']:.2f}"
         )
+    for k, v in (steps or {}).items():  # wait ~ 0: the host set the pace, not the device
+        phases = v.get("phases_avg_ms") if isinstance(v, dict) else None
+        if phases and k != "empty":
+            split = ", ".join(f"{p} {ms:.2f}" for p, ms in phases.items())
+            line += f"\n    {k} step phases (ms): {split}"
     return line
 
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from loraserve.adapters.store import AdapterStore
@@ -40,6 +42,8 @@ class AdapterManager:
         self._executor = ThreadPoolExecutor(IO_THREADS, "adapter-io") if background else None
         self._fetching: dict[str, Future[PackedAdapter]] = {}
         self._failed: dict[str, str] = {}
+        self._io_lock = threading.Lock()
+        self._io_seconds = 0.0
 
     def __contains__(self, name: str) -> bool:
         return name in self.store
@@ -92,7 +96,20 @@ class AdapterManager:
             self._fail(name, str(e))
 
     def _pack(self, name: str) -> PackedAdapter:
-        return self.cache.pack(self.store.get(name))
+        start = time.perf_counter()
+        try:
+            return self.cache.pack(self.store.get(name))
+        finally:
+            with self._io_lock:
+                self._io_seconds += time.perf_counter() - start
+
+    @property
+    def io_seconds(self) -> float:
+        """Wall seconds spent reading, generating and packing adapters, summed over the
+        threads that did it (the I/O threads, or the engine thread without them): CPU the
+        engine thread may have competed with."""
+        with self._io_lock:
+            return self._io_seconds
 
     def _read(self, name: str) -> PackedAdapter:
         try:

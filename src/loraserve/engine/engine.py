@@ -52,6 +52,27 @@ class _Tracked:
     stop_strings: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class StepTiming:
+    """Host wall time of one ``LLMEngine.step``, in seconds, by phase.
+
+    ``launch`` is the host's work to enqueue the forward pass and sampling (building inputs,
+    launching kernels or replaying a graph); ``wait`` is the time spent blocked on the
+    device afterwards (minus the adapter prefetch done meanwhile). A step whose ``wait``
+    is near zero was host-bound: the device finished before the host had enqueued it all.
+    """
+
+    schedule: float  # the scheduler's pass (admission, preemption, adapter readiness)
+    launch: float
+    prefetch: float  # starting adapter loads for queued requests, while the device runs
+    wait: float  # blocked on the device until the sampled tokens were on the host
+    finish: float  # appending tokens, stop checks, detokenising, outputs
+
+    @property
+    def total(self) -> float:
+        return self.schedule + self.launch + self.prefetch + self.wait + self.finish
+
+
 class LLMEngine:
     def __init__(
         self,
@@ -84,6 +105,7 @@ class LLMEngine:
         )
         self.adapters = AdapterManager(self.adapter_store, self.adapter_cache)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.adapters)
+        self.last_step = StepTiming(0.0, 0.0, 0.0, 0.0, 0.0)  # of the latest step()
         self.sampler = Sampler(self.device, seed=config.seed)
         self.runner = ModelRunner(
             model,
@@ -269,16 +291,23 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one iteration; returns an output for every request that got a new token or
-        failed."""
+        failed. ``last_step`` holds where its wall time went."""
+        clock = time.perf_counter
+        t0 = clock()
         scheduled = self.scheduler.schedule()
         outputs = [self._fail(r) for r in scheduled.failed]
+        t1 = clock()
         if scheduled.empty:
             self.adapters.prefetch(self.scheduler.waiting_adapters(self.config.lora.prefetch))
+            self.last_step = StepTiming(t1 - t0, 0.0, clock() - t1, 0.0, 0.0)
             return outputs
         pending = self.runner.launch(scheduled)
+        t2 = clock()
         # The device is computing: bring the queue's adapters closer meanwhile.
         self.adapters.prefetch(self.scheduler.waiting_adapters(self.config.lora.prefetch))
+        t3 = clock()
         result = self.runner.collect(pending)
+        t4 = clock()
         for request, n in zip(scheduled.requests, scheduled.num_scheduled, strict=True):
             request.num_computed_tokens += n
         for request, token, logprobs in zip(
@@ -289,6 +318,7 @@ class LLMEngine:
             outputs.append(self._output(tracked))
             if request.finished:
                 del self._requests[request.request_id]
+        self.last_step = StepTiming(t1 - t0, t2 - t1, t3 - t2, t4 - t3, clock() - t4)
         return outputs
 
     def _fail(self, request: Request) -> RequestOutput:
