@@ -266,8 +266,8 @@ def test_mixed_step_runs_decode_rows_in_decode_form(base_dir, adapter_dirs):
     seen = []
     build = engine.runner._lora_inputs
 
-    def record(requests, query_start):
-        lora = build(requests, query_start)
+    def record(*args):
+        lora = build(*args)
         seen.append(lora)
         return lora
 

@@ -34,6 +34,7 @@ from loraserve.adapters.peft import (
     config_from_dict,
     random_lora_weights,
 )
+from loraserve.adapters.store import AdapterStore
 from loraserve.bench.workload import adapter_name, adapter_rank
 from loraserve.config import LORA_TARGETS, ModelConfig
 from loraserve.engine.engine import LLMEngine
@@ -137,6 +138,9 @@ class AdapterGenerator:
 
     def register(self, engine: LLMEngine, name: str, rank: int, seed: int) -> None:
         """Register ``name``; its weights are made on the engine's first host-tier miss."""
+        self.register_with_store(engine.adapter_store, name, rank, seed)
+
+    def register_with_store(self, store: AdapterStore, name: str, rank: int, seed: int) -> None:
         if self.source == "bank":
             args = (self.bank, name, self.model, rank, self.targets, seed)
             make = functools.partial(banked_lora_weights, *args)
@@ -144,7 +148,7 @@ class AdapterGenerator:
             args = (name, self.model, rank, self.targets, seed, self.dtype)
             make = functools.partial(random_lora_weights, *args)
         nbytes = adapter_nbytes(self.model, rank, self.targets, self.dtype)
-        engine.adapter_store.register_generated(name, make, nbytes)
+        store.register_generated(name, make, nbytes)
 
     def register_many(
         self, engine: LLMEngine, num_adapters: int, ranks: Sequence[int]

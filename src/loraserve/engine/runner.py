@@ -10,16 +10,17 @@ synchronisation). Between the two the engine prefetches adapters for queued requ
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from loraserve.engine.graphs import DecodeGraphs
 from loraserve.engine.sampler import Sampler, SampleTensors
 from loraserve.engine.scheduler import ScheduledBatch
-from loraserve.kernels.lora import LoRABatch
+from loraserve.engine.upload import Upload
 from loraserve.memory.adapter_cache import AdapterCache
-from loraserve.memory.kv_cache import kv_slot
 from loraserve.model.batch import ForwardBatch, LoRAInputs
 from loraserve.model.llama import LlamaForCausalLM
 from loraserve.request import Request
@@ -56,6 +57,7 @@ class ModelRunner:
         self.sampler = sampler
         self.adapter_cache = adapter_cache
         self.lora_backend = lora_backend
+        self.upload = Upload(device)
 
     def prepare(self, scheduled: ScheduledBatch) -> tuple[ForwardBatch, list[Request]]:
         # Decode rows first, then prefill rows; within each, rows of one adapter side by
@@ -67,46 +69,67 @@ class ModelRunner:
         )
         requests = [scheduled.requests[i] for i in order]
         counts = [scheduled.num_scheduled[i] for i in order]
+        query_start = list(itertools.accumulate(counts, initial=0))
+        tables = np.zeros((len(requests), max(len(r.block_table) for r in requests)), np.int32)
+        positions = np.empty(query_start[-1], np.int64)
         input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
         seq_lens: list[int] = []
-        query_start = [0]
         logits_rows: list[int] = []
         sampling: list[Request] = []
-        for request, n in zip(requests, counts, strict=True):
+        for i, (request, n) in enumerate(zip(requests, counts, strict=True)):
             start = request.num_computed_tokens
             end = start + n
+            table = request.block_table
+            tables[i, : len(table)] = table
             input_ids += request.tokens_slice(start, end)
-            positions += range(start, end)
-            slots += [kv_slot(request, p, self.block_size) for p in range(start, end)]
+            if n == 1:
+                positions[query_start[i]] = start
+            else:
+                positions[query_start[i] : query_start[i + 1]] = np.arange(start, end)
             seq_lens.append(end)
-            query_start.append(query_start[-1] + n)
             if end == request.num_tokens:
-                logits_rows.append(query_start[-1] - 1)
+                logits_rows.append(query_start[i + 1] - 1)
                 sampling.append(request)
-        max_blocks = max(len(r.block_table) for r in requests)
-        tables = [r.block_table + [0] * (max_blocks - len(r.block_table)) for r in requests]
+        # Every token's KV slot: its page (from its sequence's block table) and offset.
+        rows = np.repeat(np.arange(len(requests)), counts)
+        pages = tables[rows, positions // self.block_size].astype(np.int64)
+        slots = pages * self.block_size + positions % self.block_size
+        segments = self._lora_segments(requests, query_start)
+        arrays = [
+            np.array(input_ids, np.int64),
+            positions,
+            slots,
+            tables,
+            np.array(seq_lens, np.int32),
+            np.array(query_start, np.int32),
+            np.array(logits_rows, np.int64),
+            *(np.array(v, np.int32) for part in segments for v in part),
+        ]
+        ids, pos, slot, table, lens, starts, logits, *lora = self.upload(arrays)
         batch = ForwardBatch(
-            input_ids=self._tensor(input_ids, torch.int64),
-            positions=self._tensor(positions, torch.int64),
-            slot_mapping=self._tensor(slots, torch.int64),
-            block_tables=self._tensor(tables, torch.int32),
-            seq_lens=self._tensor(seq_lens, torch.int32),
-            query_start_loc=self._tensor(query_start, torch.int32),
-            logits_indices=self._tensor(logits_rows, torch.int64),
+            input_ids=ids,
+            positions=pos,
+            slot_mapping=slot,
+            block_tables=table,
+            seq_lens=lens,
+            query_start_loc=starts,
+            logits_indices=logits,
             max_q_len=max(counts),
             max_seq_len=max(seq_lens),
-            lora=self._lora_inputs(requests, query_start),
+            lora=self._lora_inputs(segments, lora),
             num_decode_seqs=sum(n == 1 for n in counts),  # sorted first
         )
         return batch, sampling
 
-    def _lora_inputs(self, requests: list[Request], query_start: list[int]) -> LoRAInputs | None:
-        """Single-token rows: one segment each, for the matrix-vector kernels. Longer rows:
-        one segment per run of consecutive rows with the same adapter slot, for the tiled
+    def _lora_segments(
+        self, requests: list[Request], query_start: list[int]
+    ) -> list[tuple[list[int], list[int]]]:
+        """(seg_start, seg_slot) of the step's LoRA parts, prefill rows' part first.
+
+        Single-token rows: one segment each, for the matrix-vector kernels. Longer rows: one
+        segment per run of consecutive rows with the same adapter slot, for the tiled
         kernels. A step with both gets both (prepare puts the decode rows first)."""
-        decode: tuple[list[int], list[int]] = ([], [])  # (seg_start, seg_slot)
+        decode: tuple[list[int], list[int]] = ([], [])
         prefill: tuple[list[int], list[int]] = ([], [])
         ends = [0, 0]
         for i, request in enumerate(requests):
@@ -119,32 +142,30 @@ class ModelRunner:
                 seg_start.append(start)
                 seg_slot.append(request.adapter_slot)
             ends[part] = end
-        metas = [
-            self._lora_meta(starts + [end], slots)
+        return [
+            (starts + [end], slots)
             for (starts, slots), end in zip((prefill, decode), ends[::-1], strict=True)
             if slots
         ]
-        if not metas:
+
+    def _lora_inputs(
+        self, segments: list[tuple[list[int], list[int]]], tensors: list[torch.Tensor]
+    ) -> LoRAInputs | None:
+        """The step's LoRA inputs from its segments (host lists) and their device copies."""
+        if not segments:
             return None
-        slot_targets = self.adapter_cache.slot_targets
+        metas = []
         targets = 0
-        for slot in {*decode[1], *prefill[1]}:
-            targets |= slot_targets[slot]
+        slot_targets = self.adapter_cache.slot_targets
+        for k, (seg_start, seg_slot) in enumerate(segments):
+            longest = max(b - a for a, b in zip(seg_start, seg_start[1:], strict=False))
+            starts, slots = tensors[2 * k], tensors[2 * k + 1]
+            metas.append(self.adapter_cache.lora_batch(starts, slots, longest))
+            for slot in set(seg_slot):
+                targets |= slot_targets[slot]
         pool = self.adapter_cache.pool.buffer.view(-1)
         second = metas[1] if len(metas) > 1 else None
         return LoRAInputs(pool, metas[0], self.lora_backend, second, targets)
-
-    def _lora_meta(self, seg_start: list[int], seg_slot: list[int]) -> LoRABatch:
-        lengths = [b - a for a, b in zip(seg_start, seg_start[1:], strict=False)]
-        return self.adapter_cache.lora_batch(
-            self._tensor(seg_start, torch.int32), self._tensor(seg_slot, torch.int32), max(lengths)
-        )
-
-    def _tensor(self, data: list, dtype: torch.dtype) -> torch.Tensor:
-        t = torch.tensor(data, dtype=dtype)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t.to(self.device)
 
     @torch.inference_mode()
     def launch(self, scheduled: ScheduledBatch) -> PendingStep:
