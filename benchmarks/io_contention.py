@@ -35,11 +35,6 @@ from loraserve.model.loader import PRESETS
 QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
-class _NoLaunch:
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
 def _engine_step_work(runner: ModelRunner, batch, lora_calls) -> None:
     inputs = runner.prepare(batch)[0].lora
     for x, y, slices in lora_calls:
@@ -53,17 +48,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=IO_THREADS)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--torch-threads", type=int, default=0, help="0: torch default")
+    parser.add_argument(
+        "--io-torch-threads", type=int, default=0, help="torch threads of each I/O thread"
+    )
     args = parser.parse_args()
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    for name in (
-        "_shrink_decode_kernel",
-        "_shrink_prefill_kernel",
-        "_expand_decode_kernel",
-        "_expand_prefill_kernel",
-    ):
-        setattr(lora, name, _NoLaunch())
-    from prepare_host import BLOCK, scheduled_batch  # noqa: PLC0415 (script beside this)
+    # Scripts beside this one.
+    from lora_host_overhead import disable_lora_launches  # noqa: PLC0415
+    from prepare_host import BLOCK, scheduled_batch  # noqa: PLC0415
+
+    disable_lora_launches()
 
     model = PRESETS["llama-7b"]
     dtype = torch.float16
@@ -103,7 +98,8 @@ def main() -> None:
         packed.append(time.perf_counter() - start)
         cache.discard(p)
 
-    with ThreadPoolExecutor(args.threads) as pool_threads:
+    init = (lambda: torch.set_num_threads(args.io_torch_threads)) if args.io_torch_threads else None
+    with ThreadPoolExecutor(args.threads, initializer=init) as pool_threads:
         futures = [pool_threads.submit(pack, n) for n in names]
         contended = []
         while not all(f.done() for f in futures):
