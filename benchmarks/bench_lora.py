@@ -238,6 +238,7 @@ DECODE_KNOBS = {
     "block_r": [16, 32, 64],
     "block_n": [64, 128, 256, 512],
     "expand_warps": [2, 8],
+    "n_group": [1, 2, 4, 8, 16, 32],
 }
 PREFILL_KNOBS = {
     "block_m": [32, 64, 128],

@@ -285,6 +285,8 @@ def test_triton_matches_reference(spec: str, call: str, dtype: torch.dtype) -> N
 TILES = {
     "decode_split": (DECODE, MIXED_RANKS, 0, LoRATiles(1, 32, 16, 3, 16, 32)),
     "decode_wide": (SMALL_DECODE, SMALL_RANKS, 5, LoRATiles(1, 64, 32, 2, 8, 32)),
+    # 3 output tiles per expand program: groups that end inside a target and past its end
+    "decode_grouped": (DECODE, MIXED_RANKS, 0, LoRATiles(1, 32, 16, 2, 16, 16, n_group=3)),
     "prefill_split": (PREFILL, MIXED_RANKS, 0, LoRATiles(16, 32, 16, 3, 32, 32, 4, 4, 32)),
     "prefill_wide": (SMALL_PREFILL, SMALL_RANKS, 5, LoRATiles(32, 64, 32, 2, 16, 32, 4, 4, 16)),
 }
@@ -363,6 +365,8 @@ def test_pick_tiles() -> None:
     d = pick_tiles(decode, 4096, 3, 4096, num_sms=132)
     p = pick_tiles(prefill, 4096, 3, 4096, num_sms=132)
     assert d.block_m == 1 and d.split_k > 1
+    wide = pick_tiles(make_case(DECODE * 64, "qkv", torch.float32).batch, 4096, 3, 4096, 132)
+    assert wide.n_group > 1  # a big decode batch: several output tiles per expand program
     assert min(p.block_m, p.block_c, p.block_k, p.block_r, p.block_n) >= 16  # tl.dot's minimum
     assert p.block_c >= 3 * 16  # all three targets' columns in one tile: x is read once
 
@@ -393,3 +397,5 @@ def test_bad_inputs_raise() -> None:
         lora_apply_triton(*case.args(), tiles=LoRATiles(16, 16, 8, 1, 16, 16))
     with pytest.raises(ValueError, match="decode"):
         lora_apply_triton(*case.args(), tiles=LoRATiles(16, 16, 16, 1, 16, 16, 4, 4, 1))
+    with pytest.raises(ValueError, match="n_group"):
+        lora_apply_triton(*case.args(), tiles=LoRATiles(16, 16, 16, 1, 16, 16, n_group=2))

@@ -62,8 +62,9 @@ MAX_CALL_TARGETS = 3  # targets one call may cover (q|k|v is the widest packing)
 # Int arguments that change from call to call (layer, target, K split): not specialised on
 # (value 1, divisibility by 16), so a new layer or batch shape never compiles a new variant
 # in the middle of serving. warm_up_lora_kernels compiles the rest at start-up.
-_RUNTIME_INTS = ("layer", "first_target", "k_per_split", "split_k", "n_tiles")
+_RUNTIME_INTS = ("layer", "first_target", "k_per_split", "split_k", "n_tiles", "n_group")
 _DECODE_MAX_SPLIT_K = 32
+_EXPAND_PROGRAMS_PER_SM = 8  # decode-form expand grid: fewer, longer programs down to this
 
 
 @dataclass
@@ -444,42 +445,48 @@ def _expand_decode_kernel(
     stride_y_n,
     stride_v_split,
     stride_v_tok,
+    n_group,  # BLOCK_N tiles per program
     R_PAD: tl.constexpr,
     ROW_ALIGN: tl.constexpr,
     BLOCK_S: tl.constexpr,  # split_k padded to a power of two
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """One program: one single-token segment x one target x BLOCK_N output columns."""
+    """One program: one single-token segment x one target x n_group tiles of BLOCK_N output
+    columns, one after another (the segment's rank, scaling and B^T row offsets are looked
+    up once for all of them: a program per tile spends most of its time on those lookups)."""
     seg = tl.program_id(0)
-    t = tl.program_id(2) // n_tiles
-    n_tile = tl.program_id(2) % n_tiles
+    groups = tl.cdiv(n_tiles, n_group)
+    t = tl.program_id(2) // groups
+    first_tile = (tl.program_id(2) % groups) * n_group
     tok, rows, entry = _segment(seg_start_ptr, seg_slot_ptr, seg, layer, first_target, num_layers)
     rank, scale, o, n, skip = _expand_target(
-        ranks_ptr, scalings_ptr, entry, t, n_tile, o0, n0, o1, n1, o2, n2, BLOCK_N
+        ranks_ptr, scalings_ptr, entry, t, first_tile, o0, n0, o1, n1, o2, n2, BLOCK_N
     )
     if skip | (rows == 0):
         return
-    cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = cols < n
     b_table = row_offsets_ptr + ((entry + t) * 2 + 1) * table_rank
     v_row = v_ptr + tok * stride_v_tok + t * R_PAD
     splits = tl.arange(0, BLOCK_S)
-    y_ptrs = y_ptr + tok * stride_y_tok + (o + cols) * stride_y_n
-    y = tl.load(y_ptrs, mask=n_ok, other=0.0)  # issued early: its latency hides behind B's
-    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)  # reduced over rank once, at the end
-    for r0 in range(0, rank, BLOCK_R):
-        j = r0 + tl.arange(0, BLOCK_R)
-        j_ok = j < rank
-        v_ptrs = v_row + splits[:, None] * stride_v_split + j[None, :]  # [BLOCK_S, BLOCK_R]
-        v_mask = (splits[:, None] < split_k) & j_ok[None, :]
-        vj = tl.sum(tl.load(v_ptrs, mask=v_mask, other=0.0), axis=0)  # all partials at once
-        b_off = tl.multiple_of(tl.load(b_table + j, mask=j_ok, other=0), ROW_ALIGN)  # [BLOCK_R]
-        b_mask = j_ok[:, None] & n_ok[None, :]
-        b = tl.load(pool_ptr + b_off[:, None] + cols[None, :], mask=b_mask, other=0.0)
-        acc += vj[:, None] * b.to(tl.float32)
-    y = y.to(tl.float32) + scale * tl.sum(acc, axis=0)
-    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+    last_tile = tl.minimum(first_tile + n_group, tl.cdiv(n, BLOCK_N))
+    for n_tile in range(first_tile, last_tile):
+        cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = cols < n
+        y_ptrs = y_ptr + tok * stride_y_tok + (o + cols) * stride_y_n
+        y = tl.load(y_ptrs, mask=n_ok, other=0.0)  # issued early: its latency hides behind B's
+        acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)  # reduced over rank at the end
+        for r0 in range(0, rank, BLOCK_R):
+            j = r0 + tl.arange(0, BLOCK_R)
+            j_ok = j < rank
+            v_ptrs = v_row + splits[:, None] * stride_v_split + j[None, :]  # [S, BLOCK_R]
+            v_mask = (splits[:, None] < split_k) & j_ok[None, :]
+            vj = tl.sum(tl.load(v_ptrs, mask=v_mask, other=0.0), axis=0)  # all partials
+            b_off = tl.multiple_of(tl.load(b_table + j, mask=j_ok, other=0), ROW_ALIGN)
+            b_mask = j_ok[:, None] & n_ok[None, :]
+            b = tl.load(pool_ptr + b_off[:, None] + cols[None, :], mask=b_mask, other=0.0)
+            acc += vj[:, None] * b.to(tl.float32)
+        y = y.to(tl.float32) + scale * tl.sum(acc, axis=0)
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
@@ -564,6 +571,7 @@ class LoRATiles(NamedTuple):
     shrink_warps: int = 4
     expand_warps: int = 4
     expand_block_m: int = 0  # token rows per expand program; 0 = block_m
+    n_group: int = 1  # decode form: BLOCK_N output tiles per expand program, in turn
 
     @property
     def expand_m(self) -> int:
@@ -629,7 +637,15 @@ def _decode_tiles(
     block_n = min(max(64, 8192 // block_r), next_power_of_2(max_out))
     while block_n > 64 and num_segments * n_targets * cdiv(max_out, block_n) < num_sms:
         block_n //= 2
-    return LoRATiles(1, block_c, block_k, split_k, block_r, block_n, 2, 2)
+    # Several N tiles per expand program while the grid keeps _EXPAND_PROGRAMS_PER_SM
+    # programs per SM: each program looks its segment's rank, scaling and B^T row offsets up
+    # once (dependent loads, about a memory latency each) instead of once per tile.
+    n_tiles = cdiv(max_out, block_n)
+    programs = num_segments * n_targets * n_tiles
+    n_group = 1
+    while 2 * n_group <= n_tiles and programs // (2 * n_group) >= _EXPAND_PROGRAMS_PER_SM * num_sms:
+        n_group *= 2
+    return LoRATiles(1, block_c, block_k, split_k, block_r, block_n, 2, 2, n_group=n_group)
 
 
 def _prefill_tiles(
@@ -670,6 +686,8 @@ def _check_tiles(tiles: LoRATiles, r_pad: int) -> None:
         raise ValueError(f"tl.dot needs every block size >= 16: {tiles}")
     if tiles.block_r > r_pad or tiles.split_k < 1:
         raise ValueError(f"block_r must be <= {r_pad} and split_k >= 1: {tiles}")
+    if tiles.n_group < 1 or (tiles.n_group > 1 and tiles.block_m > 1):
+        raise ValueError(f"n_group must be >= 1, and 1 in the prefill form: {tiles}")
 
 
 def _padded_slices(out_slices: Sequence[tuple[int, int]]) -> list[int]:
@@ -756,7 +774,8 @@ def _expand(
     """y[:, slice_t] += scaling_t * (sum of v's partials) @ B^T_t for every target t."""
     n_tiles = cdiv(max(n for _, n in out_slices), tiles.block_n)
     m_tiles = cdiv(batch.max_seg_len, tiles.expand_m)
-    grid = (batch.num_segments, m_tiles, len(out_slices) * n_tiles)
+    n_groups = cdiv(n_tiles, tiles.n_group)  # 1 tile per group in the prefill form
+    grid = (batch.num_segments, m_tiles, len(out_slices) * n_groups)
     args = (
         y,
         v,
@@ -782,6 +801,7 @@ def _expand(
     if tiles.block_m == 1:
         _expand_decode_kernel[grid](
             *args,
+            tiles.n_group,
             R_PAD=r_pad,
             ROW_ALIGN=batch.row_align,
             BLOCK_S=next_power_of_2(tiles.split_k),
