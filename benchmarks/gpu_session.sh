@@ -17,6 +17,7 @@
 #   attention   split-KV vs one-pass decode attention                             (1)
 #   s2n100      S2 n=100 R=10 120 s with base and PEFT                            (7)
 #   profile_mixed  batch 240 with adapters: decode and mixed (8 prompts) steps     (4)
+#   lora_sweep  bench_lora.py --sweep: block sizes one at a time, incl. n_group     (4)
 #   table_S_N   setting S at n in N (comma list), R=10, 45 s trace, base (+ PEFT
 #               when every n <= 100), one base run for the sweep     (2 per run + 1.5 PEFT)
 set -u
@@ -54,6 +55,9 @@ for part in "$@"; do
       timeout 300 python benchmarks/profile_step.py --model llama-7b --batches 240 --context 256 \
         --steps 10 --mixed-prompts 8 --scenarios lora --out-dir "$OUT/prof" 2>&1 | grep '^{'
       tar czf "$OUT/prof_mixed.tgz" -C "$OUT" prof && rm -r "$OUT/prof" ;;
+    lora_sweep)
+      timeout 400 python benchmarks/bench_lora.py --sweep --out "$OUT/bench_lora_sweep.json" \
+        2>&1 | grep -v Warning | tail -60 ;;
     table_*)
       IFS=_ read -r _ s ns <<< "$part"
       baselines=base

@@ -26,7 +26,7 @@ import torch
 import loraserve.kernels.lora as lora
 from loraserve.adapters.store import AdapterStore
 from loraserve.bench.adapters import AdapterGenerator
-from loraserve.engine.adapters import IO_THREADS, AdapterManager
+from loraserve.engine.adapters import IO_THREADS, AdapterManager, _one_cpu_thread
 from loraserve.engine.runner import ModelRunner
 from loraserve.memory.adapter_cache import AdapterCache
 from loraserve.memory.pool import PagePool
@@ -49,7 +49,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--torch-threads", type=int, default=0, help="0: torch default")
     parser.add_argument(
-        "--io-torch-threads", type=int, default=0, help="torch threads of each I/O thread"
+        "--io-all-cores",
+        action="store_true",
+        help="I/O threads' torch ops on every core (the engine runs them on one each)",
     )
     args = parser.parse_args()
     if args.torch_threads:
@@ -98,7 +100,7 @@ def main() -> None:
         packed.append(time.perf_counter() - start)
         cache.discard(p)
 
-    init = (lambda: torch.set_num_threads(args.io_torch_threads)) if args.io_torch_threads else None
+    init = None if args.io_all_cores else _one_cpu_thread  # as the engine's I/O threads
     with ThreadPoolExecutor(args.threads, initializer=init) as pool_threads:
         futures = [pool_threads.submit(pack, n) for n in names]
         contended = []

@@ -15,11 +15,14 @@ adapters of queued requests while the device computes a step.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
 
 from loraserve.adapters.store import AdapterStore
 from loraserve.memory.adapter_cache import AdapterCache, PackedAdapter
@@ -31,6 +34,23 @@ logger = logging.getLogger(__name__)
 IO_THREADS = max(2, min(8, (os.cpu_count() or 2) // 2))
 
 
+def _one_cpu_thread() -> None:
+    """I/O thread initializer: this thread's torch CPU ops run on one core.
+
+    A large copy on a thread of its own would otherwise start an OpenMP team of one thread
+    per core (libgomp gives each calling thread its own team): with 8 I/O threads, 8 x cores
+    spinning threads that crowd out the engine thread's kernel launches. Only this thread's
+    OpenMP setting changes (``torch.set_num_threads`` would change the default of every
+    thread started later). Without an OpenMP runtime in the process this does nothing.
+    """
+    try:
+        set_threads = ctypes.CDLL(None).omp_set_num_threads
+    except (AttributeError, OSError):
+        return
+    torch.get_num_threads()  # torch's own per-thread setup first: it would undo ours
+    set_threads(1)
+
+
 class AdapterLoadError(RuntimeError):
     """An adapter that was registered but cannot be loaded (bad file, shapes, rank)."""
 
@@ -39,7 +59,11 @@ class AdapterManager:
     def __init__(self, store: AdapterStore, cache: AdapterCache, background: bool = True) -> None:
         self.store = store
         self.cache = cache
-        self._executor = ThreadPoolExecutor(IO_THREADS, "adapter-io") if background else None
+        self._executor = (
+            ThreadPoolExecutor(IO_THREADS, "adapter-io", initializer=_one_cpu_thread)
+            if background
+            else None
+        )
         self._fetching: dict[str, Future[PackedAdapter]] = {}
         self._failed: dict[str, str] = {}
         self._io_lock = threading.Lock()
