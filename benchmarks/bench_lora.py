@@ -82,11 +82,17 @@ class Result:
     base_gemm_us: float
 
 
-def _row_offsets(num_slots: int, rank: int, g: torch.Generator) -> torch.Tensor:
-    """int64 [num_slots, 1, 7, 2, rank]: every row HIDDEN wide, rows in random order."""
+def _row_offsets(num_slots: int, rank: int, g: torch.Generator, stride: int) -> torch.Tensor:
+    """int64 [num_slots, 1, 7, 2, rank]: rows ``stride`` elements apart, in random order."""
     num_rows = num_slots * 7 * 2 * rank
-    perm = torch.randperm(num_rows, generator=g) * HIDDEN
+    perm = torch.randperm(num_rows, generator=g) * stride
     return perm.view(num_slots, 1, 7, 2, rank).cuda()
+
+
+# --pool-gb: spread the rows over a pool this large (the engine's pool shares ~118 GB with
+# the KV cache), to see whether reads scattered that wide cost more (GPU TLB reach) than the
+# same reads from a pool of just the adapters.
+POOL_BYTES: int | None = None
 
 
 def make_case(
@@ -94,14 +100,23 @@ def make_case(
 ) -> Case:
     """Segment s uses slot s % num_distinct; every target has rank ``rank``, scaling 0.5.
 
-    Rows are HIDDEN apart, so offsets are multiples of any row_align up to HIDDEN.
+    Rows are HIDDEN apart (or spread over POOL_BYTES), offsets multiples of any row_align up
+    to HIDDEN.
     """
     g = torch.Generator().manual_seed(0)
     first_target, out_slices = CALLS[call]
     num_slots = num_distinct
-    row_offsets = _row_offsets(num_slots, rank, g)
-    pool = torch.empty(row_offsets.numel() * HIDDEN, dtype=torch.bfloat16, device="cuda")
-    pool.normal_(0.0, 0.02)
+    num_rows = num_slots * 7 * 2 * rank
+    stride = HIDDEN
+    if POOL_BYTES is not None:  # bf16 elements per row slot, a multiple of HIDDEN
+        stride = max(HIDDEN, POOL_BYTES // 2 // num_rows // HIDDEN * HIDDEN)
+    row_offsets = _row_offsets(num_slots, rank, g, stride)
+    pool = torch.empty(num_rows * stride, dtype=torch.bfloat16, device="cuda")
+    if stride == HIDDEN:
+        pool.normal_(0.0, 0.02)
+    else:  # only the rows are read: fill them, leave the gaps
+        rows = pool.view(num_rows, stride)[:, :HIDDEN]
+        rows.normal_(0.0, 0.02)
     slots = torch.arange(len(seg_lens)) % num_distinct
     starts = torch.tensor([0, *seg_lens]).cumsum(0)
     batch = LoRABatch(
@@ -387,6 +402,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prefill-batch", type=int, default=4)
     p.add_argument("--row-align", type=int, default=8, help="LoRABatch.row_align (elements)")
     p.add_argument("--sweep", action="store_true", help="time block-size variants instead")
+    p.add_argument(
+        "--pool-gb", type=float, default=None, help="spread adapter rows over a pool this large"
+    )
     return p.parse_args()
 
 
@@ -395,6 +413,8 @@ def main() -> None:
     args = parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_lora needs a CUDA GPU")
+    global POOL_BYTES
+    POOL_BYTES = None if args.pool_gb is None else int(args.pool_gb * 2**30)
     if args.sweep:
         report = {"host_us": host_overhead(args), "sweep": sweep(args)}
         print_sweep(report)

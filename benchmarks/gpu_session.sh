@@ -18,6 +18,8 @@
 #   s2n100      S2 n=100 R=10 120 s with base and PEFT                            (7)
 #   profile_mixed  batch 240 with adapters: decode and mixed (8 prompts) steps     (4)
 #   lora_sweep  bench_lora.py --sweep: block sizes one at a time, incl. n_group     (4)
+#   lora_tlb    LoRA kernels with rows in a compact pool vs spread over 100 GB, and a
+#               batch-128 step with a 0.2 vs 0.8 memory pool: does reach cost?     (4)
 #   table_S_N   setting S at n in N (comma list), R=10, 45 s trace, base (+ PEFT
 #               when every n <= 100), one base run for the sweep     (2 per run + 1.5 PEFT)
 set -u
@@ -58,6 +60,17 @@ for part in "$@"; do
     lora_sweep)
       timeout 400 python benchmarks/bench_lora.py --sweep --out "$OUT/bench_lora_sweep.json" \
         2>&1 | grep -v Warning | tail -60 ;;
+    lora_tlb)
+      for gb in 0 100; do
+        pool=(); if [ "$gb" != 0 ]; then pool=(--pool-gb "$gb"); fi
+        timeout 150 python benchmarks/bench_lora.py --batches 64 256 --ranks 16 64 "${pool[@]}" \
+          --out "$OUT/bench_lora_pool${gb}.json" 2>&1 | grep -E '^(phase|decode|grouped)' | tail -14
+      done
+      for util in 0.2 0.8; do
+        timeout 120 python benchmarks/profile_step.py --batches 128 --steps 10 --scenarios lora \
+          --gpu-memory-utilization "$util" --out-dir "$OUT/prof_util$util" 2>&1 | grep '^{'
+        rm -rf "$OUT/prof_util$util"
+      done ;;
     table_*)
       IFS=_ read -r _ s ns <<< "$part"
       baselines=base
