@@ -8,7 +8,8 @@
 # Each named part runs under its own time limit and writes under $OUT (at most 8 files come
 # back from a device call: profiles are tarred). One device call may run 10 minutes: keep
 # the parts of a call under ~9. Parts and their rough device minutes:
-#   parity      fused kernels + Triton paths against HF/PEFT in fp32 on the GPU   (2)
+#   parity      fused kernels + Triton paths against HF/PEFT in fp32 on the GPU, CUDA
+#               graphs, overlapped decode steps, pinned input upload              (3)
 #   s2n2000     S2, n=2000, R=40, loraserve and base on the same trace            (5)
 #   s1n2000     the same for S1                                                   (5)
 #   s2n2000_ai  S2 n=2000 with --admission-interval 0.5 (loraserve and base)       (6)
@@ -33,7 +34,9 @@ for part in "$@"; do
   case $part in
     parity)
       LORASERVE_TEST_DEVICE=cuda timeout 240 python -m pytest -q -x \
-        tests/engine/test_hf_parity.py tests/engine/test_lora_parity.py 2>&1 | tail -4 ;;
+        tests/engine/test_hf_parity.py tests/engine/test_lora_parity.py \
+        tests/engine/test_graphs.py tests/engine/test_overlap.py tests/engine/test_prepare.py \
+        2>&1 | tail -4 ;;
     s2n2000|s1n2000|s2n2000_ai|s1n2000_ai)
       s=$(echo "${part:0:2}" | tr a-z A-Z)
       extra=()  # _ai: admission interval 0.5 s (both runs), against the default

@@ -340,6 +340,9 @@ class EngineConfig:
     lora_backend: str = "auto"
     seed: int = 0
     cuda_graph_max_batch: int = 0  # 0: eager decode; N: decode batches up to N padded/graphed
+    # Graphed decode steps that continue unchanged are queued one step ahead, so the host's
+    # work for a step overlaps the device's work on the one before (LLMEngine._launch_next).
+    overlap_steps: bool = False
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ("auto", "torch", "triton"):

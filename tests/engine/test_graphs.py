@@ -117,7 +117,7 @@ def test_block_tables_rewritten_only_where_changed_and_always_complete(setup):
 
     def expected(requests):
         cols = [r.block_table for r in requests] + [[]] * (4 - len(requests))
-        width = static.host.shape[0] - 5
+        width = static.hosts[0].shape[0] - 5
         return torch.tensor([c + [scratch] * (width - len(c)) for c in cols]).t()
 
     a, b, c = req("a", [3, 4, 5]), req("b", [7]), req("c", [9, 10])
@@ -125,8 +125,9 @@ def test_block_tables_rewritten_only_where_changed_and_always_complete(setup):
     for i, requests in enumerate(steps):
         if i == 2:
             a.block_table.append(11)  # a grows by a page
-        graphs._fill_tables(static, requests)
-        assert torch.equal(static.host[5:], expected(requests)), i
+        turn = i % 2  # the two host buffers in turn: each keeps its own record
+        graphs._fill_tables(static, turn, requests)
+        assert torch.equal(static.hosts[turn][5:], expected(requests)), i
 
 
 def test_lora_launches_only_for_targets_of_the_steps_adapters(setup, monkeypatch):

@@ -89,6 +89,11 @@ class EngineArgs:
         "replay decode steps of up to N requests as CUDA graphs (padded to fixed sizes, "
         "captured at startup); 0 = eager (default: max-num-seqs on CUDA, 0 on the CPU)",
     )
+    overlap_steps: bool = _opt(
+        True,
+        "queue a graphed decode step that continues the batch unchanged before the one ahead "
+        "of it has finished, so the host's work overlaps the device's (only with CUDA graphs)",
+    )
     max_loras: int = _opt(128, "most adapters resident in the page pool at once")
     max_lora_rank: int = _opt(64, "largest adapter rank served")
     adapter_host_cache_bytes: int = _opt(8 << 30, "host-memory LRU of adapter weights, bytes")
@@ -107,6 +112,9 @@ class EngineArgs:
         for f in dataclasses.fields(cls):
             kind = _field_type(f)
             extra = {k: v for k, v in f.metadata.items() if k not in ("help", "flag")}
+            if kind is bool:  # --name / --no-name
+                extra["action"] = argparse.BooleanOptionalAction
+                kind = None
             group.add_argument(
                 "--" + _flag(f),
                 dest=_flag(f).replace("-", "_"),
@@ -183,6 +191,7 @@ class EngineArgs:
             ),
             lora_backend=self.lora_backend,
             cuda_graph_max_batch=graph_batch,
+            overlap_steps=self.overlap_steps,
             device=device,
             dtype=dtype,
             max_model_len=max_len,
@@ -220,6 +229,8 @@ def _flag(f: dataclasses.Field) -> str:
 
 def _field_type(f: dataclasses.Field) -> type:
     text = str(f.type)
+    if text == "bool":
+        return bool
     if "int" in text:
         return int
     if "float" in text:

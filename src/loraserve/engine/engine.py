@@ -20,9 +20,9 @@ from loraserve.config import CacheConfig, EngineConfig, ModelConfig
 from loraserve.engine.adapters import AdapterManager
 from loraserve.engine.graphs import DecodeGraphs
 from loraserve.engine.precompile import precompile
-from loraserve.engine.runner import ModelRunner
+from loraserve.engine.runner import ModelRunner, PendingStep
 from loraserve.engine.sampler import Sampler
-from loraserve.engine.scheduler import Scheduler
+from loraserve.engine.scheduler import ScheduledBatch, Scheduler
 from loraserve.memory.adapter_cache import AdapterCache
 from loraserve.memory.kv_cache import KVCacheManager
 from loraserve.memory.pool import PageKind, PagePool, kv_page_elems, pages_for_budget
@@ -106,6 +106,8 @@ class LLMEngine:
         self.adapters = AdapterManager(self.adapter_store, self.adapter_cache)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.adapters)
         self.last_step = StepTiming(0.0, 0.0, 0.0, 0.0, 0.0)  # of the latest step()
+        # A decode step launched behind the one the latest step() returned (overlap_steps).
+        self._inflight: tuple[ScheduledBatch, PendingStep] | None = None
         self.sampler = Sampler(self.device, seed=config.seed)
         self.runner = ModelRunner(
             model,
@@ -294,14 +296,22 @@ class LLMEngine:
         failed. ``last_step`` holds where its wall time went."""
         clock = time.perf_counter
         t0 = clock()
-        scheduled = self.scheduler.schedule()
-        outputs = [self._fail(r) for r in scheduled.failed]
-        t1 = clock()
-        if scheduled.empty:
-            self.adapters.prefetch(self.scheduler.waiting_adapters(self.config.lora.prefetch))
-            self.last_step = StepTiming(t1 - t0, 0.0, clock() - t1, 0.0, 0.0)
-            return outputs
-        pending = self.runner.launch(scheduled)
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            scheduled = self.scheduler.schedule()
+            outputs = [self._fail(r) for r in scheduled.failed]
+            t1 = clock()
+            if scheduled.empty:
+                self.adapters.prefetch(self.scheduler.waiting_adapters(self.config.lora.prefetch))
+                self.last_step = StepTiming(t1 - t0, 0.0, clock() - t1, 0.0, 0.0)
+                return outputs
+            pending = self.runner.launch(scheduled)
+        else:  # launched by the previous call, behind the step it returned
+            scheduled, pending = inflight
+            outputs = []
+            t1 = t0
+        if self.config.overlap_steps and pending.graphed:
+            self._inflight = self._launch_next(pending)
         t2 = clock()
         # The device is computing: bring the queue's adapters closer meanwhile.
         self.adapters.prefetch(self.scheduler.waiting_adapters(self.config.lora.prefetch))
@@ -309,10 +319,13 @@ class LLMEngine:
         result = self.runner.collect(pending)
         t4 = clock()
         for request, n in zip(scheduled.requests, scheduled.num_scheduled, strict=True):
-            request.num_computed_tokens += n
+            if not request.finished:  # (aborted while its step ran)
+                request.num_computed_tokens += n
         for request, token, logprobs in zip(
             result.sampled, result.token_ids, result.logprobs, strict=True
         ):
+            if request.finished:  # aborted, or a continued step's row past its last token
+                continue
             tracked = self._requests[request.request_id]
             self._append(tracked, token, logprobs)
             outputs.append(self._output(tracked))
@@ -320,6 +333,43 @@ class LLMEngine:
                 del self._requests[request.request_id]
         self.last_step = StepTiming(t1 - t0, t2 - t1, t3 - t2, t4 - t3, clock() - t4)
         return outputs
+
+    def _launch_next(self, pending: PendingStep) -> tuple[ScheduledBatch, PendingStep] | None:
+        """Overlapped decode: enqueue the decode step after ``pending`` before waiting for
+        it, so the device finds it queued and the host's bookkeeping of ``pending`` (tokens,
+        stop checks, outputs) and its filling of this step run while the device computes.
+
+        Only when the next step would be the same decode batch anyway: every running request
+        was in ``pending``, no prompt could be admitted (none waiting, or no free sequence
+        slot), and each request's next page can be had without preempting. Requests whose
+        ``pending`` token is their last by length (max_tokens, max_model_len) are left out;
+        one that stops on a token (EOS, a stop string) only learns it after this step is
+        queued: its row in it is computed and dropped. Its pages are freed meanwhile, but
+        anything that reuses them is queued behind this step on the device.
+        """
+        sched = self.scheduler
+        if sched.waiting and (
+            len(sched.running) < self.config.scheduler.max_num_seqs
+            or self.config.scheduler.ttft_deadline is not None
+        ):
+            return None
+        rows = {id(r) for r in pending.sampled}
+        if any(id(r) not in rows for r in sched.running):
+            return None
+        requests = [
+            r
+            for r in pending.sampled
+            if not r.finished
+            and len(r.output_token_ids) + 1 < r.params.max_tokens
+            and r.num_tokens + 1 < self.max_model_len
+        ]
+        if not requests or not self.runner.fits_graphs(len(requests)):
+            return None
+        for r in requests:  # one more token: the one ``pending`` samples
+            if not self.kv.allocate(r, r.num_tokens + 1):
+                return None  # no preemption on a guess: the next call schedules normally
+        batch = ScheduledBatch(requests, [1] * len(requests))
+        return batch, self.runner.launch_next(pending, requests)
 
     def _fail(self, request: Request) -> RequestOutput:
         request.finish_reason = FinishReason.ERROR
@@ -414,6 +464,7 @@ class LLMEngine:
         """Stop the adapter I/O threads and drop the CUDA graphs (their memory pool), so
         the device memory is free once the engine is released."""
         self.adapters.shutdown()
+        self._inflight = None
         self.runner.graphs = None
 
     def check_integrity(self) -> None:

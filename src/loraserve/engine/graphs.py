@@ -51,15 +51,19 @@ class _Static:
 
     The integer inputs are views into one device buffer ``inputs`` [5 + max_blocks, size]
     (rows: input ids, positions, KV slots, context lengths, adapter slots, then the block
-    table transposed), so a step's inputs travel in one copy from the pinned ``host``.
+    table transposed), so a step's inputs travel in one copy from a pinned host buffer.
+    There are two host buffers, used in turn: with overlapped steps the host fills step N+1
+    while step N's copy may still be queued behind step N-1.
     """
 
     batch: ForwardBatch
     inputs: torch.Tensor
-    host: torch.Tensor
-    # What each row of ``host``'s block tables holds: (request id, table length), or None
-    # for the scratch page only. Consecutive decode steps mostly keep every row as it was.
-    tables: list[tuple[str, int] | None] = field(default_factory=list)
+    hosts: list[torch.Tensor]
+    # What each row of a host buffer's block tables holds: (request id, table length), or
+    # None for the scratch page only. Consecutive decode steps mostly keep every row as it was.
+    tables: list[list[tuple[str, int] | None]] = field(default_factory=lambda: [[], []])
+    copied: list[torch.cuda.Event | None] = field(default_factory=lambda: [None, None])
+    turn: int = 0  # the host buffer the next fill uses
     logits: torch.Tensor | None = None  # [size, vocab] fp32, written by every variant
     graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)  # by LoRA targets
 
@@ -122,12 +126,19 @@ class DecodeGraphs:
             and all(r.num_computed_tokens + 1 == r.num_tokens for r in requests)
         )
 
-    def run(self, requests: list[Request]) -> torch.Tensor:
-        """Logits [len(requests), vocab] fp32 of one decode step."""
+    def run(
+        self, requests: list[Request], prev: tuple[torch.Tensor, list[int]] | None = None
+    ) -> torch.Tensor:
+        """Logits [len(requests), vocab] fp32 of one decode step.
+
+        ``prev`` = (tokens, rows): the step continues one still in flight, whose sampled
+        ``tokens`` (device) are each request's input, request i's at row rows[i]; every
+        request is one token further than the host knows (its block table covers it).
+        """
         self.steps += 1
         size = next(s for s in self.sizes if s >= len(requests))
         static = self._static.get(size) or self._build(size)
-        self._fill(static, requests)
+        self._fill(static, requests, prev)
         targets = self.targets_for(requests)
         graph = static.graphs.get(targets)
         if graph is None:
@@ -177,7 +188,9 @@ class DecodeGraphs:
 
     def _empty_static(self, size: int) -> _Static:
         inputs = torch.zeros((5 + self.max_blocks, size), dtype=torch.int64, device=self.device)
-        host = torch.zeros(inputs.shape, dtype=torch.int64, pin_memory=self.capture)
+        hosts = [
+            torch.zeros(inputs.shape, dtype=torch.int64, pin_memory=self.capture) for _ in range(2)
+        ]
         # seq_lens, seg_slot and the block tables are int32 for the kernels: cast from
         # ``inputs`` by ``_unpack`` at the start of the forward (captured with the rest).
         meta = self.cache.lora_batch(
@@ -199,7 +212,7 @@ class DecodeGraphs:
             max_seq_len=self.max_blocks * self.block_size,
             lora=LoRAInputs(self.cache.pool.buffer.view(-1), meta, self.lora_backend),
         )
-        return _Static(batch, inputs, host)
+        return _Static(batch, inputs, hosts)
 
     def _unpack(self, static: _Static) -> None:
         """Device-side: the int32 inputs from the int64 buffer (captured in the graph)."""
@@ -208,13 +221,23 @@ class DecodeGraphs:
         batch.lora.meta.seg_slot.copy_(inputs[4])
         batch.block_tables.copy_(inputs[5:].t())
 
-    def _fill(self, static: _Static, requests: list[Request]) -> None:
-        """Write this step's inputs into the pinned host buffer and copy it to the device
-        (rows past the requests: padding). The previous step's copy has completed: the
-        engine synchronised on its sampled tokens."""
-        host = static.host
+    def _fill(
+        self,
+        static: _Static,
+        requests: list[Request],
+        prev: tuple[torch.Tensor, list[int]] | None = None,
+    ) -> None:
+        """Write this step's inputs into a pinned host buffer and copy it to the device
+        (rows past the requests: padding). With ``prev`` the input ids are gathered on the
+        device from the in-flight step's sampled tokens."""
+        turn = static.turn
+        static.turn ^= 1
+        if static.copied[turn] is not None:
+            static.copied[turn].synchronize()  # its last copy (two steps ago) has run
+        host = static.hosts[turn]
         n = len(requests)
         bs = self.block_size
+        ahead = 0 if prev is None else 1  # tokens in flight that the host does not have
         host[:5, n:] = 0
         host[2, n:] = self.scratch_page * bs
         host[3, n:] = 1
@@ -223,22 +246,32 @@ class DecodeGraphs:
             rows: list[list[int]] = [[], [], [], [], []]
             ids, positions, slots, lens, adapters = rows
             for r in requests:
-                p = r.num_tokens - 1
-                ids.append(r.token_at(p))
+                p = r.num_tokens - 1 + ahead
+                if prev is None:
+                    ids.append(r.token_at(p))
                 positions.append(p)
                 slots.append(kv_slot(r, p, bs))
                 lens.append(p + 1)
                 adapters.append(-1 if r.adapter_slot is None else r.adapter_slot)
+            if prev is not None:
+                ids += prev[1]  # rows of the in-flight step's tokens, gathered below
             host[:5, :n] = torch.tensor(rows, dtype=torch.int64)
-        self._fill_tables(static, requests)
+        self._fill_tables(static, turn, requests)
         static.inputs.copy_(host, non_blocking=True)
+        if self.capture:
+            static.copied[turn] = torch.cuda.Event()
+            static.copied[turn].record()
+        if prev is not None and n:
+            ids_row = static.inputs[0, :n]
+            ids_row.copy_(prev[0].index_select(0, ids_row))
 
-    def _fill_tables(self, static: _Static, requests: list[Request]) -> None:
-        """The block tables, transposed into ``host[5:]``: only rows whose request or table
-        length changed since the last fill are rewritten (a table grows by one page every
-        block_size tokens); unused entries and padding rows point at the scratch page."""
-        tables = static.host[5:]
-        state = static.tables
+    def _fill_tables(self, static: _Static, turn: int, requests: list[Request]) -> None:
+        """The block tables, transposed into the host buffer's rows 5..: only rows whose
+        request or table length changed since that buffer's last fill are rewritten (a table
+        grows by one page every block_size tokens); unused entries and padding rows point at
+        the scratch page."""
+        tables = static.hosts[turn][5:]
+        state = static.tables[turn]
         if len(state) != tables.shape[1]:
             tables.fill_(self.scratch_page)
             state[:] = [None] * tables.shape[1]

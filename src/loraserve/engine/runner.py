@@ -30,6 +30,7 @@ from loraserve.request import Request
 class PendingStep:
     sampled: list[Request]  # requests that produce a token this step, in batch order
     samples: SampleTensors | None
+    graphed: bool = False  # a decode step replayed from the graphs: it can be continued
 
 
 @dataclass
@@ -176,13 +177,28 @@ class ModelRunner:
             # Rows of one adapter side by side: their reads of its pages hit in L2.
             requests = sorted(scheduled.requests, key=_slot_key)
             logits = self.graphs.run(requests)
-            return PendingStep(requests, self.sampler.launch(logits, requests))
+            return PendingStep(requests, self.sampler.launch(logits, requests), graphed=True)
         batch, sampling = self.prepare(scheduled)
         hidden = self.model(batch)
         if not sampling:
             return PendingStep([], None)
         logits = self.model.compute_logits(hidden)
         return PendingStep(sampling, self.sampler.launch(logits, sampling))
+
+    @torch.inference_mode()
+    def launch_next(self, pending: PendingStep, requests: list[Request]) -> PendingStep:
+        """Enqueue the decode step after ``pending`` (a graphed step not yet collected) for
+        ``requests``, a subset of its requests: each one's input is the token ``pending``
+        samples for it, read on the device. Their block tables must already cover it."""
+        assert pending.graphed and pending.samples is not None
+        row = {id(r): i for i, r in enumerate(pending.sampled)}
+        requests = sorted(requests, key=_slot_key)
+        prev = (pending.samples.device_tokens, [row[id(r)] for r in requests])
+        logits = self.graphs.run(requests, prev)
+        return PendingStep(requests, self.sampler.launch(logits, requests), graphed=True)
+
+    def fits_graphs(self, num_requests: int) -> bool:
+        return self.graphs is not None and num_requests <= self.graphs.sizes[-1]
 
     def collect(self, pending: PendingStep) -> StepResult:
         if pending.samples is None:

@@ -26,12 +26,16 @@ class SampleTensors:
     top_logprobs: torch.Tensor | None  # [N, k] fp32
     chosen_logprobs: torch.Tensor | None  # [N] fp32
     ready: torch.cuda.Event | None = None
+    # The sampled tokens on the device: the next step may read them there, before the host
+    # has them (see LLMEngine's overlapped decode steps).
+    device_tokens: torch.Tensor | None = None
 
     def to_host(self) -> SampleTensors:
         """Start the device->host copies (CUDA): the step's one wait is then an event wait,
         which lets the adapter I/O threads have the GIL meanwhile (``tolist`` on a device
         tensor waits with the GIL held)."""
         if self.tokens.device.type != "cuda":
+            self.device_tokens = self.tokens
             return self
         host = [
             None
@@ -41,7 +45,7 @@ class SampleTensors:
         ]
         ready = torch.cuda.Event()
         ready.record()
-        return SampleTensors(*host, ready=ready)
+        return SampleTensors(*host, ready=ready, device_tokens=self.tokens)
 
 
 class Sampler:

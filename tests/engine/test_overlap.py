@@ -1,0 +1,173 @@
+"""Overlapped decode steps (LLMEngine._launch_next): the engine queues the next graphed
+decode step before it has the current one's tokens. Everything a user sees must be what the
+plain step-by-step loop gives: tokens, logprobs, finish reasons, stops on tokens the engine
+could not know in advance, aborts, late arrivals, and no page left behind."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from loraserve.engine.args import EngineArgs
+from loraserve.memory.pool import PageKind
+from loraserve.request import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_factory, tmp_path_factory):
+    from loraserve.adapters.peft import make_random_adapter
+    from loraserve.config import ModelConfig
+
+    model_dir = tiny_model_factory(num_attention_heads=4, num_key_value_heads=2)
+    config = ModelConfig.from_dir(model_dir)
+    root = tmp_path_factory.mktemp("overlap-adapters")
+    adapters = {
+        "a": make_random_adapter(root / "a", config, 4, ["q_proj", "v_proj"], seed=1),
+        "b": make_random_adapter(root / "b", config, 8, ["o_proj", "down_proj"], seed=2),
+    }
+    return model_dir, adapters
+
+
+def make_engine(setup, overlap: bool, **kw):
+    model_dir, adapters = setup
+    engine = EngineArgs(
+        model=str(model_dir),
+        dtype="float32",
+        cuda_graph_max_batch=8,
+        overlap_steps=overlap,
+        prefill_batch_window=0.0,
+        **kw,
+    ).create_engine()
+    for name, path in adapters.items():
+        engine.add_adapter(name, path)
+    return engine
+
+
+def count_continued(engine) -> list[int]:
+    """Wrap the runner's launch_next; the list counts its calls."""
+    calls = [0]
+    real = engine.runner.launch_next
+
+    def launch_next(*args):
+        calls[0] += 1
+        return real(*args)
+
+    engine.runner.launch_next = launch_next
+    return calls
+
+
+def drive(engine, requests, events=None):
+    """Add ``requests`` (prompt, params, adapter) and step to the end; ``events`` maps a
+    step number to a callback run before that step (late arrivals, aborts)."""
+    events = events or {}
+    for i, (prompt, params, adapter) in enumerate(requests):
+        engine.add_request(prompt, params, request_id=str(i), adapter=adapter)
+    outs = {}
+    step = 0
+    while engine.has_unfinished() or step in events:
+        if step in events:
+            events[step](engine)
+        outs.update({o.request_id: o for o in engine.step()})
+        engine.check_integrity()
+        step += 1
+        assert step < 2000
+    reserved = engine.pool.num_used(PageKind.RESERVED)
+    adapter_pages = sum(len(a.pages) for a in engine.adapter_cache.resident())
+    assert engine.pool.num_free == engine.pool.num_pages - reserved - adapter_pages, "pages lost"
+    return outs
+
+
+def assert_same(got, want):
+    """Tokens, finish and stop reasons exactly; logprobs to 1e-4 (a different padded batch
+    size sums in a different order)."""
+    assert sorted(got) == sorted(want)
+    for k, w in want.items():
+        g = got[k]
+        assert (g.token_ids, g.finish_reason, g.stop_reason) == (
+            w.token_ids,
+            w.finish_reason,
+            w.stop_reason,
+        ), k
+        for gd, wd in zip(g.logprobs or [], w.logprobs or [], strict=True):
+            assert gd.keys() == wd.keys(), k
+            assert all(abs(gd[t] - wd[t]) < 1e-4 for t in wd), k
+
+
+def workload(stop_token: int | None = None, n: int = 6, seed: int = 0):
+    rng = random.Random(seed)
+    requests = []
+    for i in range(n):
+        prompt = [rng.randrange(3, 200) for _ in range(rng.randrange(3, 12))]
+        params = SamplingParams(
+            max_tokens=rng.randrange(4, 30),
+            temperature=0.0,
+            logprobs=2,
+            ignore_eos=True,
+            stop_token_ids=[stop_token] if stop_token is not None and i % 2 else None,
+        )
+        requests.append((prompt, params, [None, "a", "b"][i % 3]))
+    return requests
+
+
+def test_overlap_gives_the_same_outputs_and_continues_steps(setup):
+    plain = drive(make_engine(setup, overlap=False), workload())
+    # A token some request generates mid-way: as a stop token it ends that request at a
+    # step the engine had already queued the next one for.
+    stop = plain["1"].token_ids[len(plain["1"].token_ids) // 2]
+    plain = drive(make_engine(setup, overlap=False), workload(stop))
+    engine = make_engine(setup, overlap=True)
+    continued = count_continued(engine)
+    overlapped = drive(engine, workload(stop))
+    assert_same(overlapped, plain)
+    assert any(o.finish_reason == "stop" for o in plain.values())  # the case is exercised
+    assert continued[0] > 5, "no decode step was queued ahead"
+
+
+def test_overlap_with_late_arrivals_and_aborts(setup):
+    base = workload(n=5, seed=1)
+    late = workload(n=3, seed=2)
+
+    def arrive(engine):
+        for j, (prompt, params, adapter) in enumerate(late):
+            engine.add_request(prompt, params, request_id=f"late{j}", adapter=adapter)
+
+    def abort(engine):
+        engine.abort("0")
+
+    results = []
+    for overlap in (False, True):
+        engine = make_engine(setup, overlap=overlap)
+        continued = count_continued(engine)
+        outs = drive(engine, base, events={4: abort, 6: arrive})
+        results.append(outs)
+        if overlap:
+            assert continued[0] > 0
+    plain, overlapped = results
+    assert not plain["0"].finished  # an abort sends nothing more: its last output stays
+    assert_same(overlapped, plain)
+
+
+def test_overlap_with_a_full_batch_and_a_queue(setup):
+    """More requests than sequence slots: steps continue while the batch is full, and the
+    queued requests still start as slots free up."""
+    requests = workload(n=10, seed=3)
+    plain = drive(make_engine(setup, overlap=False, max_num_seqs=4), requests)
+    engine = make_engine(setup, overlap=True, max_num_seqs=4)
+    continued = count_continued(engine)
+    overlapped = drive(engine, requests)
+    assert_same(overlapped, plain)
+    assert continued[0] > 0
+
+
+def test_seeded_sampling_is_the_same_with_overlap(setup):
+    def requests():
+        out = []
+        for i, (prompt, params, adapter) in enumerate(workload(n=4, seed=4)):
+            params.temperature, params.seed, params.top_k = 0.9, 100 + i, 20
+            out.append((prompt, params, adapter))
+        return out
+
+    plain = drive(make_engine(setup, overlap=False), requests())
+    overlapped = drive(make_engine(setup, overlap=True), requests())
+    assert_same(overlapped, plain)
