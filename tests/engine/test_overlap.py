@@ -35,15 +35,17 @@ def make_engine(setup, overlap: bool, **kw):
 
 
 def count_continued(engine) -> list[int]:
-    """Wrap the runner's launch_next; the list counts its calls."""
-    calls = [0]
-    real = engine.runner.launch_next
+    """Wrap the runner's launch and launch_next: [steps launched after the engine had the
+    previous step's tokens, steps queued behind one still running]."""
+    calls = [0, 0]
+    for k, name in enumerate(("launch", "launch_next")):
+        real = getattr(engine.runner, name)
 
-    def launch_next(*args):
-        calls[0] += 1
-        return real(*args)
+        def counted(*args, _real=real, _k=k):
+            calls[_k] += 1
+            return _real(*args)
 
-    engine.runner.launch_next = launch_next
+        setattr(engine.runner, name, counted)
     return calls
 
 
@@ -107,11 +109,20 @@ def test_overlap_gives_the_same_outputs_and_continues_steps(setup):
     stop = plain["1"].token_ids[len(plain["1"].token_ids) // 2]
     plain = drive(make_engine(setup, overlap=False), workload(stop))
     engine = make_engine(setup, overlap=True)
+    # Both adapters resident first, so that every request is admitted in the first step.
+    warm = SamplingParams(max_tokens=1)
+    for name in ("a", "b"):
+        engine.add_request([5, 6], warm, request_id=f"warm-{name}", adapter=name)
+    while engine.has_unfinished():
+        engine.step()
     continued = count_continued(engine)
     overlapped = drive(engine, workload(stop))
     assert_same(overlapped, plain)
     assert any(o.finish_reason == "stop" for o in plain.values())  # the case is exercised
-    assert continued[0] > 5, "no decode step was queued ahead"
+    # Every request arrived at once: after the first (prefill) step every step was queued
+    # behind the one before it, including the decode step right after the prefill.
+    launched, queued = continued
+    assert launched == 1 and queued == max(len(o.token_ids) for o in plain.values()) - 1
 
 
 def test_overlap_with_late_arrivals_and_aborts(setup):
@@ -132,7 +143,7 @@ def test_overlap_with_late_arrivals_and_aborts(setup):
         outs = drive(engine, base, events={4: abort, 6: arrive})
         results.append(outs)
         if overlap:
-            assert continued[0] > 0
+            assert continued[1] > 0
     plain, overlapped = results
     assert not plain["0"].finished  # an abort sends nothing more: its last output stays
     assert_same(overlapped, plain)
@@ -147,7 +158,7 @@ def test_overlap_with_a_full_batch_and_a_queue(setup):
     continued = count_continued(engine)
     overlapped = drive(engine, requests)
     assert_same(overlapped, plain)
-    assert continued[0] > 0
+    assert continued[1] > 0
 
 
 def test_seeded_sampling_is_the_same_with_overlap(setup):

@@ -310,7 +310,7 @@ class LLMEngine:
             scheduled, pending = inflight
             outputs = []
             t1 = t0
-        if self.config.overlap_steps and pending.graphed:
+        if self.config.overlap_steps and pending.samples is not None:
             self._inflight = self._launch_next(pending)
         t2 = clock()
         # The device is computing: bring the queue's adapters closer meanwhile.
@@ -335,13 +335,15 @@ class LLMEngine:
         return outputs
 
     def _launch_next(self, pending: PendingStep) -> tuple[ScheduledBatch, PendingStep] | None:
-        """Overlapped decode: enqueue the decode step after ``pending`` before waiting for
-        it, so the device finds it queued and the host's bookkeeping of ``pending`` (tokens,
-        stop checks, outputs) and its filling of this step run while the device computes.
+        """Overlapped decode: enqueue the graphed decode step after ``pending`` before
+        waiting for it, so the device finds it queued and the host's bookkeeping of
+        ``pending`` (tokens, stop checks, outputs) and its filling of this step run while the
+        device computes. ``pending`` may be a decode step or a prefill/mixed one.
 
-        Only when the next step would be the same decode batch anyway: every running request
-        was in ``pending``, no prompt could be admitted (none waiting, or no free sequence
-        slot), and each request's next page can be had without preempting. Requests whose
+        Only when the next step would be that decode batch anyway: every running request
+        samples a token in ``pending`` (no prompt is left half prefilled), no prompt could be
+        admitted (none waiting, or no free sequence slot), and each request's next page can
+        be had without preempting. Requests whose
         ``pending`` token is their last by length (max_tokens, max_model_len) are left out;
         one that stops on a token (EOS, a stop string) only learns it after this step is
         queued: its row in it is computed and dropped. Its pages are freed meanwhile, but

@@ -30,7 +30,6 @@ from loraserve.request import Request
 class PendingStep:
     sampled: list[Request]  # requests that produce a token this step, in batch order
     samples: SampleTensors | None
-    graphed: bool = False  # a decode step replayed from the graphs: it can be continued
 
 
 @dataclass
@@ -177,7 +176,7 @@ class ModelRunner:
             # Rows of one adapter side by side: their reads of its pages hit in L2.
             requests = sorted(scheduled.requests, key=_slot_key)
             logits = self.graphs.run(requests)
-            return PendingStep(requests, self.sampler.launch(logits, requests), graphed=True)
+            return PendingStep(requests, self.sampler.launch(logits, requests))
         batch, sampling = self.prepare(scheduled)
         hidden = self.model(batch)
         if not sampling:
@@ -187,15 +186,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch_next(self, pending: PendingStep, requests: list[Request]) -> PendingStep:
-        """Enqueue the decode step after ``pending`` (a graphed step not yet collected) for
-        ``requests``, a subset of its requests: each one's input is the token ``pending``
-        samples for it, read on the device. Their block tables must already cover it."""
-        assert pending.graphed and pending.samples is not None
+        """Enqueue a graphed decode step after ``pending`` (any step not yet collected) for
+        ``requests``, some of the requests it samples: each one's input is the token
+        ``pending`` samples for it, read on the device. Their block tables must already
+        cover it."""
+        assert self.graphs is not None and pending.samples is not None
         row = {id(r): i for i, r in enumerate(pending.sampled)}
         requests = sorted(requests, key=_slot_key)
         prev = (pending.samples.device_tokens, [row[id(r)] for r in requests])
         logits = self.graphs.run(requests, prev)
-        return PendingStep(requests, self.sampler.launch(logits, requests), graphed=True)
+        return PendingStep(requests, self.sampler.launch(logits, requests))
 
     def fits_graphs(self, num_requests: int) -> bool:
         return self.graphs is not None and num_requests <= self.graphs.sizes[-1]
