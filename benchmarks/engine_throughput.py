@@ -29,7 +29,8 @@ def run_engine(args: argparse.Namespace, backend: str, prompts: list[list[int]])
         dtype="bfloat16",
         device="cuda",
         attention_backend=backend.split("+")[0],
-        cuda_graph_max_batch=args.batch if backend.endswith("+graphs") else 0,
+        cuda_graph_max_batch=args.batch if "+graphs" in backend else 0,
+        overlap_steps="+nooverlap" not in backend,
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_model_len=args.prompt_len + args.new_tokens + 16,
     ).create_engine()
@@ -110,7 +111,8 @@ def main() -> None:
     parser.add_argument(
         "--backends",
         default="triton,torch",
-        help="attention backends to run; 'triton+graphs' also replays decode as CUDA graphs",
+        help="attention backends to run; 'triton+graphs' also replays decode as CUDA graphs "
+        "(overlapped steps; '+nooverlap' without)",
     )
     parser.add_argument("--hf", action="store_true", help="also time HF generate")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.5)

@@ -21,6 +21,8 @@
 #   lora_sweep  bench_lora.py --sweep: block sizes one at a time, incl. n_group     (4)
 #   lora_tlb    LoRA kernels with rows in a compact pool vs spread over 100 GB, and a
 #               batch-128 step with a 0.2 vs 0.8 memory pool: does reach cost?     (4)
+#   overlap_ab  offline decode, batch 64 and 256, graphs with and without overlapped
+#               steps (engine_throughput.py)                                      (4)
 #   table_S_N   setting S at n in N (comma list), R=10, 45 s trace, base (+ PEFT
 #               when every n <= 100), one base run for the sweep     (2 per run + 1.5 PEFT)
 set -u
@@ -73,6 +75,12 @@ for part in "$@"; do
         timeout 120 python benchmarks/profile_step.py --batches 128 --steps 10 --scenarios lora \
           --gpu-memory-utilization "$util" --out-dir "$OUT/prof_util$util" 2>&1 | grep '^{'
         rm -rf "$OUT/prof_util$util"
+      done ;;
+    overlap_ab)
+      for b in 64 256; do
+        timeout 200 python benchmarks/engine_throughput.py --batch "$b" --new-tokens 128 \
+          --backends triton+graphs,triton+graphs+nooverlap --gpu-memory-utilization 0.8 \
+          --out "$OUT/overlap_b$b.json" 2>&1 | grep -v Warning | tail -4
       done ;;
     table_*)
       IFS=_ read -r _ s ns <<< "$part"
