@@ -45,6 +45,7 @@ def test_driver_end_to_end(engine_args):
     assert loads["distinct_adapters_issued"] == loads["distinct_adapters_served"] == len(used)
     assert loads["gpu_loads"] == loads["host_loads"] == len(used)  # the pool keeps them all
     assert loads["io_thread_s"] > 0  # generating and packing them took time somewhere
+    assert loads["staging_allocations"] >= 0 and loads["staging_alloc_s"] >= 0
     peak = result["pool_peak"]
     assert peak["kv_pages"] > 0 and peak["adapter_pages"] > 0
     assert peak["total_pages"] <= peak["pool_pages"] and peak["adapter_pool_pages"] is None

@@ -66,11 +66,14 @@ def test_loading_a_resident_adapter_again_gives_its_buffer_back():
     weights = random_lora_weights("a", MODEL, 2, ["k_proj"], seed=2)
     assert cache.load(weights)  # LoRAWeights are packed on the spot
     pages = cache.pool.num_used(PageKind.ADAPTER)
+    made = cache.staging["allocations"]
     again = cache.pack(weights)
+    assert cache.staging["allocations"] == made  # the first load's buffer, reused
     spare = len(cache._staging._buffers)
     assert cache.load(again)
     assert cache.pool.num_used(PageKind.ADAPTER) == pages
     assert len(cache._staging._buffers) == spare + 1
+    assert made >= 1 and cache.staging["bytes"] >= made * (1 << 22)
 
 
 def test_rank_above_the_served_maximum_is_refused_when_packing():

@@ -179,6 +179,7 @@ class InprocDriver:
         self._kv_token = kv_bytes_per_token(engine.config.model, engine.config.dtype)
         self._start = 0.0
         self._io0 = 0.0
+        self._staging0: dict[str, float] = {}
 
     def _now(self) -> float:
         return time.perf_counter() - self._start
@@ -186,6 +187,7 @@ class InprocDriver:
     def run(self) -> EngineRun:
         gpu0 = dataclasses.replace(self.engine.adapter_cache.stats)
         self._io0 = self.engine.adapters.io_seconds
+        self._staging0 = self.engine.adapter_cache.staging
         host0 = self.engine.adapter_store.stats
         pending = deque(self.requests)
         limit = self.options.time_limit
@@ -316,6 +318,7 @@ class InprocDriver:
         """Adapter loads during the run (GPU tier: into pool pages; host tier: generated
         or read from disk) and how many distinct adapters the run issued and served."""
         gpu, host = self.engine.adapter_cache.stats, self.engine.adapter_store.stats
+        staging = self.engine.adapter_cache.staging
         states = self.live.values()
         issued = {s.request.adapter for s in states} - {None}
         served = {s.request.adapter for s in states if s.record().completed} - {None}
@@ -327,6 +330,9 @@ class InprocDriver:
             "host_evictions": host.host_evictions - host0.host_evictions,
             # Reading/generating and packing, summed over the adapter I/O threads.
             "io_thread_s": self.engine.adapters.io_seconds - self._io0,
+            # Host staging buffers made during the run (pinned on CUDA: slow to make).
+            "staging_allocations": staging["allocations"] - self._staging0["allocations"],
+            "staging_alloc_s": staging["seconds"] - self._staging0["seconds"],
             "distinct_adapters_issued": len(issued),
             "distinct_adapters_served": len(served),
         }

@@ -347,7 +347,11 @@ def format_run(where: str, r: dict[str, Any]) -> str:
     if "gpu_loads" in loads:
         line += f", adapter loads gpu {loads['gpu_loads']} host {loads['host_loads']}"
         if loads.get("io_thread_s") is not None:
-            line += f" (I/O threads busy {loads['io_thread_s']:.1f} s)"
+            line += (
+                f" (I/O threads busy {loads['io_thread_s']:.1f} s; "
+                f"{loads['staging_allocations']} staging buffers made in "
+                f"{loads['staging_alloc_s']:.2f} s)"
+            )
     decode = r.get("decode") or {}
     if decode.get("decode_steps"):
         line += (

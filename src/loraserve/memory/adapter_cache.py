@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -145,6 +146,16 @@ class AdapterCache:
 
     def resident(self) -> Iterator[ResidentAdapter]:
         return iter(self._resident.values())
+
+    @property
+    def staging(self) -> dict[str, float]:
+        """Host staging buffers made so far: count, bytes, seconds spent making them."""
+        st = self._staging
+        return {
+            "allocations": st.allocations,
+            "bytes": st.allocated_bytes,
+            "seconds": st.allocation_seconds,
+        }
 
     @property
     def num_pinned(self) -> int:
@@ -432,6 +443,10 @@ class _StagingPool:
         self.dtype = dtype
         self.pinned = pinned
         self._buffers: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
+        # New buffers made (pinning host memory is slow, and may hold the CUDA driver's lock).
+        self.allocations = 0
+        self.allocated_bytes = 0
+        self.allocation_seconds = 0.0
         self._lock = threading.Lock()  # taken on the adapter I/O thread, given back on the engine's
 
     def take(self, numel: int) -> torch.Tensor:
@@ -440,7 +455,12 @@ class _StagingPool:
                 if buf.numel() >= numel and (event is None or event.query()):
                     del self._buffers[i]
                     return buf[:numel]
+        start = time.perf_counter()
         buf = torch.empty(max(numel, 1 << 22), dtype=self.dtype, pin_memory=self.pinned)
+        with self._lock:
+            self.allocations += 1
+            self.allocated_bytes += buf.numel() * buf.element_size()
+            self.allocation_seconds += time.perf_counter() - start
         return buf[:numel]
 
     def give_back(self, buf: torch.Tensor, event: torch.cuda.Event | None) -> None:
