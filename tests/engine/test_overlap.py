@@ -172,3 +172,20 @@ def test_seeded_sampling_is_the_same_with_overlap(setup):
     plain = drive(make_engine(setup, overlap=False), requests())
     overlapped = drive(make_engine(setup, overlap=True), requests())
     assert_same(overlapped, plain)
+
+
+def test_overlap_under_page_pressure(setup):
+    """A pool too small for every request at full length: a queued step that cannot get its
+    next page is not queued (the next step schedules, preempting as it must), and the
+    outputs are those of the plain loop."""
+    requests = workload(n=8, seed=5)
+    for _, params, _ in requests:
+        params.max_tokens = 40
+    plain_engine = make_engine(setup, overlap=False, num_pages=18)
+    plain = drive(plain_engine, requests)
+    engine = make_engine(setup, overlap=True, num_pages=18)
+    continued = count_continued(engine)
+    overlapped = drive(engine, requests)
+    assert_same(overlapped, plain)
+    assert continued[1] > 0
+    assert sum(o.num_preemptions for o in plain.values()) > 0  # the pressure is real
