@@ -49,6 +49,34 @@ def test_sweep_writes_json_and_png(tiny_model, tmp_path, capsys):
     assert "n=4 rate=10 separate:" in err and "decode step" in err
 
 
+def test_one_engine_serves_a_sweep_and_its_base_runs(tiny_model, tmp_path, monkeypatch):
+    """Start-up is paid once: the n sweep and the base run share one engine, and each run
+    starts as a fresh engine would (no adapter left in the pool from the run before)."""
+    from loraserve.engine.args import EngineArgs
+
+    created = []
+    real = EngineArgs.create_engine
+
+    def create_engine(self):
+        created.append(self)
+        return real(self)
+
+    monkeypatch.setattr(EngineArgs, "create_engine", create_engine)
+    out = tmp_path / "bench.json"
+    args = ["bench", "--model", str(tiny_model), "--ranks", "8,4", "-n", "2,4", *TINY]
+    args += ["--baselines", "base", "--out", str(out), "--rate", "20"]
+    assert main(args) == 0
+    assert len(created) == 1
+    points = json.loads(out.read_text())["points"]
+    first, second = (p["runs"] for p in points)
+    assert first["base"]["pool_peak"]["adapter_pages"] == 0  # after the adapter run
+    for runs in (first, second):
+        loads = runs["loraserve"]["adapter_loads"]
+        # Cold for each n: every adapter the run served was loaded in it.
+        assert loads["gpu_loads"] == loads["distinct_adapters_served"] > 0
+        assert runs["loraserve"]["completed"] == runs["loraserve"]["issued"]
+
+
 def test_rate_sweep_to_stdout_with_plot(tiny_model, tmp_path, capsys):
     png = tmp_path / "rate.png"
     args = ["bench", "--model", str(tiny_model), "-n", "2", *TINY, "--rate", "4,8"]

@@ -39,6 +39,7 @@ from loraserve.bench.workload import (
 from loraserve.config import ModelConfig, parse_dtype
 from loraserve.engine.args import EngineArgs
 from loraserve.engine.engine import LLMEngine, resolve_model_path
+from loraserve.memory.pool import PageKind
 from loraserve.model.loader import PRESETS
 
 logger = logging.getLogger(__name__)
@@ -74,11 +75,12 @@ def bench_main(ns: argparse.Namespace) -> int:
 def run_bench(config: BenchConfig, report: Report = logger.info) -> dict[str, Any]:
     """Every point of the sweep; ``report`` gets one line per finished run."""
     model = model_config(config.engine.model)
-    with tempfile.TemporaryDirectory(prefix="loraserve-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="loraserve-bench-") as tmp, _Engines() as engines:
         files = Path(config.adapter_files or tmp)
         base_runs: dict[tuple, dict[str, Any]] = {}  # one base run per distinct trace
         points = [
-            _run_point(config, w, model, files, report, base_runs) for w in config.workloads()
+            _run_point(config, w, model, files, report, base_runs, engines)
+            for w in config.workloads()
         ]
     return {
         "config": config.as_dict(),
@@ -122,12 +124,14 @@ def _run_point(
     files: Path,
     report: Report,
     base_runs: dict[tuple, dict[str, Any]] | None = None,
+    engines: _Engines | None = None,
 ) -> dict[str, Any]:
     """One trace through loraserve and each baseline. ``base_runs``: base-model results by
     trace; S-LoRA's generator draws arrivals and lengths independently of n, so the points
     of an n sweep share one trace and one base run ("reused_from_n" marks the copies)."""
     requests = bench_requests(workload, model.vocab_size, config.max_requests)
     base = [r._replace(adapter=None) for r in requests]
+    engines = engines if engines is not None else _Engines()
     where = f"{config.setting or model.name} n={workload.num_adapters} rate={workload.rate:g}"
     runs: dict[str, dict[str, Any]] = {}
 
@@ -140,17 +144,19 @@ def _run_point(
         if "base" in config.baselines:
             done("base", _http_run(config, base, "base", model, files))
     else:
-        done("loraserve", _engine_run(config, config.engine, workload, requests, "loraserve"))
+        run = _drive_engine(config, engines.get(config.engine), workload, requests, "loraserve")
+        done("loraserve", run)
         trace = tuple((r.trace.arrival, r.trace.input_len, r.trace.output_len) for r in base)
         for name, args in _engine_baselines(config, runs["loraserve"]["engine"]).items():
             if name == "base" and base_runs is not None and trace in base_runs:
                 done(name, base_runs[trace])
                 continue
             variant = base if name == "base" else requests
-            done(name, _engine_run(config, args, workload, variant, name))
+            done(name, _drive_engine(config, engines.get(args), workload, variant, name))
             if name == "base" and base_runs is not None:
                 base_runs[trace] = {**runs[name], "reused_from_n": workload.num_adapters}
     if "peft" in config.baselines:
+        engines.close()  # the HF model needs the device memory
         done("peft", _peft_run(config, requests, model))
     return {
         "n": workload.num_adapters,
@@ -195,46 +201,82 @@ def _separate_args(config: BenchConfig, same: EngineArgs, unified: dict[str, Any
     return args
 
 
-def _engine_run(
-    config: BenchConfig,
-    args: EngineArgs,
-    workload: WorkloadConfig,
-    requests: list[BenchRequest],
-    label: str,
-) -> dict[str, Any]:
-    result = _drive_engine(config, args, workload, requests, label)
-    _free_device_memory()
-    return result
+class _Engines:
+    """One engine at a time, reused by the runs that follow with the same arguments: on a
+    GPU, start-up (precompiling kernels, capturing the decode graphs) costs as much as a
+    short run. A reused engine starts each run as a fresh one would: no adapter registered,
+    none in its pool, every page free (the base baseline is this same engine with no
+    adapters)."""
+
+    def __init__(self) -> None:
+        self.args: EngineArgs | None = None
+        self.engine: LLMEngine | None = None
+        self.created = 0
+
+    def __enter__(self) -> _Engines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def get(self, args: EngineArgs) -> LLMEngine:
+        if self.engine is not None and self._same(args):
+            _reset(self.engine)
+            return self.engine
+        self.close()
+        self.engine, self.args = args.create_engine(), args
+        self.created += 1
+        return self.engine
+
+    def _same(self, args: EngineArgs) -> bool:
+        """The same arguments, or ones that only pin the page count this engine has."""
+        assert self.args is not None and self.engine is not None
+        pages = self.engine.pool.num_pages
+        return args == self.args or (
+            args.num_pages == pages
+            and dataclasses.replace(args, num_pages=self.args.num_pages) == self.args
+        )
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = self.args = None
+            _free_device_memory()
+
+
+def _reset(engine: LLMEngine) -> None:
+    """Forget every adapter (their pool pages and host copies go with them)."""
+    assert not engine.has_unfinished()
+    for name in engine.adapter_store.names():
+        engine.remove_adapter(name)
+    engine.check_integrity()
+    assert engine.adapter_cache.pool.num_used(PageKind.ADAPTER) == 0
 
 
 def _drive_engine(
     config: BenchConfig,
-    args: EngineArgs,
+    engine: LLMEngine,
     workload: WorkloadConfig,
     requests: list[BenchRequest],
     label: str,
 ) -> dict[str, Any]:
-    engine = args.create_engine()
-    try:
-        generator = AdapterGenerator(
-            engine.config.model,
-            engine.config.dtype,
-            max(config.ranks),
-            config.targets,
-            config.adapter_source,
-        )
-        uses_adapters = any(r.adapter is not None for r in requests)
-        if uses_adapters:
-            generator.register_many(engine, workload.num_adapters, config.ranks)
-        if config.warmup:
-            _warm_up(engine, generator if uses_adapters else None, max(config.ranks))
-        limit = config.padded_time_limit if label == "padded" else None
-        options = RunOptions(label, limit or config.time_limit, config.slo_s, config.progress)
-        run = InprocDriver(engine, requests, options).run()
-        engine.check_integrity()
-        return {**run.result(config.slo_s), "engine": _engine_info(engine, args)}
-    finally:
-        engine.shutdown()
+    generator = AdapterGenerator(
+        engine.config.model,
+        engine.config.dtype,
+        max(config.ranks),
+        config.targets,
+        config.adapter_source,
+    )
+    uses_adapters = any(r.adapter is not None for r in requests)
+    if uses_adapters:
+        generator.register_many(engine, workload.num_adapters, config.ranks)
+    if config.warmup:
+        _warm_up(engine, generator if uses_adapters else None, max(config.ranks))
+    limit = config.padded_time_limit if label == "padded" else None
+    options = RunOptions(label, limit or config.time_limit, config.slo_s, config.progress)
+    run = InprocDriver(engine, requests, options).run()
+    engine.check_integrity()
+    return {**run.result(config.slo_s), "engine": _engine_info(engine)}
 
 
 def _warm_up(engine: LLMEngine, generator: AdapterGenerator | None, rank: int) -> None:
@@ -248,7 +290,7 @@ def _warm_up(engine: LLMEngine, generator: AdapterGenerator | None, rank: int) -
     engine.remove_adapter(WARMUP_ADAPTER)
 
 
-def _engine_info(engine: LLMEngine, args: EngineArgs) -> dict[str, Any]:
+def _engine_info(engine: LLMEngine) -> dict[str, Any]:
     separate = engine.adapter_cache.pool is not engine.pool
     page = engine.pool.page_bytes
     return {
@@ -256,7 +298,7 @@ def _engine_info(engine: LLMEngine, args: EngineArgs) -> dict[str, Any]:
         "page_bytes": page,
         "pool_bytes": engine.pool.num_pages * page,
         "adapter_pool_bytes": engine.adapter_cache.pool.num_pages * page if separate else None,
-        "lora_backend": args.lora_backend,
+        "lora_backend": engine.config.lora_backend,
         "device": str(engine.device),
         "dtype": str(engine.config.dtype).removeprefix("torch."),
         "max_num_seqs": engine.config.scheduler.max_num_seqs,
