@@ -134,3 +134,19 @@ def test_merge_results_of_separate_commands(tiny_model, tmp_path):
     results = json.loads(merged.read_text())
     assert results["sweep"] == "n" and [p["n"] for p in results["points"]] == [2, 3]
     assert merged.with_suffix(".png").stat().st_size > 1000
+
+
+def test_engine_reuse_ignores_a_pinned_page_count_it_already_has(engine_args):
+    """The base baseline pins the page count of loraserve's engine (so that a new engine
+    would get the same pool): that alone does not start a new engine."""
+    import dataclasses
+
+    from loraserve.bench.suite import _Engines
+
+    unpinned = dataclasses.replace(engine_args, num_pages=None, pool_bytes=64 << 20)
+    with _Engines() as engines:
+        engine = engines.get(unpinned)
+        pinned = dataclasses.replace(unpinned, num_pages=engine.pool.num_pages)
+        assert engines.get(pinned) is engine
+        other = dataclasses.replace(pinned, num_pages=engine.pool.num_pages - 1)
+        assert engines.get(other) is not engine and engines.created == 2
