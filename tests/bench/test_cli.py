@@ -111,15 +111,24 @@ def test_preset_with_dummy_weights_and_peft(monkeypatch, tmp_path):
 
     tiny = ModelConfig(211, 48, 96, 2, 4, 2, 12, max_position_embeddings=256, name="tiny")
     monkeypatch.setitem(loader.PRESETS, "tiny-preset", tiny)
+    from loraserve.engine.args import EngineArgs
+
+    created = []
+    real = EngineArgs.create_engine
+    monkeypatch.setattr(EngineArgs, "create_engine", lambda a: created.append(a) or real(a))
     out = tmp_path / "preset.json"
-    args = ["bench", "--model", "tiny-preset", "--ranks", "8", "-n", "3", *TINY]
+    args = ["bench", "--model", "tiny-preset", "--ranks", "8", "-n", "2,3", *TINY]
     args += ["--baselines", "peft", "--peft-batch", "2", "--targets", "all", "--out", str(out)]
     assert main(args) == 0
     results = json.loads(out.read_text())
     assert results["config"]["engine"]["load_format"] == "dummy"
-    runs = results["points"][0]["runs"]
-    assert runs["loraserve"]["completed"] == runs["peft"]["completed"] == 4
-    assert runs["peft"]["adapter_loads"]["peft_added"] >= 1
+    for point in results["points"]:  # PEFT after all engine runs: one engine for both n
+        runs = point["runs"]
+        assert runs["loraserve"]["completed"] == runs["peft"]["completed"] == 4
+        assert runs["peft"]["adapter_loads"]["peft_added"] >= 1
+        ratio = runs["loraserve"]["throughput_req_s"] / runs["peft"]["throughput_req_s"]
+        assert point["loraserve_over"] == {"peft": ratio}
+    assert len(created) == 1
 
 
 def test_merge_results_of_separate_commands(tiny_model, tmp_path):

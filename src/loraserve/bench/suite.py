@@ -82,6 +82,12 @@ def run_bench(config: BenchConfig, report: Report = logger.info) -> dict[str, An
             _run_point(config, w, model, files, report, base_runs, engines)
             for w in config.workloads()
         ]
+        if "peft" in config.baselines and not config.url:
+            # After every engine run: one engine start-up serves the whole sweep, and the
+            # HF model gets the device memory to itself.
+            engines.close()
+            for workload, point in zip(config.workloads(), points, strict=True):
+                _add_peft_run(config, workload, model, point, report)
     return {
         "config": config.as_dict(),
         "environment": _environment(),
@@ -132,7 +138,7 @@ def _run_point(
     requests = bench_requests(workload, model.vocab_size, config.max_requests)
     base = [r._replace(adapter=None) for r in requests]
     engines = engines if engines is not None else _Engines()
-    where = f"{config.setting or model.name} n={workload.num_adapters} rate={workload.rate:g}"
+    where = _where(config, model, workload)
     runs: dict[str, dict[str, Any]] = {}
 
     def done(label: str, result: dict[str, Any]) -> None:
@@ -155,8 +161,7 @@ def _run_point(
             done(name, _drive_engine(config, engines.get(args), workload, variant, name))
             if name == "base" and base_runs is not None:
                 base_runs[trace] = {**runs[name], "reused_from_n": workload.num_adapters}
-    if "peft" in config.baselines:
-        engines.close()  # the HF model needs the device memory
+    if "peft" in config.baselines and config.url:
         done("peft", _peft_run(config, requests, model))
     return {
         "n": workload.num_adapters,
@@ -165,6 +170,25 @@ def _run_point(
         "runs": runs,
         "loraserve_over": _ratios(runs),
     }
+
+
+def _where(config: BenchConfig, model: ModelConfig, workload: WorkloadConfig) -> str:
+    return f"{config.setting or model.name} n={workload.num_adapters} rate={workload.rate:g}"
+
+
+def _add_peft_run(
+    config: BenchConfig,
+    workload: WorkloadConfig,
+    model: ModelConfig,
+    point: dict[str, Any],
+    report: Report,
+) -> None:
+    """The PEFT baseline of one point, on the point's trace, after the engine runs."""
+    requests = bench_requests(workload, model.vocab_size, config.max_requests)
+    point["runs"]["peft"] = _peft_run(config, requests, model)
+    point["loraserve_over"] = _ratios(point["runs"])
+    where = _where(config, model, workload)
+    report(format_run(f"{where} peft", point["runs"]["peft"]))
 
 
 def _ratios(runs: dict[str, dict[str, Any]]) -> dict[str, float | None]:
