@@ -21,13 +21,9 @@ def setup(graph_setup):
 
 def make_engine(setup, overlap: bool, **kw):
     model_dir, adapters = setup
+    kw.setdefault("prefill_batch_window", 0.0)
     engine = EngineArgs(
-        model=str(model_dir),
-        dtype="float32",
-        cuda_graph_max_batch=8,
-        overlap_steps=overlap,
-        prefill_batch_window=0.0,
-        **kw,
+        model=str(model_dir), dtype="float32", cuda_graph_max_batch=8, overlap_steps=overlap, **kw
     ).create_engine()
     for name, path in adapters.items():
         engine.add_adapter(name, path)
@@ -189,3 +185,46 @@ def test_overlap_under_page_pressure(setup):
     assert_same(overlapped, plain)
     assert continued[1] > 0
     assert sum(o.num_preemptions for o in plain.values()) > 0  # the pressure is real
+
+
+def test_overlap_continues_while_the_prefill_window_holds_a_prompt(setup):
+    """A prompt held by the prefill batch window does not stop the queued steps; it starts
+    once the window has passed, at most one step later than without overlap."""
+
+    class Clock:
+        now = 0.0
+
+        def __call__(self):
+            return self.now
+
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    starts = {}
+    outs_by_mode = []
+    for overlap in (False, True):
+        engine = make_engine(setup, overlap=overlap, prefill_batch_window=1.0)
+        clock = engine.scheduler.clock = Clock()
+        continued = count_continued(engine)
+        for i in range(3):
+            engine.add_request([5 + i, 6, 7], params, request_id=str(i))
+        outs = {}
+        step = 0
+        while engine.has_unfinished():
+            if step == 3:
+                engine.add_request([9, 9, 9], params, request_id="late")
+                engine.scheduler.waiting[0].arrival_time = clock.now  # on the fake clock
+            if step == 8:
+                clock.now = 2.0  # the window has passed
+                held = continued[1] - queued_at_arrival
+            if step == 3:
+                queued_at_arrival = continued[1]
+            for o in engine.step():
+                outs[o.request_id] = o
+                if o.request_id == "late" and "late" not in starts.get(overlap, {}):
+                    starts.setdefault(overlap, {})["late"] = step
+            step += 1
+        outs_by_mode.append(outs)
+        if overlap:
+            assert held == 5  # every step while "late" was held was queued ahead
+    assert_same(outs_by_mode[1], outs_by_mode[0])
+    assert starts[False]["late"] == 8
+    assert starts[True]["late"] in (8, 9)

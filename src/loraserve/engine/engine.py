@@ -341,9 +341,10 @@ class LLMEngine:
         device computes. ``pending`` may be a decode step or a prefill/mixed one.
 
         Only when the next step would be that decode batch anyway: every running request
-        samples a token in ``pending`` (no prompt is left half prefilled), no prompt could be
-        admitted (none waiting, or no free sequence slot), and each request's next page can
-        be had without preempting. Requests whose
+        samples a token in ``pending`` (no prompt is left half prefilled), no prompt would be
+        admitted (none waiting, no free sequence slot, or the prefill window / admission
+        interval holds them: they join one step later than the window says at most), and
+        each request's next page can be had without preempting. Requests whose
         ``pending`` token is their last by length (max_tokens, max_model_len) are left out;
         one that stops on a token (EOS, a stop string) only learns it after this step is
         queued: its row in it is computed and dropped. Its pages are freed meanwhile, but
@@ -351,8 +352,7 @@ class LLMEngine:
         """
         sched = self.scheduler
         if sched.waiting and (
-            len(sched.running) < self.config.scheduler.max_num_seqs
-            or self.config.scheduler.ttft_deadline is not None
+            self.config.scheduler.ttft_deadline is not None or not sched.holds_prompts()
         ):
             return None
         rows = {id(r) for r in pending.sampled}

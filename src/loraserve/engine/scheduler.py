@@ -121,15 +121,27 @@ class Scheduler:
             return bool(self.waiting)
         if any(n > 1 for n in batch.num_scheduled):
             return True  # a prefill chunk runs this step anyway
+        return not self._holding()
+
+    def holds_prompts(self) -> bool:
+        """Prompts are waiting, and a pure decode step now would keep them waiting (the
+        prefill window or the admission interval), or there is no sequence slot for them."""
+        if not self.waiting:
+            return False
+        return len(self.running) >= self.config.max_num_seqs or (
+            bool(self.running) and self._holding()
+        )
+
+    def _holding(self) -> bool:
         now = self.clock()
         window = self.config.prefill_batch_window
         if window > 0 and now - self.waiting[0].arrival_time < window:
-            return False
+            return True
         interval = self.config.admission_interval
         if interval > 0 and now - self._last_admission < interval:
             free = self.config.max_num_seqs - len(self.running)
-            return free >= max(1, self.config.max_num_seqs // 8)
-        return True
+            return free < max(1, self.config.max_num_seqs // 8)
+        return False
 
     def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
         i = 0
