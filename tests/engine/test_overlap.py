@@ -207,7 +207,7 @@ def test_overlap_continues_while_the_prefill_window_holds_a_prompt(setup):
         for i in range(3):
             engine.add_request([5 + i, 6, 7], params, request_id=str(i))
         outs = {}
-        step = 0
+        step = queued_at_arrival = held = 0
         while engine.has_unfinished():
             if step == 3:
                 engine.add_request([9, 9, 9], params, request_id="late")
