@@ -343,6 +343,9 @@ class EngineConfig:
     # Graphed decode steps that continue unchanged are queued one step ahead, so the host's
     # work for a step overlaps the device's work on the one before (LLMEngine._launch_next).
     overlap_steps: bool = False
+    # In a step that also prefills, at least this many decode rows replay the decode graphs
+    # apart from the prompt rows (ModelRunner._launch_split); 0: every row runs eagerly.
+    mixed_decode_graphs: int = 0
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ("auto", "torch", "triton"):
@@ -355,3 +358,7 @@ class EngineConfig:
             )
         if self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        if self.mixed_decode_graphs < 0:
+            raise ValueError(
+                f"mixed_decode_graphs must be >= 0 (0: off), got {self.mixed_decode_graphs}"
+            )

@@ -228,3 +228,31 @@ def test_overlap_continues_while_the_prefill_window_holds_a_prompt(setup):
     assert_same(outs_by_mode[1], outs_by_mode[0])
     assert starts[False]["late"] == 8
     assert starts[True]["late"] in (8, 9)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_mixed_steps_with_decode_rows_in_the_graphs(setup, overlap):
+    """--mixed-decode-graphs: a step that prefills runs its decode rows as a graph replay and
+    its prompt rows eagerly after it; outputs are the plain loop's."""
+    base = workload(n=5, seed=6)
+    late = workload(n=4, seed=7)
+
+    def arrive(engine):  # prompts joining decoding requests: mixed steps
+        for j, (prompt, params, adapter) in enumerate(late):
+            engine.add_request(prompt, params, request_id=f"late{j}", adapter=adapter)
+
+    plain = drive(make_engine(setup, overlap=False), base, events={3: arrive})
+    engine = make_engine(setup, overlap=overlap, mixed_decode_graphs=2)
+    splits = [0]
+    real = engine.runner._launch_split
+
+    def launch_split(*args):
+        splits[0] += 1
+        return real(*args)
+
+    engine.runner._launch_split = launch_split
+    split = drive(engine, base, events={3: arrive})
+    assert splits[0] >= 1
+    assert_same(split, plain)
+    with pytest.raises(ValueError, match="mixed_decode_graphs"):
+        make_engine(setup, overlap=overlap, mixed_decode_graphs=-1)

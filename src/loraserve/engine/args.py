@@ -94,6 +94,12 @@ class EngineArgs:
         "queue a graphed decode step that continues the batch unchanged before the one ahead "
         "of it has finished, so the host's work overlaps the device's (only with CUDA graphs)",
     )
+    mixed_decode_graphs: int = _opt(
+        0,
+        "in a step that also prefills, replay its decode rows as a CUDA graph (then run the "
+        "prompt rows eagerly) when there are at least N of them: one more read of the "
+        "weights, no eager launches for the decode rows; 0: off (default)",
+    )
     max_loras: int = _opt(128, "most adapters resident in the page pool at once")
     max_lora_rank: int = _opt(64, "largest adapter rank served")
     adapter_host_cache_bytes: int = _opt(8 << 30, "host-memory LRU of adapter weights, bytes")
@@ -192,6 +198,7 @@ class EngineArgs:
             lora_backend=self.lora_backend,
             cuda_graph_max_batch=graph_batch,
             overlap_steps=self.overlap_steps,
+            mixed_decode_graphs=self.mixed_decode_graphs,
             device=device,
             dtype=dtype,
             max_model_len=max_len,

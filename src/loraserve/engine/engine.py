@@ -117,6 +117,7 @@ class LLMEngine:
             self.adapter_cache,
             config.lora_backend,
             graphs=self._decode_graphs(),
+            mixed_decode_graphs=config.mixed_decode_graphs,
         )
         self.eos_token_ids = frozenset(mc.eos_token_ids) | (
             tokenizer.eos_token_ids if tokenizer else frozenset()

@@ -49,8 +49,12 @@ class ModelRunner:
         adapter_cache: AdapterCache | None = None,
         lora_backend: str = "auto",
         graphs: DecodeGraphs | None = None,
+        mixed_decode_graphs: int = 0,
     ) -> None:
         self.graphs = graphs
+        # In a step that also prefills, decode rows replay the decode graphs (and the prompt
+        # rows run eagerly after them) when there are at least this many; 0: never.
+        self.mixed_decode_graphs = mixed_decode_graphs
         self.model = model
         self.block_size = block_size
         self.device = device
@@ -177,12 +181,47 @@ class ModelRunner:
             requests = sorted(scheduled.requests, key=_slot_key)
             logits = self.graphs.run(requests)
             return PendingStep(requests, self.sampler.launch(logits, requests))
+        split = self._split_decode(scheduled)
+        if split is not None:
+            return self._launch_split(*split)
         batch, sampling = self.prepare(scheduled)
         hidden = self.model(batch)
         if not sampling:
             return PendingStep([], None)
         logits = self.model.compute_logits(hidden)
         return PendingStep(sampling, self.sampler.launch(logits, sampling))
+
+    def _split_decode(
+        self, scheduled: ScheduledBatch
+    ) -> tuple[list[Request], ScheduledBatch] | None:
+        """(decode requests, the rest) when this step's decode rows should replay the
+        decode graphs apart from its prompt rows (``mixed_decode_graphs``)."""
+        if self.graphs is None or self.mixed_decode_graphs <= 0:
+            return None
+        decode, rest = [], ScheduledBatch()
+        for r, n in zip(scheduled.requests, scheduled.num_scheduled, strict=True):
+            if n == 1 and r.num_computed_tokens + 1 == r.num_tokens:
+                decode.append(r)
+            else:
+                rest.add(r, n)
+        enough = self.mixed_decode_graphs <= len(decode) <= self.graphs.sizes[-1]
+        if not rest.requests or not enough:
+            return None
+        return decode, rest
+
+    def _launch_split(self, decode: list[Request], rest: ScheduledBatch) -> PendingStep:
+        """The decode rows as one graph replay, then the prompt rows' eager forward pass: a
+        second read of the weights, against an eager pass over every decode row (its kernel
+        launches, its LoRA in the eager kernels)."""
+        decode = sorted(decode, key=_slot_key)
+        parts = [self.graphs.run(decode)]
+        batch, sampling = self.prepare(rest)
+        hidden = self.model(batch)
+        if sampling:
+            parts.append(self.model.compute_logits(hidden))
+        sampled = decode + sampling
+        logits = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return PendingStep(sampled, self.sampler.launch(logits, sampled))
 
     @torch.inference_mode()
     def launch_next(self, pending: PendingStep, requests: list[Request]) -> PendingStep:
