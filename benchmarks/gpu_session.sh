@@ -13,6 +13,8 @@
 #   s2n2000     S2, n=2000, R=40, loraserve and base on the same trace            (5)
 #   s1n2000     the same for S1                                                   (5)
 #   s2n2000_ai  S2 n=2000 with --admission-interval 0.5 (loraserve and base)       (6)
+#   s2n2000_split     ... with --mixed-decode-graphs 64                           (6)
+#   s2n2000_nooverlap ... with --no-overlap-steps                                 (6)
 #   profile128  profile_step.py at batch 128, with and without adapters           (2)
 #   lora_bf16   Triton vs torch LoRA tokens in bf16, bank adapters                (1)
 #   attention   split-KV vs one-pass decode attention                             (1)
@@ -39,10 +41,14 @@ for part in "$@"; do
         tests/engine/test_hf_parity.py tests/engine/test_lora_parity.py \
         tests/engine/test_graphs.py tests/engine/test_overlap.py tests/engine/test_prepare.py \
         2>&1 | tail -4 ;;
-    s2n2000|s1n2000|s2n2000_ai|s1n2000_ai)
+    s2n2000*|s1n2000*)
       s=$(echo "${part:0:2}" | tr a-z A-Z)
-      extra=()  # _ai: admission interval 0.5 s (both runs), against the default
-      if [[ $part == *_ai ]]; then extra=(--admission-interval 0.5); fi
+      extra=()  # variants (both runs), against the default:
+      case $part in
+        *_ai) extra=(--admission-interval 0.5) ;;  # admission interval 0.5 s
+        *_split) extra=(--mixed-decode-graphs 64) ;;  # decode rows of mixed steps graphed
+        *_nooverlap) extra=(--no-overlap-steps) ;;
+      esac
       bench 400 --setting "$s" -n 2000 --rate 40 --duration 60 --baselines base \
         --time-limit 90 "${extra[@]}" --out "$OUT/bench_${s}_n2000_r40${part:7}.json" ;;
     profile128)
