@@ -20,6 +20,7 @@
 #   attention   split-KV vs one-pass decode attention                             (1)
 #   s2n100      S2 n=100 R=10 120 s with base and PEFT                            (7)
 #   profile_mixed  batch 240 with adapters: decode and mixed (8 prompts) steps     (4)
+#   profile_mixed_split  the same with the mixed step's decode rows graphed         (4)
 #   lora_sweep  bench_lora.py --sweep: block sizes one at a time, incl. n_group     (4)
 #   lora_tlb    LoRA kernels with rows in a compact pool vs spread over 100 GB, and a
 #               batch-128 step with a 0.2 vs 0.8 memory pool: does reach cost?     (4)
@@ -64,10 +65,12 @@ for part in "$@"; do
     s2n100)
       bench 420 --setting S2 -n 100 --duration 120 --baselines base,peft --peft-batch 32 \
         --peft-time-limit 120 --time-limit 150 --out "$OUT/bench_S2_n100_120s.json" ;;
-    profile_mixed)
+    profile_mixed|profile_mixed_split)
+      split=(); if [[ $part == *_split ]]; then split=(--mixed-decode-graphs 64); fi
       timeout 300 python benchmarks/profile_step.py --model llama-7b --batches 240 --context 256 \
-        --steps 10 --mixed-prompts 8 --scenarios lora --out-dir "$OUT/prof" 2>&1 | grep '^{'
-      tar czf "$OUT/prof_mixed.tgz" -C "$OUT" prof && rm -r "$OUT/prof" ;;
+        --steps 10 --mixed-prompts 8 --scenarios lora "${split[@]}" --out-dir "$OUT/prof" \
+        2>&1 | grep '^{'
+      tar czf "$OUT/${part}.tgz" -C "$OUT" prof && rm -r "$OUT/prof" ;;
     lora_sweep)
       timeout 400 python benchmarks/bench_lora.py --sweep --out "$OUT/bench_lora_sweep.json" \
         2>&1 | grep -v Warning | tail -60 ;;

@@ -41,6 +41,7 @@ def build(args: argparse.Namespace):
         max_loras=max(max(args.batches), 8),
         cuda_graph_max_batch=max(args.batches),
         max_num_batched_tokens=args.max_num_batched_tokens,
+        mixed_decode_graphs=args.mixed_decode_graphs,
     ).create_engine()
     register_adapters(engine, max(args.batches), args.ranks, args.targets)
     return engine
@@ -167,6 +168,8 @@ def scenario(engine, args, batch: int, lora: bool, out_dir: Path) -> dict:
         return wall, events[0].elapsed_time(events[1]) if events else None
 
     sync_on = torch.cuda.is_available()
+    if args.mixed_decode_graphs:  # the decode rows of the mixed step replay the graphs
+        runner.graphs = graphs
     mixed_ms, mixed_device_ms = mixed_step("a")
     with torch.profiler.profile(activities=activities) as prof:
         mixed_step("b")
@@ -205,6 +208,12 @@ def main() -> None:
     parser.add_argument("--ranks", default="64,32,16,8")
     parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    parser.add_argument(
+        "--mixed-decode-graphs",
+        type=int,
+        default=0,
+        help="engine option: mixed steps replay their decode rows as a graph (N rows or more)",
+    )
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.8)
     parser.add_argument("--out-dir", default=".")
     args = parser.parse_args()
