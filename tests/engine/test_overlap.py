@@ -256,3 +256,21 @@ def test_mixed_steps_with_decode_rows_in_the_graphs(setup, overlap):
     assert_same(split, plain)
     with pytest.raises(ValueError, match="mixed_decode_graphs"):
         make_engine(setup, overlap=overlap, mixed_decode_graphs=-1)
+
+
+def test_drain_drops_a_step_queued_for_requests_that_have_finished(setup):
+    """Requests that stop on a token leave one queued step behind them; drain() waits for
+    it, and the engine starts the next request with a plain step."""
+    plain = drive(make_engine(setup, overlap=False), workload(n=2, seed=8))
+    stop = plain["0"].token_ids[2]
+    requests = workload(n=1, seed=8)
+    requests[0][1].stop_token_ids = [stop]
+    requests[0][1].max_tokens = 30
+    engine = make_engine(setup, overlap=True)
+    outs = drive(engine, requests)
+    assert outs["0"].finish_reason == "stop"
+    assert engine._inflight is not None  # queued before the stop token was seen
+    engine.drain()
+    assert engine._inflight is None
+    outs = drive(engine, workload(n=1, seed=9))
+    assert outs["0"].finished

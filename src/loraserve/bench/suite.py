@@ -271,6 +271,7 @@ class _Engines:
 def _reset(engine: LLMEngine) -> None:
     """Forget every adapter (their pool pages and host copies go with them)."""
     assert not engine.has_unfinished()
+    engine.drain()
     for name in engine.adapter_store.names():
         engine.remove_adapter(name)
     engine.check_integrity()

@@ -290,6 +290,14 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
+    def drain(self) -> None:
+        """Wait for a decode step still queued behind the last ``step()`` whose requests
+        have all finished since (overlapped steps), and drop its results."""
+        if self._inflight is not None and not self.has_unfinished():
+            _, pending = self._inflight
+            self._inflight = None
+            self.runner.collect(pending)
+
     # ---- the step loop -----------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
