@@ -272,5 +272,7 @@ def test_drain_drops_a_step_queued_for_requests_that_have_finished(setup):
     assert engine._inflight is not None  # queued before the stop token was seen
     engine.drain()
     assert engine._inflight is None
-    outs = drive(engine, workload(n=1, seed=9))
-    assert outs["0"].finished
+    outs = drive(engine, requests)  # again; this time the next step() drops what is left
+    assert outs["0"].finish_reason == "stop" and engine._inflight is not None
+    engine.add_request([7, 8, 9], SamplingParams(max_tokens=3), request_id="next")
+    assert [o.request_id for o in engine.step()] == ["next"]  # the next step(), at once

@@ -293,7 +293,7 @@ class LLMEngine:
     def drain(self) -> None:
         """Wait for a decode step still queued behind the last ``step()`` whose requests
         have all finished since (overlapped steps), and drop its results."""
-        if self._inflight is not None and not self.has_unfinished():
+        if self._inflight is not None and all(r.finished for r in self._inflight[0].requests):
             _, pending = self._inflight
             self._inflight = None
             self.runner.collect(pending)
@@ -305,6 +305,7 @@ class LLMEngine:
         failed. ``last_step`` holds where its wall time went."""
         clock = time.perf_counter
         t0 = clock()
+        self.drain()  # a queued step of requests that have all finished since: not ours
         inflight, self._inflight = self._inflight, None
         if inflight is None:
             scheduled = self.scheduler.schedule()
