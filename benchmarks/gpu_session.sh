@@ -9,7 +9,7 @@
 # back from a device call: profiles are tarred). One device call may run 10 minutes: keep
 # the parts of a call under ~9. Parts and their rough device minutes:
 #   parity      fused kernels + Triton paths against HF/PEFT in fp32 on the GPU, CUDA
-#               graphs, overlapped decode steps, pinned input upload              (3)
+#               graphs, overlapped decode steps, pinned input upload              (5)
 #   s2n2000     S2, n=2000, R=40, loraserve and base on the same trace            (5)
 #   s1n2000     the same for S1                                                   (5)
 #   s2n2000_ai  S2 n=2000 with --admission-interval 0.5 (loraserve and base)       (6)
@@ -37,11 +37,11 @@ bench() { timeout "$1" python -m loraserve bench "${@:2}" --no-progress 2>&1 | g
 for part in "$@"; do
   echo "=== $part"
   case $part in
-    parity)
-      LORASERVE_TEST_DEVICE=cuda timeout 240 python -m pytest -q -x \
+    parity)  # no -x: every failure named in one call
+      LORASERVE_TEST_DEVICE=cuda timeout 400 python -m pytest -q \
         tests/engine/test_hf_parity.py tests/engine/test_lora_parity.py \
         tests/engine/test_graphs.py tests/engine/test_overlap.py tests/engine/test_prepare.py \
-        2>&1 | tail -4 ;;
+        2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tail -15 ;;
     s2n2000*|s1n2000*)
       s=$(echo "${part:0:2}" | tr a-z A-Z)
       extra=()  # variants (both runs), against the default:
