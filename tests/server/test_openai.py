@@ -12,6 +12,7 @@ from loraserve.request import SamplingParams
 MODEL_NAME = "tiny-llama"  # the model directory's name (conftest)
 PROMPT = "The quick brown fox"
 TOKEN_IDS = {"return_token_ids": True}
+PHASES = ("schedule", "launch", "prefetch", "wait", "finish")  # LLMEngine.last_step
 
 
 def offline_ids(offline, prompt, adapter, **params):
@@ -198,3 +199,6 @@ def test_concurrent_adapters_are_batched_and_exact(server, offline):
         assert got.choices[0].token_ids == want.token_ids, model
     assert server.metric("loraserve:max_batch_size") >= 2
     assert server.metric("loraserve:max_batch_adapters") >= 2
+    phases = {p: server.metric("loraserve:step_phase_seconds_total", phase=p) for p in PHASES}
+    assert phases["launch"] > 0 and all(v >= 0 for v in phases.values())
+    assert sum(phases.values()) <= server.metric("loraserve:step_seconds_sum") * (1 + 1e-6)

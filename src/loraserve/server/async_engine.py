@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 import torch
 
 from loraserve.adapters.store import StoreStats
-from loraserve.engine.engine import LLMEngine, Prompt
+from loraserve.engine.engine import LLMEngine, Prompt, StepTiming
 from loraserve.memory.adapter_cache import CacheStats
 from loraserve.memory.pool import PageKind
 from loraserve.request import RequestOutput, SamplingParams
@@ -80,6 +80,7 @@ class StepStats(NamedTuple):
 
     outputs: list[RequestOutput]  # one per request that got a token (or failed)
     seconds: float
+    timing: StepTiming | None = None  # where the step's wall time went (LLMEngine.last_step)
 
 
 class _Command(NamedTuple):
@@ -318,7 +319,7 @@ class AsyncEngine:
         if outputs:
             self._post(partial(self._dispatch, outputs))
             if self.on_step is not None:
-                self.on_step(StepStats(outputs, seconds))
+                self.on_step(StepStats(outputs, seconds, self.engine.last_step))
 
     def _add(
         self, prompt: Prompt, params: SamplingParams, adapter: str | None, request_id: str

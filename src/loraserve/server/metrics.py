@@ -15,6 +15,7 @@ Three sources:
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -60,6 +61,13 @@ class ServerMetrics:
             "loraserve:e2e_request_latency_seconds", "From arrival to the end", registry
         )
         self.step_seconds = _histogram("loraserve:step_seconds", "One engine step", registry)
+        self.step_phase_seconds = Counter(
+            "loraserve:step_phase_seconds",
+            "Engine step time by phase: schedule, launch (host work to enqueue the step), "
+            "prefetch, wait (blocked on the device), finish. Little wait: the host sets the pace",
+            ["phase"],
+            registry=registry,
+        )
         self.batch_size = Histogram(
             "loraserve:batch_size",
             "Sequences that got a token in one engine step",
@@ -93,6 +101,9 @@ class ServerMetrics:
         self.batch_size.observe(n)
         self.batch_adapters.observe(adapters)
         self.step_seconds.observe(step.seconds)
+        if step.timing is not None:
+            for phase in dataclasses.fields(step.timing):
+                self.step_phase_seconds.labels(phase.name).inc(getattr(step.timing, phase.name))
         if n > self._max_batch:
             self._max_batch = n
             self.max_batch_size.set(n)
