@@ -30,6 +30,17 @@ def make_engine(setup, overlap: bool, **kw):
     return engine
 
 
+def warm_adapters(engine):
+    """Both adapters resident, so that a request is admitted in the step after it arrives
+    (not whenever its adapter's background load lands)."""
+    warm = SamplingParams(max_tokens=1)
+    for name in ("a", "b"):
+        engine.add_request([5, 6], warm, request_id=f"warm-{name}", adapter=name)
+    while engine.has_unfinished():
+        engine.step()
+    return engine
+
+
 def count_continued(engine) -> list[int]:
     """Wrap the runner's launch and launch_next: [steps launched after the engine had the
     previous step's tokens, steps queued behind one still running]."""
@@ -104,13 +115,7 @@ def test_overlap_gives_the_same_outputs_and_continues_steps(setup):
     # step the engine had already queued the next one for.
     stop = plain["1"].token_ids[len(plain["1"].token_ids) // 2]
     plain = drive(make_engine(setup, overlap=False), workload(stop))
-    engine = make_engine(setup, overlap=True)
-    # Both adapters resident first, so that every request is admitted in the first step.
-    warm = SamplingParams(max_tokens=1)
-    for name in ("a", "b"):
-        engine.add_request([5, 6], warm, request_id=f"warm-{name}", adapter=name)
-    while engine.has_unfinished():
-        engine.step()
+    engine = warm_adapters(make_engine(setup, overlap=True))
     continued = count_continued(engine)
     overlapped = drive(engine, workload(stop))
     assert_same(overlapped, plain)
@@ -242,7 +247,7 @@ def test_mixed_steps_with_decode_rows_in_the_graphs(setup, overlap):
             engine.add_request(prompt, params, request_id=f"late{j}", adapter=adapter)
 
     plain = drive(make_engine(setup, overlap=False), base, events={3: arrive})
-    engine = make_engine(setup, overlap=overlap, mixed_decode_graphs=2)
+    engine = warm_adapters(make_engine(setup, overlap=overlap, mixed_decode_graphs=2))
     splits = [0]
     real = engine.runner._launch_split
 
