@@ -159,3 +159,38 @@ def test_engine_reuse_ignores_a_pinned_page_count_it_already_has(engine_args):
         assert engines.get(pinned) is engine
         other = dataclasses.replace(pinned, num_pages=engine.pool.num_pages - 1)
         assert engines.get(other) is not engine and engines.created == 2
+
+
+def test_variants_run_on_the_same_trace(tiny_model, tmp_path):
+    """--variant NAME=FLAGS: loraserve again with other engine options, same trace, ratios
+    against the default and the base run."""
+    out = tmp_path / "variants.json"
+    args = ["bench", "--model", str(tiny_model), "--ranks", "8", "-n", "2", *TINY]
+    args += ["--baselines", "base", "--out", str(out)]
+    args += ["--variant", "padded=--lora-backend bmm", "--variant", "fifty=--max-num-seqs 50"]
+    assert main(args) == 0
+    point = json.loads(out.read_text())["points"][0]
+    runs = point["runs"]
+    assert set(runs) == {"loraserve", "loraserve:padded", "loraserve:fifty", "base"}
+    assert runs["loraserve:padded"]["engine"]["lora_backend"] == "bmm"
+    assert runs["loraserve:fifty"]["engine"]["max_num_seqs"] == 50
+    assert runs["loraserve:fifty"]["engine"]["lora_backend"] == "auto"  # only its flag changed
+    for name in ("loraserve:padded", "loraserve:fifty"):
+        assert runs[name]["completed"] == runs["loraserve"]["completed"] == 4
+        tput = runs[name]["throughput_req_s"]
+        assert point["loraserve_over"][f"{name}/base"] == tput / runs["base"]["throughput_req_s"]
+    assert set(point["loraserve_over"]) == {
+        "base",
+        "loraserve:padded/loraserve",
+        "loraserve:padded/base",
+        "loraserve:fifty/loraserve",
+        "loraserve:fifty/base",
+    }
+    parser = build_parser()
+    for bad in ("nameonly", "x=--no-such-flag", "x=--max-num-seqs lots"):
+        with pytest.raises(ValueError, match="--variant"):
+            config_from_cli(parser.parse_args(["bench", "--model", "m", "--variant", bad]))
+    with pytest.raises(ValueError, match="names must differ"):
+        config_from_cli(
+            parser.parse_args(["bench", "--model", "m", "--variant", "a=", "--variant", "a="])
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,9 @@ class BenchConfig:
     adapter_files: str | None = None  # where --url mode writes adapters (default: a temp dir)
     progress: bool = True
     warmup: bool = True
+    # (name, engine args): loraserve again with other engine options, on the same trace;
+    # results as run "loraserve:NAME" (A/B of engine options in one call).
+    variants: tuple[tuple[str, EngineArgs], ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.num_adapters) > 1 and len(self.rates) > 1:
@@ -69,7 +73,15 @@ class BenchConfig:
                 raise ValueError(f"{flag} must be positive, got {limit}")
         self.workloads()  # each validates itself
 
+    def _check_variants(self) -> None:
+        names = [name for name, _ in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"--variant names must differ, got {names}")
+        if self.variants and self.url:
+            raise ValueError("--variant runs engines in this process: not with --url")
+
     def _check_baselines(self) -> None:
+        self._check_variants()
         unknown = sorted(set(self.baselines) - set(BASELINES))
         if unknown:
             raise ValueError(f"--baselines {unknown}: choose from {', '.join(BASELINES)}")
@@ -132,6 +144,14 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
         help="how generated adapters are made (see loraserve.bench.adapters; default: bank)",
     )
     r.add_argument("--no-warmup", action="store_true", help="skip the warm-up requests")
+    r.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=FLAGS",
+        help="also run loraserve with these engine flags on the same trace, as "
+        "'loraserve:NAME' (repeatable), e.g. --variant 'split=--mixed-decode-graphs 64'",
+    )
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     b = parser.add_argument_group("baselines (run on the same trace)")
     b.add_argument("--baselines", default="", help=f"comma-separated: {', '.join(BASELINES)}")
@@ -223,7 +243,27 @@ def config_from_cli(ns: argparse.Namespace) -> BenchConfig:
         adapter_files=ns.adapter_files,
         progress=not ns.no_progress,
         warmup=not ns.no_warmup,
+        variants=tuple(_variant(text, engine) for text in ns.variant),
     )
+
+
+def _variant(text: str, engine: EngineArgs) -> tuple[str, EngineArgs]:
+    """NAME=FLAGS: ``engine`` with FLAGS (engine flags only) applied on top."""
+    name, sep, flags = text.partition("=")
+    if not sep or not name.strip() or any(c in name for c in " :,"):
+        raise ValueError(
+            f"--variant {text!r}: expected NAME=FLAGS, e.g. 'nooverlap=--no-overlap-steps'"
+        )
+    parser = argparse.ArgumentParser(prog=f"--variant {name}", add_help=False, exit_on_error=False)
+    EngineArgs.add_cli_args(parser)
+    parser.set_defaults(**EngineArgs.cli_defaults(engine))
+    try:
+        ns, unknown = parser.parse_known_args(shlex.split(flags))
+    except argparse.ArgumentError as e:
+        raise ValueError(f"--variant {name}: {e}") from e
+    if unknown:
+        raise ValueError(f"--variant {name}: not engine flags: {' '.join(unknown)}")
+    return name.strip(), EngineArgs.from_cli(ns)
 
 
 def _split(text: str, flag: str) -> list[str]:

@@ -152,6 +152,9 @@ def _run_point(
     else:
         run = _drive_engine(config, engines.get(config.engine), workload, requests, "loraserve")
         done("loraserve", run)
+        for name, args in config.variants:
+            label = f"loraserve:{name}"
+            done(label, _drive_engine(config, engines.get(args), workload, requests, label))
         trace = tuple((r.trace.arrival, r.trace.input_len, r.trace.output_len) for r in base)
         for name, args in _engine_baselines(config, runs["loraserve"]["engine"]).items():
             if name == "base" and base_runs is not None and trace in base_runs:
@@ -195,11 +198,18 @@ def _ratios(runs: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     """loraserve's throughput over each baseline's (base: the cost of LoRA; peft: the
     speed-up S-LoRA reports)."""
     ours = runs["loraserve"]["throughput_req_s"]
-    return {
+    ratios = {
         name: ours / run["throughput_req_s"] if run["throughput_req_s"] else None
         for name, run in runs.items()
-        if name != "loraserve"
+        if not name.startswith("loraserve")
     }
+    base = runs.get("base", {}).get("throughput_req_s")
+    for name, run in runs.items():  # variants: against the default and against base
+        if name.startswith("loraserve:"):
+            ratios[f"{name}/loraserve"] = run["throughput_req_s"] / ours if ours else None
+            if base:
+                ratios[f"{name}/base"] = run["throughput_req_s"] / base
+    return ratios
 
 
 def _engine_baselines(config: BenchConfig, unified: dict[str, Any]) -> dict[str, EngineArgs]:

@@ -131,6 +131,11 @@ class EngineArgs:
             )
 
     @classmethod
+    def cli_defaults(cls, args: EngineArgs) -> dict[str, object]:
+        """argparse defaults (by dest) that make ``from_cli`` return ``args``."""
+        return {_flag(f).replace("-", "_"): getattr(args, f.name) for f in dataclasses.fields(cls)}
+
+    @classmethod
     def from_cli(cls, ns: argparse.Namespace) -> EngineArgs:
         return cls(
             **{f.name: getattr(ns, _flag(f).replace("-", "_")) for f in dataclasses.fields(cls)}
