@@ -15,7 +15,7 @@
 #   s2n2000_ai  S2 n=2000 with --admission-interval 0.5 (loraserve and base)       (6)
 #   s2n2000_split     ... with --mixed-decode-graphs 64                           (6)
 #   s2n2000_ab  default, --mixed-decode-graphs 64, --no-overlap-steps and base, one
-#               trace, one call (bench --variant)                                (9.5)
+#               50 s trace cut at 70 s, one call (bench --variant)                (8)
 #   s2n2000_nooverlap ... with --no-overlap-steps                                 (6)
 #   profile128  profile_step.py at batch 128, with and without adapters           (2)
 #   lora_bf16   Triton vs torch LoRA tokens in bf16, bank adapters                (1)
@@ -46,8 +46,8 @@ for part in "$@"; do
         2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tail -15 ;;
     s2n2000_ab|s1n2000_ab)  # default, split, no overlap and base on one trace, one call
       s=$(echo "${part:0:2}" | tr a-z A-Z)
-      bench 570 --setting "$s" -n 2000 --rate 40 --duration 60 --baselines base \
-        --time-limit 90 --variant 'split=--mixed-decode-graphs 64' \
+      bench 570 --setting "$s" -n 2000 --rate 40 --duration 50 --baselines base \
+        --time-limit 70 --variant 'split=--mixed-decode-graphs 64' \
         --variant 'nooverlap=--no-overlap-steps' --out "$OUT/bench_${s}_n2000_r40_ab.json" ;;
     s2n2000*|s1n2000*)
       s=$(echo "${part:0:2}" | tr a-z A-Z)
