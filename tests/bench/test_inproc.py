@@ -66,6 +66,7 @@ def test_driver_end_to_end(engine_args):
         # The engine's phases are inside the driver's timing of the same steps.
         assert sum(phases.values()) <= k["avg_ms"] * (1 + 1e-6)
         assert sum(phases.values()) >= 0.2 * k["avg_ms"]
+        assert 0 <= k["host_bound_share"] <= 1  # (on the CPU every step computes on the host)
     first_token_waits = [r.first_token - r.arrival for r in run.records]
     assert queue["max_s"] <= max(first_token_waits)  # the queue is part of the first token
 

@@ -149,9 +149,12 @@ class StepKind:
         default_factory=lambda: {f.name: 0.0 for f in dataclasses.fields(StepTiming)}
     )
 
+    host_bound: int = 0  # steps that waited < 1 ms for the device after enqueuing
+
     def add(self, seconds: float, timing: StepTiming) -> None:
         self.steps += 1
         self.seconds += seconds
+        self.host_bound += timing.wait < 1e-3
         for name in self.phases:
             self.phases[name] += getattr(timing, name)
 
@@ -162,6 +165,7 @@ class StepKind:
             "seconds": self.seconds,
             "avg_ms": 1e3 * self.seconds / n if n else None,
             "phases_avg_ms": {k: 1e3 * v / n for k, v in self.phases.items()} if n else None,
+            "host_bound_share": self.host_bound / n if n else None,
         }
 
 

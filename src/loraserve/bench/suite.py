@@ -440,7 +440,8 @@ def format_run(where: str, r: dict[str, Any]) -> str:
         phases = v.get("phases_avg_ms") if isinstance(v, dict) else None
         if phases and k != "empty":
             split = ", ".join(f"{p} {ms:.2f}" for p, ms in phases.items())
-            line += f"\n    {k} step phases (ms): {split}"
+            share = 100 * v["host_bound_share"]
+            line += f"\n    {k} step phases (ms): {split}; {share:.0f}% waited < 1 ms"
     return line
 
 
