@@ -109,13 +109,14 @@ def workload(stop_token: int | None = None, n: int = 6, seed: int = 0):
     return requests
 
 
-def test_overlap_gives_the_same_outputs_and_continues_steps(setup):
+@pytest.mark.parametrize("lora_backend", ["auto", "triton"])  # triton: the interpreter here
+def test_overlap_gives_the_same_outputs_and_continues_steps(setup, lora_backend):
     plain = drive(make_engine(setup, overlap=False), workload())
     # A token some request generates mid-way: as a stop token it ends that request at a
     # step the engine had already queued the next one for.
     stop = plain["1"].token_ids[len(plain["1"].token_ids) // 2]
-    plain = drive(make_engine(setup, overlap=False), workload(stop))
-    engine = warm_adapters(make_engine(setup, overlap=True))
+    plain = drive(make_engine(setup, overlap=False, lora_backend=lora_backend), workload(stop))
+    engine = warm_adapters(make_engine(setup, overlap=True, lora_backend=lora_backend))
     continued = count_continued(engine)
     overlapped = drive(engine, workload(stop))
     assert_same(overlapped, plain)
