@@ -129,15 +129,14 @@ def _run_point(
     model: ModelConfig,
     files: Path,
     report: Report,
-    base_runs: dict[tuple, dict[str, Any]] | None = None,
-    engines: _Engines | None = None,
+    base_runs: dict[tuple, dict[str, Any]],
+    engines: _Engines,
 ) -> dict[str, Any]:
     """One trace through loraserve and each baseline. ``base_runs``: base-model results by
     trace; S-LoRA's generator draws arrivals and lengths independently of n, so the points
     of an n sweep share one trace and one base run ("reused_from_n" marks the copies)."""
     requests = bench_requests(workload, model.vocab_size, config.max_requests)
     base = [r._replace(adapter=None) for r in requests]
-    engines = engines if engines is not None else _Engines()
     where = _where(config, model, workload)
     runs: dict[str, dict[str, Any]] = {}
 
@@ -157,12 +156,12 @@ def _run_point(
             done(label, _drive_engine(config, engines.get(args), workload, requests, label))
         trace = tuple((r.trace.arrival, r.trace.input_len, r.trace.output_len) for r in base)
         for name, args in _engine_baselines(config, runs["loraserve"]["engine"]).items():
-            if name == "base" and base_runs is not None and trace in base_runs:
+            if name == "base" and trace in base_runs:
                 done(name, base_runs[trace])
                 continue
             variant = base if name == "base" else requests
             done(name, _drive_engine(config, engines.get(args), workload, variant, name))
-            if name == "base" and base_runs is not None:
+            if name == "base":
                 base_runs[trace] = {**runs[name], "reused_from_n": workload.num_adapters}
     if "peft" in config.baselines and config.url:
         done("peft", _peft_run(config, requests, model))

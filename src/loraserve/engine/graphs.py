@@ -36,6 +36,11 @@ from loraserve.request import Request
 logger = logging.getLogger(__name__)
 
 
+def is_decode_row(request: Request, num_scheduled: int) -> bool:
+    """The request computes its last token this step and samples the next: a graph row."""
+    return num_scheduled == 1 and request.num_computed_tokens + 1 == request.num_tokens
+
+
 def capture_sizes(max_batch: int) -> list[int]:
     """1, 2, 4, 8, then multiples of 8 up to ``max_batch`` (as vLLM does)."""
     sizes = [s for s in (1, 2, 4) if s <= max_batch]
@@ -120,10 +125,8 @@ class DecodeGraphs:
 
     def fits(self, requests: list[Request], counts: list[int]) -> bool:
         """A pure decode step: one new token per request, every request samples."""
-        return (
-            len(requests) <= self.sizes[-1]
-            and all(n == 1 for n in counts)
-            and all(r.num_computed_tokens + 1 == r.num_tokens for r in requests)
+        return len(requests) <= self.sizes[-1] and all(
+            is_decode_row(r, n) for r, n in zip(requests, counts, strict=True)
         )
 
     def run(

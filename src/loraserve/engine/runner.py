@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from loraserve.engine.graphs import DecodeGraphs
+from loraserve.engine.graphs import DecodeGraphs, is_decode_row
 from loraserve.engine.sampler import Sampler, SampleTensors
 from loraserve.engine.scheduler import ScheduledBatch
 from loraserve.engine.upload import Upload
@@ -200,11 +200,11 @@ class ModelRunner:
             return None
         decode, rest = [], ScheduledBatch()
         for r, n in zip(scheduled.requests, scheduled.num_scheduled, strict=True):
-            if n == 1 and r.num_computed_tokens + 1 == r.num_tokens:
+            if is_decode_row(r, n):
                 decode.append(r)
             else:
                 rest.add(r, n)
-        enough = self.mixed_decode_graphs <= len(decode) <= self.graphs.sizes[-1]
+        enough = len(decode) >= self.mixed_decode_graphs and self.fits_graphs(len(decode))
         if not rest.requests or not enough:
             return None
         return decode, rest
