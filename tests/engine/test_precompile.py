@@ -8,9 +8,10 @@ from loraserve.config import ModelConfig
 from loraserve.engine.args import EngineArgs
 from loraserve.engine.precompile import (
     _lora_key,
+    _shapes,
     decode_batch_sizes,
     precompile,
-    prefill_lengths,
+    prefill_shapes,
 )
 from loraserve.kernels.attention import _block_m
 from loraserve.model.layers import PackedLinear
@@ -26,15 +27,22 @@ def test_probe_lengths_cover_every_variant(tiny_model_factory):
     linears = _linears(engine)
     assert len(linears) == 4 * engine.config.model.num_hidden_layers
     sms = 132
-    lengths = prefill_lengths(linears, 2, 64, 300, sms)
-    keys = {(_block_m(2, n), _lora_key(linears, 64, n, 1, sms)) for n in range(2, 257)}
-    probed = {(_block_m(2, n), _lora_key(linears, 64, n, 1, sms)) for n in lengths}
-    assert probed == keys and len(lengths) == len(keys)
+    shapes = prefill_shapes(linears, 2, 64, 300, 64, 512, sms)
+
+    def key(n, s):
+        return _block_m(2, n), _lora_key(_shapes(linears), 64, n, s, sms)
+
+    keys = {key(n, s) for n in range(2, 257) for s in range(1, min(64, (512 - n) // 2 + 1) + 1)}
+    probed = {key(n, s) for n, s in shapes}
+    assert probed == keys and len(shapes) == len(keys)
     # LoRA prefill tiles (16/32/64 rows) and attention rows change at 17 and 33 tokens.
-    assert lengths == [2, 9, 17, 33]
+    assert {2, 9, 17, 33} <= {n for n, _ in shapes}
+    # Enough segments bring the shrink's K split down to 1, a variant of its own.
+    assert any(s > 1 for _, s in shapes)
+    assert all(n + 2 * (s - 1) <= 512 for n, s in shapes)
     sizes = decode_batch_sizes(linears, 64, 256, sms)
-    all_keys = {_lora_key(linears, 64, 1, s, sms) for s in range(1, 257)}
-    assert {_lora_key(linears, 64, 1, s, sms) for s in sizes} == all_keys
+    all_keys = {_lora_key(_shapes(linears), 64, 1, s, sms) for s in range(1, 257)}
+    assert {_lora_key(_shapes(linears), 64, 1, s, sms) for s in sizes} == all_keys
     assert sizes[0] == 1 and sizes == sorted(set(sizes))
 
 
@@ -53,7 +61,7 @@ def test_precompile_probes_leave_the_engine_unchanged(tiny_model_factory, tmp_pa
         free = engine.pool.num_free
         if probe:
             forwards = precompile(
-                engine.model, engine.pool, engine.adapter_cache, "triton", 16, 128, 64, 8
+                engine.model, engine.pool, engine.adapter_cache, "triton", 16, 128, 64, 8, 8
             )
             assert forwards >= 4
             assert engine.pool.num_free == free  # the scratch page went back

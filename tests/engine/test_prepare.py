@@ -48,6 +48,12 @@ def test_prepare_matches_each_requests_tokens_positions_and_slots(runner):
             batch.add(_request(rng, i, total, computed, rng.choice([None, 3, 4])), n)
     forward, sampling = runner.prepare(batch)
     n_decode = forward.num_decode_seqs
+    # The prefill part's attention inputs: the same rows, in tensors of their own, aligned.
+    tables, lens, starts_p = forward.prefill_part
+    assert torch.equal(tables, forward.block_tables[n_decode:])
+    assert torch.equal(lens, forward.seq_lens[n_decode:])
+    assert torch.equal(starts_p, forward.query_start_loc[n_decode:])
+    assert all(t.data_ptr() % 16 == 0 for t in forward.prefill_part)
     starts = forward.query_start_loc.tolist()
     by_id = dict(zip((r.request_id for r in batch.requests), batch.num_scheduled, strict=True))
     order = []
@@ -115,3 +121,14 @@ def test_upload_reuses_its_pinned_buffer_without_corrupting_earlier_steps():
     first = upload([np.arange(1000, dtype=np.int64)])[0]
     second = upload([np.arange(1000, 2000, dtype=np.int64)])[0]
     assert first.tolist() == list(range(1000)) and second.tolist() == list(range(1000, 2000))
+
+
+def test_upload_views_start_16_byte_aligned():
+    """Triton specialises pointer arguments on 16-byte alignment: a view at a size-dependent
+    offset would compile a new kernel variant mid-serving."""
+    upload = Upload(torch.device("cpu"))
+    arrays = [np.arange(n, dtype=dt) for n in (1, 3, 5, 2, 7) for dt in (np.int64, np.int32)]
+    out = upload(arrays)
+    for a, t in zip(arrays, out, strict=True):
+        assert t.data_ptr() % 16 == 0, (a.dtype, a.size)
+        assert t.tolist() == a.tolist()

@@ -53,6 +53,7 @@ class BenchConfig:
     adapter_files: str | None = None  # where --url mode writes adapters (default: a temp dir)
     progress: bool = True
     warmup: bool = True
+    host_profile: bool = False  # sample the engine thread's stack in in-process runs
     # (name, engine args): loraserve again with other engine options, on the same trace;
     # results as run "loraserve:NAME" (A/B of engine options in one call).
     variants: tuple[tuple[str, EngineArgs], ...] = ()
@@ -144,6 +145,12 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
         help="how generated adapters are made (see loraserve.bench.adapters; default: bank)",
     )
     r.add_argument("--no-warmup", action="store_true", help="skip the warm-up requests")
+    r.add_argument(
+        "--host-profile",
+        action="store_true",
+        help="sample the engine thread's Python stack every 2 ms in in-process runs and "
+        "report the top functions per step kind (where the host time of a step goes)",
+    )
     r.add_argument(
         "--variant",
         action="append",
@@ -243,6 +250,7 @@ def config_from_cli(ns: argparse.Namespace) -> BenchConfig:
         adapter_files=ns.adapter_files,
         progress=not ns.no_progress,
         warmup=not ns.no_warmup,
+        host_profile=ns.host_profile,
         variants=tuple(_variant(text, engine) for text in ns.variant),
     )
 

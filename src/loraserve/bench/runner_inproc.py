@@ -23,6 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from loraserve.adapters.store import StoreStats
+from loraserve.bench.hostprof import StackSampler
 from loraserve.bench.metrics import SLO_SECONDS, RequestRecord, summarize
 from loraserve.bench.physics import DecodeStats, kv_bytes_per_token, weight_bytes
 from loraserve.bench.workload import TraceRequest
@@ -41,12 +42,16 @@ class BenchRequest(NamedTuple):
     adapter: str | None  # None: the base model
 
 
+ENGINE_STEP = "loraserve/engine/engine.py:step"  # the host profile's root
+
+
 @dataclass
 class RunOptions:
     label: str = "loraserve"
     time_limit: float | None = None  # seconds after the start
     slo_s: float = SLO_SECONDS
     progress: bool = True
+    host_profile: bool = False  # sample the engine thread's stack (bench/hostprof.py)
 
 
 @dataclass
@@ -184,6 +189,7 @@ class InprocDriver:
         self._start = 0.0
         self._io0 = 0.0
         self._staging0: dict[str, float] = {}
+        self.sampler: StackSampler | None = None
 
     def _now(self) -> float:
         return time.perf_counter() - self._start
@@ -196,6 +202,8 @@ class InprocDriver:
         pending = deque(self.requests)
         limit = self.options.time_limit
         compiled0 = compiled_variants()
+        if self.options.host_profile:
+            self.sampler = StackSampler(root=ENGINE_STEP).start()
         with tqdm(
             total=len(self.requests),
             desc=self.options.label,
@@ -213,6 +221,7 @@ class InprocDriver:
                 elif pending:
                     self._sleep_until(pending[0].trace.arrival)
         wall = self._now()
+        profile = self.sampler.stop() if self.sampler is not None else None
         self._abort_unfinished()
         logger.info("%s: %d requests issued in %.1f s", self.options.label, len(self.live), wall)
         return EngineRun(
@@ -226,6 +235,7 @@ class InprocDriver:
                 "queue": self._queue_stats(),
                 "steps": self._step_stats(wall),
                 "triton_compiles": new_variants(compiled0, compiled_variants()),
+                **({"host_profile": profile} if profile is not None else {}),
             },
         )
 
@@ -282,6 +292,8 @@ class InprocDriver:
         else:
             kind = "mixed" if outputs else "empty"
         self.steps[kind].add(seconds, self.engine.last_step)
+        if self.sampler is not None:
+            self.sampler.flush(kind)
         for out in outputs:
             self._update(out, now, bar)
         if not outputs and not self.engine.scheduler.running:

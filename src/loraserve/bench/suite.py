@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from loraserve.bench.adapters import AdapterGenerator
+from loraserve.bench.hostprof import format_profile
 from loraserve.bench.options import BenchConfig, config_from_cli
 from loraserve.bench.runner_inproc import BenchRequest, InprocDriver, RunOptions, warm_up
 from loraserve.bench.workload import (
@@ -307,7 +308,9 @@ def _drive_engine(
     if config.warmup:
         _warm_up(engine, generator if uses_adapters else None, max(config.ranks))
     limit = config.padded_time_limit if label == "padded" else None
-    options = RunOptions(label, limit or config.time_limit, config.slo_s, config.progress)
+    options = RunOptions(
+        label, limit or config.time_limit, config.slo_s, config.progress, config.host_profile
+    )
     run = InprocDriver(engine, requests, options).run()
     engine.check_integrity()
     return {**run.result(config.slo_s), "engine": _engine_info(engine)}
@@ -441,6 +444,8 @@ def format_run(where: str, r: dict[str, Any]) -> str:
             split = ", ".join(f"{p} {ms:.2f}" for p, ms in phases.items())
             share = 100 * v["host_bound_share"]
             line += f"\n    {k} step phases (ms): {split}; {share:.0f}% waited < 1 ms"
+    if r.get("host_profile"):
+        line += "\n" + format_profile(r["host_profile"])
     return line
 
 

@@ -148,6 +148,7 @@ class LLMEngine:
             self.config.cache.block_size,
             self.max_model_len,
             sched.max_num_batched_tokens,
+            sched.max_num_seqs,
             sched.max_num_seqs,  # mixed steps run their decode rows' LoRA in decode form
         )
 

@@ -6,8 +6,9 @@ waits. A 60 s S-LoRA run at 40 req/s met 76 new variants mid-run (docs/benchmark
 The int arguments that vary per call are marked ``do_not_specialize`` in the kernels; what
 remains is a handful of block-size choices, which depend on host ints only:
 
-    prefill / mixed steps   LoRA tiles by the longest adapter segment, attention rows by
-                            the longest query run: a few buckets of next_power_of_2(len)
+    prefill / mixed steps   LoRA tiles by the longest adapter segment (and the K split by
+                            the number of segments), attention rows by the longest query
+                            run: a few buckets of next_power_of_2(len)
     decode rows             LoRA matrix-vector tiles by the number of segments (the decode
                             rows of mixed steps, and eager decode steps), attention with
                             and without split-KV (CUDA graphs capture their own)
@@ -39,14 +40,26 @@ logger = logging.getLogger(__name__)
 _MAX_PREFILL_PROBE = 256  # every block-size choice saturates well below this many rows
 
 
-def prefill_lengths(
-    linears: list[PackedLinear], group: int, max_rank: int, max_len: int, num_sms: int
-) -> list[int]:
-    """One query length per distinct (attention rows, LoRA prefill tiles) variant."""
-    seen: dict[tuple, int] = {}
+def prefill_shapes(
+    linears: list[PackedLinear],
+    group: int,
+    max_rank: int,
+    max_len: int,
+    max_seqs: int,
+    max_tokens: int,
+    num_sms: int,
+) -> list[tuple[int, int]]:
+    """One (longest query, sequences) pair per distinct (attention rows, LoRA prefill tiles)
+    variant. Probed as one sequence of that length and the rest of 2 tokens, each its own
+    LoRA segment: the segment count moves the shrink's K split, and Triton specialises
+    split_k == 1 apart."""
+    seen: dict[tuple, tuple[int, int]] = {}
+    shapes = _shapes(linears)
     for n in range(2, min(max_len, _MAX_PREFILL_PROBE) + 1):
-        key = (_block_m(group, n), _lora_key(linears, max_rank, n, 1, num_sms))
-        seen.setdefault(key, n)
+        seqs = min(max_seqs, (max_tokens - n) // 2 + 1)
+        for s in range(1, seqs + 1):
+            key = (_block_m(group, n), _lora_key(shapes, max_rank, n, s, num_sms))
+            seen.setdefault(key, (n, s))
     return sorted(seen.values())
 
 
@@ -55,25 +68,31 @@ def decode_batch_sizes(
 ) -> list[int]:
     """One decode batch size per distinct LoRA matrix-vector tile choice."""
     seen: dict[tuple, int] = {}
+    shapes = _shapes(linears)
     for s in range(1, max_seqs + 1):
-        seen.setdefault(_lora_key(linears, max_rank, 1, s, num_sms), s)
+        seen.setdefault(_lora_key(shapes, max_rank, 1, s, num_sms), s)
     return sorted(seen.values())
 
 
 def _lora_key(
-    linears: list[PackedLinear], max_rank: int, seg_len: int, segments: int, num_sms: int
+    shapes: list[tuple[int, int, int]], max_rank: int, seg_len: int, segments: int, num_sms: int
 ) -> tuple:
-    """The compile-time part of every layer's LoRA tiles: split_k is a runtime int, but the
-    decode expand kernel sums the splits in a power-of-two block (BLOCK_S)."""
+    """The compile-time part of every layer's LoRA tiles. split_k is a runtime int, of which
+    Triton specialises only == 1 and % 16 == 0; the decode expand kernel also sums the
+    splits in a power-of-two block (BLOCK_S)."""
     key = []
-    for lin in linears:
-        max_out = max(n for _, n in lin.out_slices)
-        tiles = _pick_tiles(
-            max_rank, seg_len, segments, lin.in_features, len(lin.out_slices), max_out, num_sms
-        )
-        split = next_power_of_2(tiles.split_k) if tiles.block_m == 1 else 0
-        key.append(tiles._replace(split_k=split))
+    for in_features, n_targets, max_out in shapes:
+        tiles = _pick_tiles(max_rank, seg_len, segments, in_features, n_targets, max_out, num_sms)
+        k = tiles.split_k
+        split = (k == 1, k % 16 == 0, next_power_of_2(k) if tiles.block_m == 1 else 0)
+        key.append((tiles._replace(split_k=0), split))
     return tuple(key)
+
+
+def _shapes(linears: list[PackedLinear]) -> list[tuple[int, int, int]]:
+    """The distinct (in_features, targets, widest target) of the layers' packed linears."""
+    shapes = {(m.in_features, len(m.out_slices), max(n for _, n in m.out_slices)) for m in linears}
+    return sorted(shapes)
 
 
 def precompile(
@@ -84,6 +103,7 @@ def precompile(
     block_size: int,
     max_model_len: int,
     max_num_batched_tokens: int,
+    max_num_seqs: int,
     eager_decode_max: int,
 ) -> int:
     """Run one forward per kernel variant (see the module docstring); returns how many.
@@ -103,8 +123,11 @@ def precompile(
     try:
         probe = _Probe(model, page[0], block_size, adapter_cache if lora else None, device)
         longest = min(max_model_len - 1, max_num_batched_tokens)
-        for n in prefill_lengths(linears, group, max(max_rank, 1), longest, sms):
-            probe.run([n], max_seq_len=n)
+        shapes = prefill_shapes(
+            linears, group, max(max_rank, 1), longest, max_num_seqs, max_num_batched_tokens, sms
+        )
+        for n, seqs in shapes:
+            probe.run([n] + [2] * (seqs - 1), max_seq_len=n)
             forwards += 1
         if eager_decode_max > 0:
             for s in decode_batch_sizes(linears, max(max_rank, 1), eager_decode_max, sms):

@@ -109,7 +109,14 @@ class ModelRunner:
             np.array(logits_rows, np.int64),
             *(np.array(v, np.int32) for part in segments for v in part),
         ]
+        d = sum(n == 1 for n in counts)  # decode rows, sorted first
+        mixed = 0 < d < len(requests)
+        if mixed:  # the prefill part's attention inputs, aligned (ForwardBatch.prefill_part)
+            arrays += [tables[d:], arrays[4][d:], arrays[5][d:]]
         ids, pos, slot, table, lens, starts, logits, *lora = self.upload(arrays)
+        prefill_part = tuple(lora[-3:]) if mixed else None
+        if mixed:
+            lora = lora[:-3]
         batch = ForwardBatch(
             input_ids=ids,
             positions=pos,
@@ -121,7 +128,8 @@ class ModelRunner:
             max_q_len=max(counts),
             max_seq_len=max(seq_lens),
             lora=self._lora_inputs(segments, lora),
-            num_decode_seqs=sum(n == 1 for n in counts),  # sorted first
+            num_decode_seqs=d,
+            prefill_part=prefill_part,
         )
         return batch, sampling
 

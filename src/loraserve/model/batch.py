@@ -50,6 +50,10 @@ class ForwardBatch:
     # prefills, attention runs them apart, in the decode form, instead of giving each the
     # max_q_len-row programs of the prefill form. 0: one launch for everything.
     num_decode_seqs: int = 0
+    # The prefill sequences' (block_tables, seq_lens, query_start_loc) rows from
+    # num_decode_seqs on, as tensors of their own (16-byte aligned: slices at a size-dependent
+    # offset would make Triton compile new variants). None: sliced from the full tensors.
+    prefill_part: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_tokens(self) -> int:

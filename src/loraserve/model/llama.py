@@ -94,15 +94,18 @@ class Attention(nn.Module):
                 max_seq_len=batch.max_seq_len,
             )
         out = torch.empty_like(q)
-        decode = (slice(0, d), slice(0, d + 1), 1)  # (sequences, their query starts, max_q_len)
-        prefill = (slice(d, None), slice(d, None), batch.max_q_len)
-        for seqs, starts, max_q_len in (decode, prefill):
+        # (block tables, sequence lengths, query starts, max_q_len) of each part
+        decode = (batch.block_tables[:d], batch.seq_lens[:d], batch.query_start_loc[: d + 1], 1)
+        prefill = batch.prefill_part or (
+            batch.block_tables[d:],
+            batch.seq_lens[d:],
+            batch.query_start_loc[d:],
+        )
+        for *tensors, max_q_len in (decode, (*prefill, batch.max_q_len)):
             paged_attention(
                 q,
                 *kv,
-                batch.block_tables[seqs],
-                batch.seq_lens[seqs],
-                batch.query_start_loc[starts],
+                *tensors,
                 self.scale,
                 backend=self.backend,
                 max_q_len=max_q_len,
