@@ -117,7 +117,7 @@ def test_block_tables_rewritten_only_where_changed_and_always_complete(setup):
         if i == 2:
             a.block_table.append(11)  # a grows by a page
         turn = i % 2  # the two host buffers in turn: each keeps its own record
-        graphs._fill_tables(static, turn, requests)
+        graphs._fill_tables(static.hosts[turn][5:].numpy(), static.tables[turn], requests)
         assert torch.equal(static.hosts[turn][5:], expected(requests)), i
 
 

@@ -94,6 +94,13 @@ class EngineArgs:
         "queue a graphed decode step that continues the batch unchanged before the one ahead "
         "of it has finished, so the host's work overlaps the device's (only with CUDA graphs)",
     )
+    switch_interval: float = _opt(
+        0.0005,
+        "the Python interpreter's thread switch interval (sys.setswitchinterval) the engine "
+        "sets, in seconds: the longest the engine thread waits to get the GIL back from an "
+        "adapter I/O thread running Python (the interpreter's default, 0.005, let loads "
+        "stretch each step's host work); 0 leaves the process's setting alone",
+    )
     mixed_decode_graphs: int = _opt(
         0,
         "in a step that also prefills, replay its decode rows as a CUDA graph (then run the "
@@ -203,6 +210,7 @@ class EngineArgs:
             lora_backend=self.lora_backend,
             cuda_graph_max_batch=graph_batch,
             overlap_steps=self.overlap_steps,
+            switch_interval=self.switch_interval,
             mixed_decode_graphs=self.mixed_decode_graphs,
             device=device,
             dtype=dtype,

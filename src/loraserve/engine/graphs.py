@@ -24,6 +24,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from loraserve.config import ALL_TARGETS, QKVO_TARGETS
@@ -237,7 +238,10 @@ class DecodeGraphs:
         static.turn ^= 1
         if static.copied[turn] is not None:
             static.copied[turn].synchronize()  # its last copy (two steps ago) has run
-        host = static.hosts[turn]
+        # numpy, not torch, on the host buffer: small numpy writes keep the GIL, while each
+        # torch call releases it, and with the adapter I/O threads busy every release can
+        # cost the engine thread a wait of up to the interpreter's switch interval.
+        host = static.hosts[turn].numpy()
         n = len(requests)
         bs = self.block_size
         ahead = 0 if prev is None else 1  # tokens in flight that the host does not have
@@ -258,9 +262,9 @@ class DecodeGraphs:
                 adapters.append(-1 if r.adapter_slot is None else r.adapter_slot)
             if prev is not None:
                 ids += prev[1]  # rows of the in-flight step's tokens, gathered below
-            host[:5, :n] = torch.tensor(rows, dtype=torch.int64)
-        self._fill_tables(static, turn, requests)
-        static.inputs.copy_(host, non_blocking=True)
+            host[:5, :n] = rows
+        self._fill_tables(host[5:], static.tables[turn], requests)
+        static.inputs.copy_(static.hosts[turn], non_blocking=True)
         if self.capture:
             static.copied[turn] = torch.cuda.Event()
             static.copied[turn].record()
@@ -268,15 +272,13 @@ class DecodeGraphs:
             ids_row = static.inputs[0, :n]
             ids_row.copy_(prev[0].index_select(0, ids_row))
 
-    def _fill_tables(self, static: _Static, turn: int, requests: list[Request]) -> None:
-        """The block tables, transposed into the host buffer's rows 5..: only rows whose
-        request or table length changed since that buffer's last fill are rewritten (a table
-        grows by one page every block_size tokens); unused entries and padding rows point at
-        the scratch page."""
-        tables = static.hosts[turn][5:]
-        state = static.tables[turn]
+    def _fill_tables(self, tables: np.ndarray, state: list, requests: list[Request]) -> None:
+        """The block tables, transposed into ``tables`` (the host buffer's rows 5..): only
+        rows whose request or table length changed since that buffer's last fill (``state``)
+        are rewritten (a table grows by one page every block_size tokens); unused entries and
+        padding rows point at the scratch page."""
         if len(state) != tables.shape[1]:
-            tables.fill_(self.scratch_page)
+            tables[:] = self.scratch_page
             state[:] = [None] * tables.shape[1]
         for i, r in enumerate(requests):
             key = (r.request_id, len(r.block_table))
@@ -284,7 +286,7 @@ class DecodeGraphs:
                 continue
             if state[i] is not None and state[i][0] != r.request_id:
                 tables[:, i] = self.scratch_page  # another request's longer table
-            tables[: key[1], i] = torch.tensor(r.block_table, dtype=torch.int64)
+            tables[: key[1], i] = r.block_table
             state[i] = key
         for i in range(len(requests), len(state)):
             if state[i] is not None:

@@ -35,6 +35,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from loraserve.adapters.peft import LoRAWeights
@@ -71,10 +72,14 @@ class PackedAdapter:
     weights: LoRAWeights
     staging: torch.Tensor  # num_pages * page_elems, rows where they will sit in the pages
     num_pages: int
-    rel_offsets: torch.Tensor  # [layers, targets, 2, max_rank] int64 position in the
-    #                            adapter's own pages (page k starts at k * page_elems); -1: none
-    ranks: torch.Tensor  # [layers, targets] int32
-    scalings: torch.Tensor  # [layers, targets] fp32
+    # The row-offset table [layers, targets, 2, max_rank] as (page index, offset in page)
+    # in the adapter's own pages; rows it lacks point at index num_pages, offset 0 (a page
+    # id of 0 is appended at load: table entry 0). ``load`` only gathers the page ids.
+    rel_page: np.ndarray  # int64
+    rel_mod: np.ndarray  # int64
+    ranks: torch.Tensor  # [layers, targets] int32 (pinned on CUDA)
+    scalings: torch.Tensor  # [layers, targets] fp32 (pinned on CUDA)
+    table: torch.Tensor  # [layers, targets, 2, max_rank] int64 (pinned on CUDA), set at load
 
     @property
     def name(self) -> str:
@@ -211,8 +216,17 @@ class AdapterCache:
         num_pages = -(-size // page)
         staging = self._staging.take(num_pages * page)
         self._fill(staging, matrices, runs)
-        tables = self._rel_tables(weights, matrices, runs)
-        return PackedAdapter(weights, staging, num_pages, *tables)
+        rel, ranks, scalings = self._rel_tables(weights, matrices, runs)
+        # Split the offsets here, on the I/O thread; pin here too: the engine thread's part
+        # of a load (``_tables``) is then one gather of a few page ids.
+        rel = rel.numpy()
+        rel_page = np.where(rel >= 0, rel // page, num_pages)
+        rel_mod = np.where(rel >= 0, rel % page, 0)
+        pin = self.device.type == "cuda"
+        table = torch.empty(rel.shape, dtype=torch.int64, pin_memory=pin)
+        if pin:
+            ranks, scalings = ranks.pin_memory(), scalings.pin_memory()
+        return PackedAdapter(weights, staging, num_pages, rel_page, rel_mod, ranks, scalings, table)
 
     def discard(self, packed: PackedAdapter) -> None:
         """Give back the staging buffer of a packed adapter that will not be loaded."""
@@ -335,16 +349,14 @@ class AdapterCache:
     def _tables(
         self, packed: PackedAdapter, pages: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The adapter's slot of the row-offset, rank and scaling tables, on the host."""
+        """The adapter's slot of the row-offset, rank and scaling tables, on the host (numpy
+        on buffers pinned by ``pack``: no torch call, so no GIL hand-off to the I/O threads)."""
         page = self.pool.page_elems
-        rel = packed.rel_offsets
-        pages_t = torch.tensor(pages, dtype=torch.int64)
-        offsets = pages_t[(rel // page).clamp(min=0)] * page + rel % page
-        table = torch.where(rel >= 0, offsets, 0)
-        tables = (table, packed.ranks, packed.scalings)
-        if self.device.type == "cuda":
-            tables = tuple(t.pin_memory() for t in tables)
-        return tables
+        firsts = np.array([*pages, 0], dtype=np.int64) * page  # the last: rows it lacks
+        table = packed.table.numpy()
+        np.take(firsts, packed.rel_page, out=table)
+        table += packed.rel_mod
+        return packed.table, packed.ranks, packed.scalings
 
     def _copy_to_device(self, adapter: ResidentAdapter, packed: PackedAdapter) -> None:
         """Pages and table rows, host -> device. On CUDA everything goes on the side stream
