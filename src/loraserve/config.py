@@ -343,10 +343,6 @@ class EngineConfig:
     # Graphed decode steps that continue unchanged are queued one step ahead, so the host's
     # work for a step overlaps the device's work on the one before (LLMEngine._launch_next).
     overlap_steps: bool = False
-    # sys.setswitchinterval at engine start (seconds); 0: left alone. The adapter I/O threads
-    # run Python too; each torch call of the engine thread releases the GIL, and getting it
-    # back can take up to this long.
-    switch_interval: float = 0.0
     # In a step that also prefills, at least this many decode rows replay the decode graphs
     # apart from the prompt rows (ModelRunner._launch_split); 0: every row runs eagerly.
     mixed_decode_graphs: int = 0
@@ -365,9 +361,4 @@ class EngineConfig:
         if self.mixed_decode_graphs < 0:
             raise ValueError(
                 f"mixed_decode_graphs must be >= 0 (0: off), got {self.mixed_decode_graphs}"
-            )
-        if not 0 <= self.switch_interval <= 1:
-            raise ValueError(
-                f"switch_interval must be 0 (leave it) or up to 1 second, got "
-                f"{self.switch_interval}; try 0.0005"
             )

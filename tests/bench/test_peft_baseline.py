@@ -50,3 +50,22 @@ def test_peft_time_limit(tiny_model):
     assert run.wall_time <= 0.5
     assert result["unfinished"] > 0 and result["not_issued"] > 0
     assert result["issued"] + result["not_issued"] == len(requests)
+
+
+def test_peft_runs_past_eos_to_each_output_length(tiny_model):
+    """A model that always predicts EOS still generates every request's output length (the
+    model's own generation config must not bring EOS stopping back)."""
+    hf, config = _hf(tiny_model)
+    eos = hf.generation_config.eos_token_id
+    assert eos is not None
+
+    def prefer_eos(module, inputs, logits):
+        logits[..., eos] += 1e4
+        return logits
+
+    hf.lm_head.register_forward_hook(prefer_eos)
+    requests = bench_requests(WORKLOAD, config.vocab_size, None)
+    baseline = PeftBaseline(hf, (8, 4), QKVO, PeftOptions(batch=2, max_adapters=2, progress=False))
+    run = baseline.run(requests)
+    assert run.result()["completed"] == len(requests)
+    assert all(r.output_tokens == r.output_len for r in run.records)

@@ -32,23 +32,3 @@ def test_io_threads_use_one_cpu_thread_and_leave_the_others_alone():
     thread.join()
     assert torch.get_num_threads() == before
     assert seen == [before] or before == 1  # threads started later keep torch's default
-
-
-def test_engine_sets_the_switch_interval_and_checks_it(tiny_model_factory):
-    """The engine thread gets the GIL back from a busy I/O thread within switch_interval."""
-    import sys
-
-    from loraserve.engine.args import EngineArgs
-
-    model = str(tiny_model_factory())
-    before = sys.getswitchinterval()
-    try:
-        EngineArgs(model=model, dtype="float32", switch_interval=0.002).create_engine()
-        assert sys.getswitchinterval() == pytest.approx(0.002)
-        sys.setswitchinterval(0.004)
-        EngineArgs(model=model, dtype="float32", switch_interval=0).create_engine()
-        assert sys.getswitchinterval() == pytest.approx(0.004)  # 0: left alone
-        with pytest.raises(ValueError, match="switch_interval"):
-            EngineArgs(model=model, dtype="float32", switch_interval=-1).create_engine()
-    finally:
-        sys.setswitchinterval(before)

@@ -68,6 +68,10 @@ class PeftBaseline:
         options: PeftOptions,
     ) -> None:
         self.base = model
+        # Generation ignores EOS (every request runs to its output length, as in the
+        # engine's runs). generate() fills a None eos_token_id of the config it is given from
+        # the model's own generation config: clear it there.
+        model.generation_config.eos_token_id = None
         self.ranks = tuple(ranks)
         self.targets = list(targets)
         self.options = options
@@ -111,7 +115,7 @@ class PeftBaseline:
         input_ids, mask = _left_pad([s.request.prompt for s in batch], device)
         clock = _StepClock(batch, input_ids.shape[1], start, self.options.time_limit, bar)
         config = copy.deepcopy(self.base.generation_config)
-        config.eos_token_id = None  # generation ignores EOS
+        config.eos_token_id = None  # generation ignores EOS (see __init__)
         config.pad_token_id = 0
         config.do_sample = False
         config.max_new_tokens = max(s.request.trace.output_len for s in batch)

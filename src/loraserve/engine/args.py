@@ -31,6 +31,12 @@ logger = logging.getLogger(__name__)
 
 # A few decode steps of a 7B model: prompts arriving within it share one (eager) prefill step.
 DEFAULT_PREFILL_WINDOW = 0.05
+# With CUDA graphs a mixed (prefill) step costs ~3x a graphed decode step of the same batch at
+# 7B (S2 n=2000 on the H200: 70-77 ms vs 28 ms, docs/benchmarks.md): at saturation, admit in
+# groups and replay the decode rows of mixed steps as graphs. Same trace, same process:
+# 17.8 req/s with neither, 18.5 with the split, 20.1 with both.
+DEFAULT_MIXED_DECODE_GRAPHS = 64
+DEFAULT_ADMISSION_INTERVAL = 0.25
 
 
 def _opt(default, help: str, **kw):  # noqa: A002 - mirrors argparse
@@ -70,11 +76,12 @@ class EngineArgs:
         "it can no longer meet a first-token deadline; the server answers 503); default: "
         "wait as long as it takes",
     )
-    admission_interval: float = _opt(
-        0.0,
+    admission_interval: float | None = _opt(
+        None,
         "with the batch nearly full and prompts waiting, admit new prompts at most every S "
         "seconds (unless max_num_seqs/8 slots are free), so fewer decode steps turn into "
-        "mixed prefill steps at saturation; 0: admit whenever a slot frees",
+        "mixed prefill steps at saturation; 0: admit whenever a slot frees; default: "
+        f"{DEFAULT_ADMISSION_INTERVAL} with CUDA graphs, else 0",
     )
     attention_backend: str = _opt(
         "auto", "auto | torch | triton", choices=("auto", "torch", "triton")
@@ -94,18 +101,12 @@ class EngineArgs:
         "queue a graphed decode step that continues the batch unchanged before the one ahead "
         "of it has finished, so the host's work overlaps the device's (only with CUDA graphs)",
     )
-    switch_interval: float = _opt(
-        0.0005,
-        "the Python interpreter's thread switch interval (sys.setswitchinterval) the engine "
-        "sets, in seconds: the longest the engine thread waits to get the GIL back from an "
-        "adapter I/O thread running Python (the interpreter's default, 0.005, let loads "
-        "stretch each step's host work); 0 leaves the process's setting alone",
-    )
-    mixed_decode_graphs: int = _opt(
-        0,
+    mixed_decode_graphs: int | None = _opt(
+        None,
         "in a step that also prefills, replay its decode rows as a CUDA graph (then run the "
         "prompt rows eagerly) when there are at least N of them: one more read of the "
-        "weights, no eager launches for the decode rows; 0: off (default)",
+        "weights, no eager launches for the decode rows; 0: off; default: "
+        f"{DEFAULT_MIXED_DECODE_GRAPHS} with CUDA graphs, else 0",
     )
     max_loras: int = _opt(128, "most adapters resident in the page pool at once")
     max_lora_rank: int = _opt(64, "largest adapter rank served")
@@ -147,6 +148,13 @@ class EngineArgs:
         return cls(
             **{f.name: getattr(ns, _flag(f).replace("-", "_")) for f in dataclasses.fields(cls)}
         )
+
+    def _with_graphs(self, value: float | None, default: float, graph_batch: int) -> float:
+        """``value`` if given, else ``default`` when decode steps replay CUDA graphs (where
+        mixed steps cost several decode steps), else 0."""
+        if value is not None:
+            return value
+        return default if graph_batch > 0 else 0
 
     def _prefill_window(self, graph_batch: int) -> float:
         if self.prefill_batch_window is not None:
@@ -199,7 +207,7 @@ class EngineArgs:
                 self.max_num_batched_tokens,
                 self._prefill_window(graph_batch),
                 self.ttft_deadline,
-                self.admission_interval,
+                self._with_graphs(self.admission_interval, DEFAULT_ADMISSION_INTERVAL, graph_batch),
             ),
             lora=LoRAConfig(
                 self.max_loras,
@@ -210,8 +218,11 @@ class EngineArgs:
             lora_backend=self.lora_backend,
             cuda_graph_max_batch=graph_batch,
             overlap_steps=self.overlap_steps,
-            switch_interval=self.switch_interval,
-            mixed_decode_graphs=self.mixed_decode_graphs,
+            mixed_decode_graphs=int(
+                self._with_graphs(
+                    self.mixed_decode_graphs, DEFAULT_MIXED_DECODE_GRAPHS, graph_batch
+                )
+            ),
             device=device,
             dtype=dtype,
             max_model_len=max_len,

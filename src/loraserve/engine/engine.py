@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,8 +103,6 @@ class LLMEngine:
         self.adapter_cache = AdapterCache(
             self._adapter_pool(page_elems), mc, config.lora.max_loras, config.lora.max_lora_rank
         )
-        if config.switch_interval > 0:
-            sys.setswitchinterval(config.switch_interval)  # (EngineConfig.switch_interval)
         self.adapters = AdapterManager(self.adapter_store, self.adapter_cache)
         self.scheduler = Scheduler(config.scheduler, self.kv, self.adapters)
         self.last_step = StepTiming(0.0, 0.0, 0.0, 0.0, 0.0)  # of the latest step()
