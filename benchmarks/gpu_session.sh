@@ -23,6 +23,8 @@
 #   s2n100      S2 n=100 R=10 120 s with base and PEFT                            (7)
 #   profile_mixed  batch 240 with adapters: decode and mixed (8 prompts) steps     (4)
 #   profile_mixed_split  the same with the mixed step's decode rows graphed         (4)
+#   profile_io  batch 240 + 4 prompts: mixed steps with the adapter I/O threads idle, then
+#               packing S2 adapters back to back: engine-thread contention?         (4)
 #   lora_sweep  bench_lora.py --sweep: block sizes one at a time, incl. n_group     (4)
 #   lora_tlb    LoRA kernels with rows in a compact pool vs spread over 100 GB, and a
 #               batch-128 step with a 0.2 vs 0.8 memory pool: does reach cost?     (4)
@@ -78,6 +80,11 @@ for part in "$@"; do
         --steps 10 --mixed-prompts 8 --scenarios lora "${split[@]}" --out-dir "$OUT/prof" \
         2>&1 | grep '^{'
       tar czf "$OUT/${part}.tgz" -C "$OUT" prof && rm -r "$OUT/prof" ;;
+    profile_io)  # mixed steps with the adapter I/O threads idle vs packing (contention?)
+      timeout 300 python benchmarks/profile_step.py --model llama-7b --batches 240 --context 256 \
+        --steps 10 --mixed-prompts 4 --scenarios lora --io-load --io-steps 5 \
+        --out-dir "$OUT/prof" 2>&1 | grep '^{'
+      tar czf "$OUT/profile_io.tgz" -C "$OUT" prof && rm -r "$OUT/prof" ;;
     lora_sweep)
       timeout 400 python benchmarks/bench_lora.py --sweep --out "$OUT/bench_lora_sweep.json" \
         2>&1 | grep -v Warning | tail -60 ;;

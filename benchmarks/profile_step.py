@@ -7,7 +7,8 @@ For each batch size and for base-only and multi-adapter batches (one adapter per
 ranks round-robin): decode steps are timed end to end and split into host phases (schedule,
 launch, collect = waiting for the device, the rest), the CUDA-graph replay alone is timed
 with CUDA events, and a mixed step (the decode batch plus --mixed-prompts new prompts) is
-timed eagerly, wall and device. torch.profiler tables of the eager decode step and of the
+timed eagerly, wall and device; with --io-load also while the adapter I/O threads pack
+adapters back to back. torch.profiler tables of the eager decode step and of the
 mixed step (device time per kernel) are written to ``--out-dir``. Prints one JSON line per
 scenario.
 """
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -24,9 +27,12 @@ import torch
 
 from loraserve.bench.adapters import register_adapters
 from loraserve.bench.workload import adapter_name
+from loraserve.engine.adapters import IO_THREADS
 from loraserve.engine.args import EngineArgs
 from loraserve.model.loader import PRESETS
 from loraserve.request import SamplingParams
+
+IO_FIRST, IO_NAMES = 10_000, 20_000  # --io-load's adapters
 
 
 def build(args: argparse.Namespace):
@@ -43,7 +49,9 @@ def build(args: argparse.Namespace):
         max_num_batched_tokens=args.max_num_batched_tokens,
         mixed_decode_graphs=args.mixed_decode_graphs,
     ).create_engine()
-    register_adapters(engine, max(args.batches), args.ranks, args.targets)
+    # (--io-load packs adapters IO_FIRST.. on the I/O threads' side: registered, not loaded)
+    count = IO_FIRST + IO_NAMES if args.io_load else max(args.batches)
+    register_adapters(engine, count, args.ranks, args.targets)
     return engine
 
 
@@ -175,6 +183,7 @@ def scenario(engine, args, batch: int, lora: bool, out_dir: Path) -> dict:
         mixed_step("b")
     name = f"profile_mixed_{'lora' if lora else 'base'}_b{batch}.txt"
     (out_dir / name).write_text(prof.key_averages().table(sort_by=sort, row_limit=45))
+    io = io_load(engine, mixed_step, ids, args) if args.io_load else {}
     runner.graphs = graphs
     for rid in ids:
         engine.abort(rid)
@@ -190,6 +199,52 @@ def scenario(engine, args, batch: int, lora: bool, out_dir: Path) -> dict:
         "mixed_step_ms": mixed_ms,
         "mixed_step_device_ms": mixed_device_ms,
         "mixed_prompts": args.mixed_prompts,
+        **io,
+    }
+
+
+def io_load(engine, mixed_step, ids: list[str], args: argparse.Namespace) -> dict:
+    """Mixed steps with the adapter I/O threads idle, then with as many threads packing
+    adapters back to back (names never used before, so each one is generated, as at S2
+    n=2000 saturation): does their work (GIL, CPU, pinned allocations) slow the engine
+    thread's launches?"""
+    stop = threading.Event()
+    packs = [0]
+
+    def pack_loop(k: int) -> None:
+        i = IO_FIRST + k
+        while not stop.is_set() and i < IO_FIRST + IO_NAMES:
+            packed = engine.adapter_cache.pack(engine.adapter_store.get(adapter_name(i)))
+            engine.adapter_cache.discard(packed)
+            packs[0] += 1
+            i += IO_THREADS
+
+    def timed(tag: str) -> list[float]:
+        walls = []
+        for k in range(args.io_steps):
+            first = len(ids)
+            walls.append(mixed_step(f"{tag}{k}")[0])
+            for rid in ids[first:]:  # back to the same decode batch for the next one
+                engine.abort(rid)
+            engine.step()
+        return walls
+
+    idle = timed("idle")
+    threads = [
+        threading.Thread(target=pack_loop, args=(k,), daemon=True) for k in range(IO_THREADS)
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)  # the threads at full speed
+    busy = timed("busy")
+    stop.set()
+    for t in threads:
+        t.join()
+    return {
+        "mixed_step_ms_io_idle": statistics.median(idle),
+        "mixed_step_ms_io_busy": statistics.median(busy),
+        "io_threads": IO_THREADS,
+        "io_packs": packs[0],
     }
 
 
@@ -216,6 +271,13 @@ def main() -> None:
     )
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.8)
     parser.add_argument("--out-dir", default=".")
+    parser.add_argument(
+        "--io-load",
+        action="store_true",
+        help="also time --io-steps mixed steps with the adapter I/O threads idle, then busy "
+        "packing S2-sized adapters (engine-thread contention)",
+    )
+    parser.add_argument("--io-steps", type=int, default=5)
     args = parser.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
     args.ranks = [int(r) for r in args.ranks.split(",")]
