@@ -17,6 +17,7 @@
 #   s2n2000_ab  default, --mixed-decode-graphs 64, --no-overlap-steps and base, one
 #               50 s trace cut at 70 s, one call (bench --variant)                (8)
 #   s2n2000_nooverlap ... with --no-overlap-steps                                 (6)
+#   s2n2000_pg  default vs --prefill-graphs and base, one 50 s trace cut at 70 s     (6)
 #   profile128  profile_step.py at batch 128, with and without adapters           (2)
 #   lora_bf16   Triton vs torch LoRA tokens in bf16, bank adapters                (1)
 #   attention   split-KV vs one-pass decode attention                             (1)
@@ -45,12 +46,17 @@ for part in "$@"; do
       LORASERVE_TEST_DEVICE=cuda timeout 400 python -m pytest -q \
         tests/engine/test_hf_parity.py tests/engine/test_lora_parity.py \
         tests/engine/test_graphs.py tests/engine/test_overlap.py tests/engine/test_prepare.py \
+        tests/engine/test_prefill_graphs.py \
         2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tail -15 ;;
     s2n2000_ab|s1n2000_ab)  # default, split, no overlap and base on one trace, one call
       s=$(echo "${part:0:2}" | tr a-z A-Z)
       bench 570 --setting "$s" -n 2000 --rate 40 --duration 50 --baselines base \
         --time-limit 70 --variant 'split=--mixed-decode-graphs 64' \
         --variant 'nooverlap=--no-overlap-steps' --out "$OUT/bench_${s}_n2000_r40_ab.json" ;;
+    s2n2000_pg)  # prompt rows as graph replays too (--prefill-graphs), on one trace
+      bench 560 --setting S2 -n 2000 --rate 40 --duration 50 --baselines base \
+        --time-limit 70 --variant 'pg=--prefill-graphs' \
+        --out "$OUT/bench_S2_n2000_r40_pg.json" ;;
     s2n2000*|s1n2000*)
       s=$(echo "${part:0:2}" | tr a-z A-Z)
       extra=()  # variants (both runs), against the default:

@@ -343,6 +343,8 @@ class EngineConfig:
     # Graphed decode steps that continue unchanged are queued one step ahead, so the host's
     # work for a step overlaps the device's work on the one before (LLMEngine._launch_next).
     overlap_steps: bool = False
+    # The prompt rows of a step replayed as padded CUDA graphs (engine/prefill_graphs.py).
+    prefill_graphs: bool = False
     # In a step that also prefills, at least this many decode rows replay the decode graphs
     # apart from the prompt rows (ModelRunner._launch_split); 0: every row runs eagerly.
     mixed_decode_graphs: int = 0
@@ -358,6 +360,11 @@ class EngineConfig:
             )
         if self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        if self.prefill_graphs and self.cuda_graph_max_batch <= 0:
+            raise ValueError(
+                "prefill_graphs needs the decode graphs (cuda_graph_max_batch > 0): drop "
+                "--prefill-graphs or set --cuda-graph-max-batch"
+            )
         if self.mixed_decode_graphs < 0:
             raise ValueError(
                 f"mixed_decode_graphs must be >= 0 (0: off), got {self.mixed_decode_graphs}"

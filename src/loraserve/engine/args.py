@@ -101,6 +101,12 @@ class EngineArgs:
         "queue a graphed decode step that continues the batch unchanged before the one ahead "
         "of it has finished, so the host's work overlaps the device's (only with CUDA graphs)",
     )
+    prefill_graphs: bool = _opt(
+        False,
+        "replay the prompt rows of a step (up to 8 prompts, up to 4096 tokens, padded to a "
+        "bucket) as a CUDA graph too, after its decode rows' graph: no eager launches in "
+        "mixed steps (needs CUDA graphs; experimental: not yet measured on a GPU)",
+    )
     mixed_decode_graphs: int | None = _opt(
         None,
         "in a step that also prefills, replay its decode rows as a CUDA graph (then run the "
@@ -218,6 +224,7 @@ class EngineArgs:
             lora_backend=self.lora_backend,
             cuda_graph_max_batch=graph_batch,
             overlap_steps=self.overlap_steps,
+            prefill_graphs=self.prefill_graphs,
             mixed_decode_graphs=int(
                 self._with_graphs(
                     self.mixed_decode_graphs, DEFAULT_MIXED_DECODE_GRAPHS, graph_batch

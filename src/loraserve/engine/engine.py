@@ -20,6 +20,7 @@ from loraserve.config import CacheConfig, EngineConfig, ModelConfig
 from loraserve.engine.adapters import AdapterManager
 from loraserve.engine.graphs import DecodeGraphs
 from loraserve.engine.precompile import precompile
+from loraserve.engine.prefill_graphs import PrefillGraphs
 from loraserve.engine.runner import ModelRunner, PendingStep
 from loraserve.engine.sampler import Sampler
 from loraserve.engine.scheduler import ScheduledBatch, Scheduler
@@ -119,6 +120,8 @@ class LLMEngine:
             graphs=self._decode_graphs(),
             mixed_decode_graphs=config.mixed_decode_graphs,
         )
+        if config.prefill_graphs:
+            self.runner.prefill_graphs = self._prefill_graphs()
         self.eos_token_ids = frozenset(mc.eos_token_ids) | (
             tokenizer.eos_token_ids if tokenizer else frozenset()
         )
@@ -128,6 +131,8 @@ class LLMEngine:
             self._precompile()
         if self.runner.graphs is not None:
             self.runner.graphs.capture_all()
+        if self.runner.prefill_graphs is not None:
+            self.runner.prefill_graphs.capture_all()
         logger.info(
             "page pool: %d pages of %.1f KiB (%d tokens each), %.2f GiB on %s",
             num_pages,
@@ -168,6 +173,19 @@ class LLMEngine:
             -(-self.max_model_len // block_size),
             scratch[0],
             max_batch,
+            self.device,
+        )
+
+    def _prefill_graphs(self) -> PrefillGraphs:
+        graphs = self.runner.graphs  # shares the decode graphs' scratch page
+        return PrefillGraphs(
+            self.model,
+            self.adapter_cache,
+            self.config.lora_backend,
+            graphs.block_size,
+            graphs.max_blocks,
+            graphs.scratch_page,
+            min(self.config.scheduler.max_num_batched_tokens, self.max_model_len),
             self.device,
         )
 
@@ -479,6 +497,7 @@ class LLMEngine:
         self.adapters.shutdown()
         self._inflight = None
         self.runner.graphs = None
+        self.runner.prefill_graphs = None
 
     def check_integrity(self) -> None:
         """Pages in use are exactly the block tables of running requests plus the pages of

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from loraserve.engine.graphs import DecodeGraphs, is_decode_row
+from loraserve.engine.prefill_graphs import PrefillGraphs
 from loraserve.engine.sampler import Sampler, SampleTensors
 from loraserve.engine.scheduler import ScheduledBatch
 from loraserve.engine.upload import Upload
@@ -50,8 +51,12 @@ class ModelRunner:
         lora_backend: str = "auto",
         graphs: DecodeGraphs | None = None,
         mixed_decode_graphs: int = 0,
+        prefill_graphs: PrefillGraphs | None = None,
     ) -> None:
         self.graphs = graphs
+        # Prompt rows of up to MAX_SEQS sequences as a graph replay (after the decode rows'
+        # graph replay, if any): a step then makes no eager launches at all.
+        self.prefill_graphs = prefill_graphs
         # In a step that also prefills, decode rows replay the decode graphs (and the prompt
         # rows run eagerly after them) when there are at least this many; 0: never.
         self.mixed_decode_graphs = mixed_decode_graphs
@@ -189,6 +194,12 @@ class ModelRunner:
             requests = sorted(scheduled.requests, key=_slot_key)
             logits = self.graphs.run(requests)
             return PendingStep(requests, self.sampler.launch(logits, requests))
+        if self.prefill_graphs is not None:
+            decode, rest = self._partition(scheduled)
+            if self.prefill_graphs.fits(rest.requests, rest.num_scheduled) and (
+                not decode or self.fits_graphs(len(decode))
+            ):
+                return self._launch_graphed(decode, rest)
         split = self._split_decode(scheduled)
         if split is not None:
             return self._launch_split(*split)
@@ -206,16 +217,39 @@ class ModelRunner:
         decode graphs apart from its prompt rows (``mixed_decode_graphs``)."""
         if self.graphs is None or self.mixed_decode_graphs <= 0:
             return None
+        decode, rest = self._partition(scheduled)
+        enough = len(decode) >= self.mixed_decode_graphs and self.fits_graphs(len(decode))
+        if not rest.requests or not enough:
+            return None
+        return decode, rest
+
+    @staticmethod
+    def _partition(scheduled: ScheduledBatch) -> tuple[list[Request], ScheduledBatch]:
+        """(the decode rows' requests, the rest): rows a decode graph can take apart."""
         decode, rest = [], ScheduledBatch()
         for r, n in zip(scheduled.requests, scheduled.num_scheduled, strict=True):
             if is_decode_row(r, n):
                 decode.append(r)
             else:
                 rest.add(r, n)
-        enough = len(decode) >= self.mixed_decode_graphs and self.fits_graphs(len(decode))
-        if not rest.requests or not enough:
-            return None
         return decode, rest
+
+    def _launch_graphed(self, decode: list[Request], rest: ScheduledBatch) -> PendingStep:
+        """The decode rows as one decode graph replay (if any), then the prompt rows as one
+        prefill graph replay: no eager launch in the step."""
+        decode = sorted(decode, key=_slot_key)
+        parts = [self.graphs.run(decode)] if decode else []
+        order = sorted(range(len(rest.requests)), key=lambda i: _slot_key(rest.requests[i]))
+        logits, sampling = self.prefill_graphs.run(
+            [rest.requests[i] for i in order], [rest.num_scheduled[i] for i in order]
+        )
+        if sampling:
+            parts.append(logits)
+        sampled = decode + sampling
+        if not sampled:
+            return PendingStep([], None)
+        logits = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return PendingStep(sampled, self.sampler.launch(logits, sampled))
 
     def _launch_split(self, decode: list[Request], rest: ScheduledBatch) -> PendingStep:
         """The decode rows as one graph replay, then the prompt rows' eager forward pass: a

@@ -127,6 +127,8 @@ def paged_attention_ref(
         out = torch.empty_like(q)
     starts = query_start_loc.tolist()
     for s, seq_len in enumerate(seq_lens.tolist()):
+        if starts[s] == starts[s + 1]:
+            continue  # no query rows (a padding sequence of a graphed prefill)
         pages = block_tables[s, : -(-seq_len // block_size)].long()
         k = _gather_kv(k_cache, pages, seq_len).float().repeat_interleave(group, dim=1)
         v = _gather_kv(v_cache, pages, seq_len).float().repeat_interleave(group, dim=1)

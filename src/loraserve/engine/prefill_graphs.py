@@ -1,0 +1,269 @@
+"""The prompt rows of a step, padded to a fixed shape and replayed as CUDA graphs.
+
+An eager forward pass makes about 15 launches per layer plus the LoRA kernels': at 7B with
+adapters that was 46-59 ms of host time per mixed step on the H200 host, more than the device
+needed for the step's few prompts (docs/benchmarks.md, session 5). With ``--prefill-graphs``
+a step's prompt rows (up to ``MAX_SEQS`` sequences, up to the largest bucket of tokens) run
+as one graph replay instead; its decode rows replay the decode graphs (graphs.py) before it.
+
+A bucket of T tokens and S = MAX_SEQS sequences:
+
+    tokens 0..N-1     the prompts' new tokens, sequence after sequence (rows of one adapter
+                      side by side: one LoRA segment per run)
+    tokens N..T-1     padding: token 0 at position 0, KV written to the scratch page, in no
+                      sequence (attention and LoRA never touch them; their hidden rows are
+                      computed and dropped)
+    sequences n..S-1  padding: no tokens (query start N), context 0, LoRA slot -1
+
+Kernels launch for the worst case (one sequence of T tokens, S LoRA segments); programs past
+the real rows exit at once. Only the rows of sequences that sample get logits.
+
+On the CPU (tests) the padded batch runs eagerly: everything but the capture is exercised.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from loraserve.config import ALL_TARGETS, QKVO_TARGETS
+from loraserve.memory.adapter_cache import AdapterCache
+from loraserve.model.batch import ForwardBatch, LoRAInputs
+from loraserve.model.llama import LlamaForCausalLM
+from loraserve.request import Request
+
+logger = logging.getLogger(__name__)
+
+MAX_SEQS = 8  # prompt sequences per graphed step; a step with more runs eagerly
+_BUCKETS = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
+
+
+def token_buckets(max_tokens: int) -> list[int]:
+    """Captured token counts: 64 .. 4096 in steps of about 1.5x, up to ``max_tokens``."""
+    sizes = [b for b in _BUCKETS if b <= max_tokens]
+    return sizes or [max_tokens]
+
+
+@dataclass
+class _Static:
+    """Fixed-address inputs and output of one bucket. The int64 device buffer ``inputs``
+    holds, in order: input ids, positions, KV slots [T]; context lengths [S]; query starts
+    [S + 1]; logits rows [S]; LoRA segment starts [S + 1], slots [S]; block tables [S, B]."""
+
+    tokens: int
+    batch: ForwardBatch
+    inputs: torch.Tensor
+    hosts: list[torch.Tensor]
+    copied: list[torch.cuda.Event | None] = field(default_factory=lambda: [None, None])
+    turn: int = 0
+    logits: torch.Tensor | None = None  # [S, vocab] fp32
+    graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)  # by LoRA targets
+
+
+class PrefillGraphs:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        adapter_cache: AdapterCache,
+        lora_backend: str,
+        block_size: int,
+        max_blocks: int,
+        scratch_page: int,
+        max_tokens: int,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.cache = adapter_cache
+        self.lora_backend = lora_backend
+        self.block_size = block_size
+        self.max_blocks = max_blocks
+        self.scratch_page = scratch_page
+        self.sizes = token_buckets(max_tokens)
+        self.device = device
+        self.capture = device.type == "cuda"
+        self.target_sets = sorted(
+            {0, QKVO_TARGETS, ALL_TARGETS} if adapter_cache.max_loras else {0}
+        )
+        self._static: dict[int, _Static] = {}
+        self.steps = 0  # steps whose prompt rows this served
+        self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+
+    def capture_all(self) -> None:
+        """Capture every bucket now, largest first (smaller ones reuse its memory)."""
+        start = time.perf_counter()
+        for size in reversed(self.sizes):
+            if size not in self._static:
+                self._build(size)
+        if self.capture:
+            torch.cuda.synchronize(self.device)
+            logger.info(
+                "captured %d prefill graphs (%d..%d tokens, up to %d prompts) in %.1f s",
+                len(self.sizes) * len(self.target_sets),
+                self.sizes[0],
+                self.sizes[-1],
+                MAX_SEQS,
+                time.perf_counter() - start,
+            )
+
+    def fits(self, requests: list[Request], counts: list[int]) -> bool:
+        return 0 < len(requests) <= MAX_SEQS and sum(counts) <= self.sizes[-1]
+
+    def run(self, requests: list[Request], counts: list[int]) -> tuple[torch.Tensor, list[Request]]:
+        """(logits [len(sampling), vocab] fp32, sampling): the requests whose new tokens reach
+        their end, which sample, in the logits' order. ``requests`` must be ordered by
+        adapter (rows of one adapter side by side)."""
+        self.steps += 1
+        size = next(s for s in self.sizes if s >= sum(counts))
+        static = self._static.get(size) or self._build(size)
+        sampling = self._fill(static, requests, counts)
+        targets = self._targets_for(requests)
+        graph = static.graphs.get(targets)
+        if graph is None:
+            static.batch.lora.targets = targets
+            return self._forward(static)[: len(sampling)], sampling
+        graph.replay()
+        return static.logits[: len(sampling)], sampling
+
+    def _targets_for(self, requests: list[Request]) -> int:
+        needed = 0
+        for r in requests:
+            if r.adapter_slot is not None:
+                needed |= self.cache.slot_targets[r.adapter_slot]
+        return next(t for t in self.target_sets if needed & ~t == 0)
+
+    def _forward(self, static: _Static) -> torch.Tensor:
+        self._unpack(static)
+        return self.model.compute_logits(self.model(static.batch))
+
+    def _build(self, size: int) -> _Static:
+        static = self._empty_static(size)
+        self._static[size] = static
+        if self.capture:
+            for targets in reversed(self.target_sets):
+                self._capture(static, targets)
+        return static
+
+    def _capture(self, static: _Static, targets: int) -> None:
+        self._fill(static, [], [])
+        static.batch.lora.targets = targets
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):  # warm-up: compiles kernels, sets up workspaces
+            logits = self._forward(static)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        if static.logits is None:
+            static.logits = torch.empty_like(logits)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            static.logits.copy_(self._forward(static))
+        static.graphs[targets] = graph
+
+    def _layout(self, tokens: int) -> dict[str, slice]:
+        """Where each input lives in the flat int64 buffer."""
+        s, b = MAX_SEQS, self.max_blocks
+        lengths = [
+            ("ids", tokens),
+            ("positions", tokens),
+            ("slots", tokens),
+            ("seq_lens", s),
+            ("starts", s + 1),
+            ("logits", s),
+            ("seg_start", s + 1),
+            ("seg_slot", s),
+            ("tables", s * b),
+        ]
+        out, at = {}, 0
+        for name, n in lengths:
+            out[name] = slice(at, at + n)
+            at += n
+        return out
+
+    def _empty_static(self, tokens: int) -> _Static:
+        layout = self._layout(tokens)
+        total = layout["tables"].stop
+        inputs = torch.zeros(total, dtype=torch.int64, device=self.device)
+        hosts = [torch.zeros(total, dtype=torch.int64, pin_memory=self.capture) for _ in range(2)]
+
+        def i32(n: int) -> torch.Tensor:
+            return torch.zeros(n, dtype=torch.int32, device=self.device)
+
+        meta = self.cache.lora_batch(i32(MAX_SEQS + 1), i32(MAX_SEQS), max_seg_len=tokens)
+        batch = ForwardBatch(
+            input_ids=inputs[layout["ids"]],
+            positions=inputs[layout["positions"]],
+            slot_mapping=inputs[layout["slots"]],
+            block_tables=i32(MAX_SEQS * self.max_blocks).view(MAX_SEQS, self.max_blocks),
+            seq_lens=i32(MAX_SEQS),
+            query_start_loc=i32(MAX_SEQS + 1),
+            logits_indices=inputs[layout["logits"]],
+            max_q_len=tokens,
+            max_seq_len=self.max_blocks * self.block_size,
+            lora=LoRAInputs(self.cache.pool.buffer.view(-1), meta, self.lora_backend),
+        )
+        return _Static(tokens, batch, inputs, hosts)
+
+    def _unpack(self, static: _Static) -> None:
+        """Device-side: the int32 inputs from the int64 buffer (captured in the graph)."""
+        batch, layout = static.batch, self._layout(static.tokens)
+        inputs = static.inputs
+        batch.seq_lens.copy_(inputs[layout["seq_lens"]])
+        batch.query_start_loc.copy_(inputs[layout["starts"]])
+        batch.lora.meta.seg_start.copy_(inputs[layout["seg_start"]])
+        batch.lora.meta.seg_slot.copy_(inputs[layout["seg_slot"]])
+        batch.block_tables.view(-1).copy_(inputs[layout["tables"]])
+
+    def _fill(self, static: _Static, requests: list[Request], counts: list[int]) -> list[Request]:
+        """Write the step's inputs into a pinned host buffer (numpy: no torch call on the
+        engine thread) and copy it to the device; returns the requests that sample."""
+        turn = static.turn
+        static.turn ^= 1
+        if static.copied[turn] is not None:
+            static.copied[turn].synchronize()  # its last copy (two fills ago) has run
+        host = static.hosts[turn].numpy()
+        layout = self._layout(static.tokens)
+        bs, scratch = self.block_size, self.scratch_page
+        ids, positions, slots = (host[layout[k]] for k in ("ids", "positions", "slots"))
+        tables = host[layout["tables"]].reshape(MAX_SEQS, self.max_blocks)
+        seq_lens, starts, logits = (host[layout[k]] for k in ("seq_lens", "starts", "logits"))
+        seg_start, seg_slot = host[layout["seg_start"]], host[layout["seg_slot"]]
+        # Padding first; the requests' entries overwrite their part.
+        ids[:] = 0
+        positions[:] = 0
+        slots[:] = scratch * bs + np.arange(static.tokens) % bs
+        tables[:] = scratch
+        seq_lens[:] = 0
+        logits[:] = 0
+        seg_slot[:] = -1
+        sampling: list[Request] = []
+        at = 0
+        segments = 0
+        for i, (r, n) in enumerate(zip(requests, counts, strict=True)):
+            start, end = r.num_computed_tokens, r.num_computed_tokens + n
+            starts[i] = at
+            ids[at : at + n] = r.tokens_slice(start, end)
+            pos = np.arange(start, end)
+            positions[at : at + n] = pos
+            table = np.asarray(r.block_table, dtype=np.int64)
+            slots[at : at + n] = table[pos // bs] * bs + pos % bs
+            tables[i, : len(table)] = table
+            seq_lens[i] = end
+            slot = -1 if r.adapter_slot is None else r.adapter_slot
+            if segments == 0 or seg_slot[segments - 1] != slot:
+                seg_start[segments] = at
+                seg_slot[segments] = slot
+                segments += 1
+            at += n
+            if end == r.num_tokens:
+                logits[len(sampling)] = at - 1
+                sampling.append(r)
+        starts[len(requests) :] = at
+        seg_start[segments:] = at
+        static.inputs.copy_(static.hosts[turn], non_blocking=True)
+        if self.capture:
+            static.copied[turn] = torch.cuda.Event()
+            static.copied[turn].record()
+        return sampling

@@ -1,0 +1,106 @@
+"""Prompt rows as padded graph replays (--prefill-graphs, engine/prefill_graphs.py): the
+outputs a user sees must be those of the eager steps, for prompts of any length and adapter,
+chunked prompts, late arrivals, and steps with more prompts than a graph takes."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from loraserve.engine.args import EngineArgs
+from loraserve.engine.prefill_graphs import MAX_SEQS, token_buckets
+from loraserve.request import SamplingParams
+
+from .test_overlap import assert_same, drive
+
+
+@pytest.fixture(scope="module")
+def setup(graph_setup):
+    return graph_setup
+
+
+def make_engine(setup, prefill_graphs: bool, **kw):
+    model_dir, adapters = setup
+    kw.setdefault("prefill_batch_window", 0.0)
+    engine = EngineArgs(
+        model=str(model_dir),
+        dtype="float32",
+        cuda_graph_max_batch=8,
+        prefill_graphs=prefill_graphs,
+        admission_interval=0.0,
+        **kw,
+    ).create_engine()
+    for name, path in adapters.items():
+        engine.add_adapter(name, path)
+    return engine
+
+
+def workload(n: int, seed: int, long: int = 12):
+    rng = random.Random(seed)
+    requests = []
+    for i in range(n):
+        prompt = [rng.randrange(3, 200) for _ in range(rng.randrange(2, long))]
+        params = SamplingParams(
+            max_tokens=rng.randrange(2, 12), temperature=0.0, logprobs=2, ignore_eos=True
+        )
+        requests.append((prompt, params, [None, "a", "b", "a"][i % 4]))
+    return requests
+
+
+def count_graphed(engine) -> list[int]:
+    calls = [0]
+    real = engine.runner.prefill_graphs.run
+
+    def counted(*args):
+        calls[0] += 1
+        return real(*args)
+
+    engine.runner.prefill_graphs.run = counted
+    return calls
+
+
+def test_buckets():
+    assert token_buckets(8192) == [64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096]
+    assert token_buckets(300) == [64, 128, 256]
+    assert token_buckets(16) == [16]
+
+
+@pytest.mark.parametrize("lora_backend", ["auto", "triton"])  # triton: the interpreter here
+def test_prefill_graphs_give_the_eager_outputs(setup, lora_backend):
+    requests = workload(n=6, seed=0)
+
+    def arrive(engine):  # prompts joining running decodes: steps with both kinds of rows
+        for j, (prompt, params, adapter) in enumerate(workload(n=3, seed=1)):
+            engine.add_request(prompt, params, request_id=f"late{j}", adapter=adapter)
+
+    events = {3: arrive}
+    plain = drive(make_engine(setup, False, lora_backend=lora_backend), requests, dict(events))
+    engine = make_engine(setup, True, lora_backend=lora_backend)
+    graphed = count_graphed(engine)
+    got = drive(engine, requests, dict(events))
+    assert_same(got, plain)
+    assert graphed[0] >= 2  # the first prefill and the late arrivals' step
+
+
+def test_chunked_prompts_and_more_prompts_than_a_graph_takes(setup):
+    # Budget 48 tokens per step: prompts of up to 60 tokens are prefilled in chunks (the
+    # middle chunks sample nothing); 12 prompts at once exceed MAX_SEQS: eager, then graphs.
+    requests = workload(n=12, seed=3, long=60)
+    assert len(requests) > MAX_SEQS
+    kw = dict(max_num_batched_tokens=48, max_num_seqs=16)
+    plain = drive(make_engine(setup, False, **kw), requests)
+    engine = make_engine(setup, True, **kw)
+    assert engine.runner.prefill_graphs.sizes == [48]
+    graphed = count_graphed(engine)
+    got = drive(engine, requests)
+    assert_same(got, plain)
+    assert graphed[0] >= 1
+
+
+def test_prefill_graphs_need_decode_graphs(setup):
+    model_dir, _ = setup
+    with pytest.raises(ValueError, match="prefill_graphs needs the decode graphs"):
+        EngineArgs(
+            model=str(model_dir), dtype="float32", cuda_graph_max_batch=0, prefill_graphs=True
+        ).create_engine()
