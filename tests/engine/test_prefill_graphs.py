@@ -66,17 +66,19 @@ def test_buckets():
     assert token_buckets(16) == [16]
 
 
-@pytest.mark.parametrize("lora_backend", ["auto", "triton"])  # triton: the interpreter here
-def test_prefill_graphs_give_the_eager_outputs(setup, lora_backend):
+# triton: the interpreter here, with the graphs' tile maps for attention and LoRA
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_prefill_graphs_give_the_eager_outputs(setup, backend):
     requests = workload(n=6, seed=0)
+    kw = dict(lora_backend=backend, attention_backend=backend)
 
     def arrive(engine):  # prompts joining running decodes: steps with both kinds of rows
         for j, (prompt, params, adapter) in enumerate(workload(n=3, seed=1)):
             engine.add_request(prompt, params, request_id=f"late{j}", adapter=adapter)
 
     events = {3: arrive}
-    plain = drive(make_engine(setup, False, lora_backend=lora_backend), requests, dict(events))
-    engine = make_engine(setup, True, lora_backend=lora_backend)
+    plain = drive(make_engine(setup, False, **kw), requests, dict(events))
+    engine = make_engine(setup, True, **kw)
     graphed = count_graphed(engine)
     got = drive(engine, requests, dict(events))
     assert_same(got, plain)
@@ -104,3 +106,22 @@ def test_prefill_graphs_need_decode_graphs(setup):
         EngineArgs(
             model=str(model_dir), dtype="float32", cuda_graph_max_batch=0, prefill_graphs=True
         ).create_engine()
+
+
+def test_prompts_longer_than_a_tile_with_the_triton_kernels(setup):
+    """Prompts of several attention and LoRA row tiles: the tile maps' later blocks."""
+    rng = random.Random(7)
+    requests = [
+        (
+            [rng.randrange(3, 200) for _ in range(n)],
+            SamplingParams(max_tokens=3, temperature=0.0, logprobs=2, ignore_eos=True),
+            adapter,
+        )
+        for n, adapter in ((150, "a"), (70, None), (129, "b"))
+    ]
+    kw = dict(lora_backend="triton", attention_backend="triton")
+    plain = drive(make_engine(setup, False, **kw), requests)
+    engine = make_engine(setup, True, **kw)
+    graphed = count_graphed(engine)
+    assert_same(drive(engine, requests), plain)
+    assert graphed[0] == 1

@@ -342,3 +342,22 @@ def test_split_kv_needs_single_token_queries() -> None:
     # Prefill and mixed batches ignore max_seq_len.
     got = paged_attention_triton(*case.args(), max_seq_len=4096)
     torch.testing.assert_close(got, paged_attention_ref(*case.args()), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=["mha", "gqa4", "gqa3"])
+def test_triton_tile_map_matches_the_full_grid(shape: tuple) -> None:
+    """Prefill attention over a host-built (sequence, query block) map, -1 padded, as padded
+    CUDA graphs run it with a worst-case max_q_len: the same output as the full grid."""
+    from loraserve.kernels.attention import attention_tile_tokens
+
+    case = make_case(MIXED + [(0, 0)], shape, torch.float32, seed=4)  # + an empty sequence
+    max_q_len = 128  # a graph's bucket: more than any sequence here
+    tokens = attention_tile_tokens(shape[0], shape[1], max_q_len)
+    entries = []
+    for s, (_, q_len) in enumerate(MIXED):
+        entries += [(s, b) for b in range(-(-q_len // tokens))]
+    entries += [(-1, -1)] * 4
+    tile_map = torch.tensor(entries, dtype=torch.int32, device=DEVICE)
+    want = paged_attention_triton(*case.args(), max_q_len=max_q_len)
+    got = paged_attention_triton(*case.args(), max_q_len=max_q_len, tile_map=tile_map)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)

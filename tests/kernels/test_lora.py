@@ -399,3 +399,37 @@ def test_bad_inputs_raise() -> None:
         lora_apply_triton(*case.args(), tiles=LoRATiles(16, 16, 16, 1, 16, 16, 4, 4, 1))
     with pytest.raises(ValueError, match="n_group"):
         lora_apply_triton(*case.args(), tiles=LoRATiles(16, 16, 16, 1, 16, 16, n_group=2))
+
+
+def _tile_map(batch: LoRABatch, rows: int, pad: int) -> Tensor:
+    """(segment, row tile) of every segment with an adapter, then ``pad`` entries of -1."""
+    starts = batch.seg_start.tolist()
+    entries = []
+    for s, slot in enumerate(batch.seg_slot.tolist()):
+        if slot >= 0:
+            n = starts[s + 1] - starts[s]
+            entries += [(s, m) for m in range(-(-n // rows))]
+    entries += [(-1, -1)] * pad
+    return torch.tensor(entries, dtype=torch.int32, device=DEVICE)
+
+
+@pytest.mark.parametrize("call", ["qkv", "o"])
+@pytest.mark.parametrize("spec", ["prefill", "small_prefill"])
+def test_triton_tile_maps_match_the_full_grid(spec: str, call: str) -> None:
+    """Padded CUDA graphs run the prefill kernels over a host-built (segment, row tile) map
+    instead of segments x the longest segment's tiles: the same result, and a map for other
+    tile rows is refused."""
+    from loraserve.kernels.lora import lora_tile_rows
+
+    segments, ranks = SPECS[spec]
+    case = make_case(segments, call, torch.float32, ranks, seed=5)
+    want = _run(case, lora_apply_triton)
+    b = case.batch
+    rows = lora_tile_rows(b.max_rank, b.max_seg_len, b.num_segments)
+    b.tile_maps = (_tile_map(b, rows[0], 3), _tile_map(b, rows[1], 5))
+    b.tile_rows = rows
+    got = _run(case, lora_apply_triton)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    b.tile_rows = (rows[0] * 2, rows[1])
+    with pytest.raises(ValueError, match="tile map"):
+        _run(case, lora_apply_triton)

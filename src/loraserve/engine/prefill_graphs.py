@@ -15,8 +15,10 @@ A bucket of T tokens and S = MAX_SEQS sequences:
                       computed and dropped)
     sequences n..S-1  padding: no tokens (query start N), context 0, LoRA slot -1
 
-Kernels launch for the worst case (one sequence of T tokens, S LoRA segments); programs past
-the real rows exit at once. Only the rows of sequences that sample get logits.
+The attention and LoRA prefill kernels run over tile maps the host fills each step: the
+(sequence, query block) and (segment, row tile) pairs that have rows, padded with -1 to the
+worst case (about T / tile + S entries), so a graph for T tokens launches a few programs per
+real tile, not S x T / tile of them. Only the rows of sequences that sample get logits.
 
 On the CPU (tests) the padded batch runs eagerly: everything but the capture is exercised.
 """
@@ -31,6 +33,8 @@ import numpy as np
 import torch
 
 from loraserve.config import ALL_TARGETS, QKVO_TARGETS
+from loraserve.kernels.attention import attention_tile_tokens
+from loraserve.kernels.lora import lora_tile_rows
 from loraserve.memory.adapter_cache import AdapterCache
 from loraserve.model.batch import ForwardBatch, LoRAInputs
 from loraserve.model.llama import LlamaForCausalLM
@@ -55,6 +59,7 @@ class _Static:
     [S + 1]; logits rows [S]; LoRA segment starts [S + 1], slots [S]; block tables [S, B]."""
 
     tokens: int
+    maps: dict[str, tuple[int, int]]  # name -> (entries, rows per tile)
     batch: ForwardBatch
     inputs: torch.Tensor
     hosts: list[torch.Tensor]
@@ -162,6 +167,15 @@ class PrefillGraphs:
             static.logits.copy_(self._forward(static))
         static.graphs[targets] = graph
 
+    def _maps(self, tokens: int) -> dict[str, tuple[int, int]]:
+        """Tile maps of a bucket: name -> (entries, rows per tile)."""
+        attn = self.model.layers[0].attn
+        rows = {"attn_map": attention_tile_tokens(attn.num_heads, attn.k_cache.shape[2], tokens)}
+        if self.cache.max_loras:
+            shrink, expand = lora_tile_rows(self.cache.max_rank, tokens, MAX_SEQS)
+            rows |= {"shrink_map": shrink, "expand_map": expand}
+        return {k: (-(-tokens // r) + MAX_SEQS, r) for k, r in rows.items()}
+
     def _layout(self, tokens: int) -> dict[str, slice]:
         """Where each input lives in the flat int64 buffer."""
         s, b = MAX_SEQS, self.max_blocks
@@ -174,6 +188,7 @@ class PrefillGraphs:
             ("logits", s),
             ("seg_start", s + 1),
             ("seg_slot", s),
+            *((name, 2 * n) for name, (n, _) in self._maps(tokens).items()),
             ("tables", s * b),
         ]
         out, at = {}, 0
@@ -191,7 +206,13 @@ class PrefillGraphs:
         def i32(n: int) -> torch.Tensor:
             return torch.zeros(n, dtype=torch.int32, device=self.device)
 
+        maps = self._maps(tokens)
         meta = self.cache.lora_batch(i32(MAX_SEQS + 1), i32(MAX_SEQS), max_seg_len=tokens)
+        if "shrink_map" in maps:
+            meta.tile_maps = tuple(
+                i32(2 * maps[k][0]).view(-1, 2) for k in ("shrink_map", "expand_map")
+            )
+            meta.tile_rows = (maps["shrink_map"][1], maps["expand_map"][1])
         batch = ForwardBatch(
             input_ids=inputs[layout["ids"]],
             positions=inputs[layout["positions"]],
@@ -203,8 +224,9 @@ class PrefillGraphs:
             max_q_len=tokens,
             max_seq_len=self.max_blocks * self.block_size,
             lora=LoRAInputs(self.cache.pool.buffer.view(-1), meta, self.lora_backend),
+            attn_tiles=i32(2 * maps["attn_map"][0]).view(-1, 2),
         )
-        return _Static(tokens, batch, inputs, hosts)
+        return _Static(tokens, maps, batch, inputs, hosts)
 
     def _unpack(self, static: _Static) -> None:
         """Device-side: the int32 inputs from the int64 buffer (captured in the graph)."""
@@ -215,6 +237,12 @@ class PrefillGraphs:
         batch.lora.meta.seg_start.copy_(inputs[layout["seg_start"]])
         batch.lora.meta.seg_slot.copy_(inputs[layout["seg_slot"]])
         batch.block_tables.view(-1).copy_(inputs[layout["tables"]])
+        batch.attn_tiles.view(-1).copy_(inputs[layout["attn_map"]])
+        if batch.lora.meta.tile_maps is not None:
+            for name, t in zip(
+                ("shrink_map", "expand_map"), batch.lora.meta.tile_maps, strict=True
+            ):
+                t.view(-1).copy_(inputs[layout[name]])
 
     def _fill(self, static: _Static, requests: list[Request], counts: list[int]) -> list[Request]:
         """Write the step's inputs into a pinned host buffer (numpy: no torch call on the
@@ -262,8 +290,33 @@ class PrefillGraphs:
                 sampling.append(r)
         starts[len(requests) :] = at
         seg_start[segments:] = at
+        self._fill_maps(static, host, layout, counts, seg_start[: segments + 1], seg_slot)
         static.inputs.copy_(static.hosts[turn], non_blocking=True)
         if self.capture:
             static.copied[turn] = torch.cuda.Event()
             static.copied[turn].record()
         return sampling
+
+    @staticmethod
+    def _fill_maps(
+        static: _Static,
+        host: np.ndarray,
+        layout: dict[str, slice],
+        counts: list[int],
+        seg_bounds: np.ndarray,
+        seg_slot: np.ndarray,
+    ) -> None:
+        """The tile maps: (sequence, query block) for attention, (segment, row tile) of the
+        segments with an adapter for the LoRA shrink and expand; -1 after the last."""
+        seg_rows = np.diff(seg_bounds)
+        seg_rows[seg_slot[: len(seg_rows)] < 0] = 0  # base-model rows: no LoRA work
+        for name, (entries, rows) in static.maps.items():
+            sizes = counts if name == "attn_map" else seg_rows
+            tiles = -(-np.asarray(sizes, dtype=np.int64) // rows)
+            owner = np.repeat(np.arange(len(tiles)), tiles)
+            first = np.cumsum(tiles) - tiles
+            block = np.arange(len(owner)) - np.repeat(first, tiles)
+            out = host[layout[name]].reshape(entries, 2)
+            out[:] = -1
+            out[: len(owner), 0] = owner
+            out[: len(owner), 1] = block

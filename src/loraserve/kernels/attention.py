@@ -226,6 +226,7 @@ def _paged_attention_kernel(
     stride_o_tok,
     stride_o_head,
     stride_bt_seq,
+    tile_map_ptr,
     HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     GROUP: tl.constexpr,  # query heads per kv head
@@ -233,10 +234,17 @@ def _paged_attention_kernel(
     BLOCK_N: tl.constexpr,  # KV positions per tile
     BLOCK_D: tl.constexpr,  # head_dim padded to a power of two
     DOT_PRECISION: tl.constexpr,
+    TILE_MAP: tl.constexpr = False,  # program_id(0) indexes tile_map_ptr's (seq, q block)
 ):
     """One program: BLOCK_M // GROUP query tokens of one sequence x GROUP heads of one kv head."""
-    q_block = tl.program_id(0)
-    seq = tl.program_id(1)
+    if TILE_MAP:
+        seq = tl.load(tile_map_ptr + 2 * tl.program_id(0))
+        q_block = tl.load(tile_map_ptr + 2 * tl.program_id(0) + 1)
+        if seq < 0:
+            return
+    else:
+        q_block = tl.program_id(0)
+        seq = tl.program_id(1)
     kv_head = tl.program_id(2)
     TOKENS: tl.constexpr = BLOCK_M // GROUP
 
@@ -575,6 +583,7 @@ def paged_attention_triton(
     max_q_len: int | None = None,  # longest query run; computed (device sync) when None
     max_seq_len: int | None = None,  # >= the longest context; None: no split-KV decode
     num_splits: int | None = None,  # force split-KV decode with this many splits
+    tile_map: Tensor | None = None,  # int32 [M, 2] (sequence, query block), -1 padded
 ) -> Tensor:  # [num_tokens, num_heads, head_dim], dtype of q
     """Flash-attention style paged attention in one Triton kernel launch, or two for decode.
 
@@ -605,6 +614,8 @@ def paged_attention_triton(
 
     meta = _kernel_meta(q, k_cache, max_q_len)
     grid = (cdiv(max_q_len, meta["BLOCK_M"] // meta["GROUP"]), num_seqs, num_kv_heads)
+    if tile_map is not None:  # built with attention_tile_tokens(...) query tokens a block
+        grid = (tile_map.shape[0], 1, num_kv_heads)
     _paged_attention_kernel[grid](
         q,
         k_cache,
@@ -620,9 +631,18 @@ def paged_attention_triton(
         out.stride(0),
         out.stride(1),
         block_tables.stride(0),
+        block_tables if tile_map is None else tile_map,  # (unused without a map)
+        TILE_MAP=tile_map is not None,
         **meta,
     )
     return out
+
+
+def attention_tile_tokens(num_heads: int, num_kv_heads: int, max_q_len: int) -> int:
+    """Query tokens per program of the prefill-form kernel: the block a tile map's entries
+    count in."""
+    group = num_heads // num_kv_heads
+    return _block_m(group, max_q_len) // group
 
 
 def paged_attention(
@@ -637,6 +657,7 @@ def paged_attention(
     max_q_len: int | None = None,  # only used by the triton backend
     max_seq_len: int | None = None,  # only used by the triton backend (split-KV decode)
     out: Tensor | None = None,  # write here (only the batch's query rows are written)
+    tile_map: Tensor | None = None,  # only used by the triton backend (see there)
 ) -> Tensor:  # [num_tokens, num_heads, head_dim], dtype of q
     """Causal paged attention of the batch's query tokens over their cached contexts.
     Sequence s owns query rows query_start_loc[s] .. query_start_loc[s + 1] of ``q`` (absolute
@@ -647,5 +668,7 @@ def paged_attention(
     if backend == "torch":
         return paged_attention_ref(*args, out=out)
     if backend == "triton":
-        return paged_attention_triton(*args, out=out, max_q_len=max_q_len, max_seq_len=max_seq_len)
+        return paged_attention_triton(
+            *args, out=out, max_q_len=max_q_len, max_seq_len=max_seq_len, tile_map=tile_map
+        )
     raise ValueError(f"unknown attention backend {backend!r}")

@@ -80,6 +80,12 @@ class LoRABatch:
     max_seg_len: int  # longest segment of slot >= 0 (host int); 1 = decode
     num_segments: int
     row_align: int = 1  # every row offset is a multiple of this (elements): wide loads
+    # Prefill form, optional: the (segment, row tile) pairs that have rows, int32 [M, 2],
+    # padded with segment -1, for the shrink (tiles of tile_rows[0] rows) and the expand
+    # (tile_rows[1]). The grids then run over these instead of segments x the longest
+    # segment's tiles (padded CUDA graphs size those for the worst case).
+    tile_maps: tuple[Tensor, Tensor] | None = None
+    tile_rows: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
         num_slots, num_layers = self.ranks.shape[:2]
@@ -355,6 +361,7 @@ def _shrink_prefill_kernel(
     stride_x_k,
     stride_v_split,
     stride_v_tok,
+    tile_map_ptr,
     N_TARGETS: tl.constexpr,
     R_PAD: tl.constexpr,
     ROW_ALIGN: tl.constexpr,
@@ -362,10 +369,17 @@ def _shrink_prefill_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    TILE_MAP: tl.constexpr,  # program_id(0) indexes tile_map_ptr's (segment, row tile)
 ):
     """One program: BLOCK_M rows of one segment x BLOCK_C shrink columns x one K split."""
-    seg = tl.program_id(0)
-    m_tile = tl.program_id(1)
+    if TILE_MAP:
+        seg = tl.load(tile_map_ptr + 2 * tl.program_id(0))
+        m_tile = tl.load(tile_map_ptr + 2 * tl.program_id(0) + 1)
+        if seg < 0:
+            return
+    else:
+        seg = tl.program_id(0)
+        m_tile = tl.program_id(1)
     c_tile = tl.program_id(2) // split_k
     split = tl.program_id(2) % split_k
     start, rows, entry = _segment(seg_start_ptr, seg_slot_ptr, seg, layer, first_target, num_layers)
@@ -515,16 +529,24 @@ def _expand_prefill_kernel(
     stride_y_n,
     stride_v_split,
     stride_v_tok,
+    tile_map_ptr,
     R_PAD: tl.constexpr,
     ROW_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    TILE_MAP: tl.constexpr,  # program_id(0) indexes tile_map_ptr's (segment, row tile)
 ):
     """One program: BLOCK_M rows of one segment x one target x BLOCK_N output columns."""
-    seg = tl.program_id(0)
-    m_tile = tl.program_id(1)
+    if TILE_MAP:
+        seg = tl.load(tile_map_ptr + 2 * tl.program_id(0))
+        m_tile = tl.load(tile_map_ptr + 2 * tl.program_id(0) + 1)
+        if seg < 0:
+            return
+    else:
+        seg = tl.program_id(0)
+        m_tile = tl.program_id(1)
     t = tl.program_id(2) // n_tiles
     n_tile = tl.program_id(2) % n_tiles
     start, rows, entry = _segment(seg_start_ptr, seg_slot_ptr, seg, layer, first_target, num_layers)
@@ -716,6 +738,9 @@ def _shrink(
     m_tiles = cdiv(batch.max_seg_len, tiles.block_m)
     c_tiles = cdiv(n_targets * r_pad, tiles.block_c)
     grid = (batch.num_segments, m_tiles, c_tiles * tiles.split_k)
+    tile_map = _tile_map(batch, tiles, 0)
+    if tile_map is not None:
+        grid = (tile_map.shape[0], 1, c_tiles * tiles.split_k)
     args = (
         x,
         v,
@@ -749,6 +774,7 @@ def _shrink(
     else:
         _shrink_prefill_kernel[grid](
             *args,
+            batch.seg_start if tile_map is None else tile_map,  # (unused without a map)
             N_TARGETS=n_targets,
             R_PAD=r_pad,
             ROW_ALIGN=batch.row_align,
@@ -756,6 +782,7 @@ def _shrink(
             BLOCK_C=tiles.block_c,
             BLOCK_K=tiles.block_k,
             DOT_PRECISION=_precision(x),
+            TILE_MAP=tile_map is not None,
             num_warps=tiles.shrink_warps,
         )
     return v
@@ -776,6 +803,9 @@ def _expand(
     m_tiles = cdiv(batch.max_seg_len, tiles.expand_m)
     n_groups = cdiv(n_tiles, tiles.n_group)  # 1 tile per group in the prefill form
     grid = (batch.num_segments, m_tiles, len(out_slices) * n_groups)
+    tile_map = _tile_map(batch, tiles, 1)
+    if tile_map is not None:
+        grid = (tile_map.shape[0], 1, len(out_slices) * n_groups)
     args = (
         y,
         v,
@@ -812,14 +842,37 @@ def _expand(
     else:
         _expand_prefill_kernel[grid](
             *args,
+            batch.seg_start if tile_map is None else tile_map,  # (unused without a map)
             R_PAD=r_pad,
             ROW_ALIGN=batch.row_align,
             BLOCK_M=tiles.expand_m,
             BLOCK_R=tiles.block_r,
             BLOCK_N=tiles.block_n,
             DOT_PRECISION=_precision(y),
+            TILE_MAP=tile_map is not None,
             num_warps=tiles.expand_warps,
         )
+
+
+def _tile_map(batch: LoRABatch, tiles: LoRATiles, which: int) -> Tensor | None:
+    """The batch's (segment, row tile) map for the shrink (0) or the expand (1), if it has
+    one; it must have been built for these tiles' rows."""
+    if batch.tile_maps is None or tiles.block_m == 1:
+        return None
+    rows = (tiles.block_m, tiles.expand_m)[which]
+    if batch.tile_rows[which] != rows:
+        raise ValueError(
+            f"the batch's tile map is for {batch.tile_rows[which]}-row tiles, these tiles "
+            f"have {rows}: build it with lora_tile_rows()"
+        )
+    return batch.tile_maps[which]
+
+
+def lora_tile_rows(max_rank: int, max_seg_len: int, num_segments: int) -> tuple[int, int]:
+    """(shrink, expand) rows per program of the prefill-form tiles for such a batch: what a
+    tile map must be built for. The same for every layer (they depend on no shape of it)."""
+    tiles = _pick_tiles(max_rank, max_seg_len, num_segments, 64, 1, 64, 1)
+    return tiles.block_m, tiles.expand_m
 
 
 def _precision(t: Tensor) -> str:

@@ -54,6 +54,9 @@ class ForwardBatch:
     # num_decode_seqs on, as tensors of their own (16-byte aligned: slices at a size-dependent
     # offset would make Triton compile new variants). None: sliced from the full tensors.
     prefill_part: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # Prefill-form attention over these (sequence, query block) pairs only, int32 [M, 2]
+    # (-1 padded; kernels.attention.attention_tile_tokens): padded CUDA graphs.
+    attn_tiles: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -92,6 +92,7 @@ class Attention(nn.Module):
                 backend=self.backend,
                 max_q_len=batch.max_q_len,
                 max_seq_len=batch.max_seq_len,
+                tile_map=batch.attn_tiles,
             )
         out = torch.empty_like(q)
         # (block tables, sequence lengths, query starts, max_q_len) of each part
