@@ -67,6 +67,17 @@ def test_driver_end_to_end(engine_args):
         assert sum(phases.values()) <= k["avg_ms"] * (1 + 1e-6)
         assert sum(phases.values()) >= 0.2 * k["avg_ms"]
         assert 0 <= k["host_bound_share"] <= 1  # (on the CPU every step computes on the host)
+    alloc = result["cuda_allocator"]  # torch's caching allocator events during the run
+    if engine.device.type == "cuda":
+        assert set(alloc) == {
+            "num_alloc_retries",
+            "num_ooms",
+            "num_device_alloc",
+            "num_device_free",
+        }
+        assert all(v >= 0 for v in alloc.values())
+    else:
+        assert alloc is None
     first_token_waits = [r.first_token - r.arrival for r in run.records]
     assert queue["max_s"] <= max(first_token_waits)  # the queue is part of the first token
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from loraserve.adapters.store import StoreStats
@@ -202,6 +203,7 @@ class InprocDriver:
         pending = deque(self.requests)
         limit = self.options.time_limit
         compiled0 = compiled_variants()
+        alloc0 = allocator_counts(self.engine.device)
         if self.options.host_profile:
             self.sampler = StackSampler(root=ENGINE_STEP).start()
         with tqdm(
@@ -235,6 +237,7 @@ class InprocDriver:
                 "queue": self._queue_stats(),
                 "steps": self._step_stats(wall),
                 "triton_compiles": new_variants(compiled0, compiled_variants()),
+                "cuda_allocator": _delta(alloc0, allocator_counts(self.engine.device)),
                 **({"host_profile": profile} if profile is not None else {}),
             },
         )
@@ -352,6 +355,25 @@ class InprocDriver:
             "distinct_adapters_issued": len(issued),
             "distinct_adapters_served": len(served),
         }
+
+
+# torch's CUDA caching allocator events: a retry (no cached block fits: it frees its cached
+# blocks, which synchronises the device, and tries again) or a cudaMalloc/cudaFree in the
+# middle of a step stalls it.
+_ALLOCATOR_COUNTS = ("num_alloc_retries", "num_ooms", "num_device_alloc", "num_device_free")
+
+
+def allocator_counts(device) -> dict[str, int] | None:
+    if device.type != "cuda":
+        return None
+    stats = torch.cuda.memory_stats(device)
+    return {k: int(stats.get(k, 0)) for k in _ALLOCATOR_COUNTS}
+
+
+def _delta(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[str, int] | None:
+    if before is None or after is None:
+        return None
+    return {k: after[k] - before[k] for k in after}
 
 
 def _host_loads(stats: StoreStats) -> int:

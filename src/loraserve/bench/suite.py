@@ -422,6 +422,12 @@ def format_run(where: str, r: dict[str, Any]) -> str:
     compiles = r.get("triton_compiles")
     if compiles:
         line += f", Triton compiles during the run {sum(compiles.values())}"
+    alloc = r.get("cuda_allocator")
+    if alloc:
+        line += (
+            f", CUDA allocator during the run: {alloc['num_alloc_retries']} retries, "
+            f"{alloc['num_device_alloc']} cudaMalloc, {alloc['num_device_free']} cudaFree"
+        )
     loads = r.get("adapter_loads") or {}
     if "gpu_loads" in loads:
         line += f", adapter loads gpu {loads['gpu_loads']} host {loads['host_loads']}"
