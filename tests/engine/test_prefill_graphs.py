@@ -125,3 +125,22 @@ def test_prompts_longer_than_a_tile_with_the_triton_kernels(setup):
     graphed = count_graphed(engine)
     assert_same(drive(engine, requests), plain)
     assert graphed[0] == 1
+
+
+def test_prefill_graphs_under_page_pressure_with_aborts(setup):
+    """Preempted requests are recomputed through the prefill graphs (prompt and outputs so
+    far); an abort mid-way; the outputs are the eager path's and no page is lost."""
+    requests = workload(n=8, seed=5)
+    for _, params, _ in requests:
+        params.max_tokens = 40
+
+    def abort(engine):
+        engine.abort("2")
+
+    plain = drive(make_engine(setup, False, num_pages=18), requests, {6: abort})
+    engine = make_engine(setup, True, num_pages=18)
+    graphed = count_graphed(engine)
+    got = drive(engine, requests, {6: abort})
+    assert_same(got, plain)
+    assert sum(o.num_preemptions for o in plain.values()) > 0  # the pressure is real
+    assert graphed[0] > 2
