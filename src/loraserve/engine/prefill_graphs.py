@@ -60,6 +60,7 @@ class _Static:
 
     tokens: int
     maps: dict[str, tuple[int, int]]  # name -> (entries, rows per tile)
+    layout: dict[str, slice]  # where each input lives in ``inputs``
     batch: ForwardBatch
     inputs: torch.Tensor
     hosts: list[torch.Tensor]
@@ -226,11 +227,11 @@ class PrefillGraphs:
             lora=LoRAInputs(self.cache.pool.buffer.view(-1), meta, self.lora_backend),
             attn_tiles=i32(2 * maps["attn_map"][0]).view(-1, 2),
         )
-        return _Static(tokens, maps, batch, inputs, hosts)
+        return _Static(tokens, maps, layout, batch, inputs, hosts)
 
     def _unpack(self, static: _Static) -> None:
         """Device-side: the int32 inputs from the int64 buffer (captured in the graph)."""
-        batch, layout = static.batch, self._layout(static.tokens)
+        batch, layout = static.batch, static.layout
         inputs = static.inputs
         batch.seq_lens.copy_(inputs[layout["seq_lens"]])
         batch.query_start_loc.copy_(inputs[layout["starts"]])
@@ -252,7 +253,7 @@ class PrefillGraphs:
         if static.copied[turn] is not None:
             static.copied[turn].synchronize()  # its last copy (two fills ago) has run
         host = static.hosts[turn].numpy()
-        layout = self._layout(static.tokens)
+        layout = static.layout
         bs, scratch = self.block_size, self.scratch_page
         ids, positions, slots = (host[layout[k]] for k in ("ids", "positions", "slots"))
         tables = host[layout["tables"]].reshape(MAX_SEQS, self.max_blocks)
