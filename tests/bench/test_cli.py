@@ -75,6 +75,9 @@ def test_one_engine_serves_a_sweep_and_its_base_runs(tiny_model, tmp_path, monke
         # Cold for each n: every adapter the run served was loaded in it.
         assert loads["gpu_loads"] == loads["distinct_adapters_served"] > 0
         assert runs["loraserve"]["completed"] == runs["loraserve"]["issued"]
+        if runs["loraserve"]["decode"]["decode_steps"] and runs["base"]["decode"]["decode_steps"]:
+            extra = runs["loraserve"]["lora_extra"]  # decode time over base's, vs adapter bytes
+            assert extra["adapter_floor_ms"] > 0 and "extra_over_adapter_floor" in extra
 
 
 def test_rate_sweep_to_stdout_with_plot(tiny_model, tmp_path, capsys):

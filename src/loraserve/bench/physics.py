@@ -72,3 +72,26 @@ class DecodeStats:
             "adapter_floor_ms": 1e3 * self.adapter_bytes / n / HBM_BYTES_PER_S,
             "hbm_bytes_per_s": HBM_BYTES_PER_S,
         }
+
+
+def lora_extra(decode: dict[str, Any], base: dict[str, Any]) -> dict[str, Any] | None:
+    """The decode step time LoRA adds, against its distinct adapter bytes (the issue's
+    "extra step time / adapter bytes at 4.26 TB/s" target). The base engine's decode steps
+    of the same trace give its rate for weights + KV (bytes per ms); the run's steps without
+    adapters are modelled at that rate for their own batch's bytes (the batches differ:
+    with adapters the engine is slower, so more requests are in flight). None unless both
+    runs have decode steps and the run read adapter bytes."""
+    if not decode.get("decode_steps") or not base.get("decode_steps"):
+        return None
+    if not decode["avg_adapter_bytes"]:
+        return None
+    rate = (base["weight_bytes"] + base["avg_kv_bytes"]) / base["measured_ms"]
+    without = (decode["weight_bytes"] + decode["avg_kv_bytes"]) / rate
+    extra = decode["measured_ms"] - without
+    return {
+        "base_bytes_per_ms": rate,
+        "modelled_without_lora_ms": without,
+        "extra_ms": extra,
+        "adapter_floor_ms": decode["adapter_floor_ms"],
+        "extra_over_adapter_floor": extra / decode["adapter_floor_ms"],
+    }

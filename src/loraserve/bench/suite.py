@@ -30,6 +30,7 @@ import torch
 from loraserve.bench.adapters import AdapterGenerator
 from loraserve.bench.hostprof import format_profile
 from loraserve.bench.options import BenchConfig, config_from_cli
+from loraserve.bench.physics import lora_extra
 from loraserve.bench.runner_inproc import BenchRequest, InprocDriver, RunOptions, warm_up
 from loraserve.bench.workload import (
     WorkloadConfig,
@@ -166,6 +167,7 @@ def _run_point(
                 base_runs[trace] = {**runs[name], "reused_from_n": workload.num_adapters}
     if "peft" in config.baselines and config.url:
         done("peft", _peft_run(config, requests, model))
+    _add_lora_extra(runs, where, report)
     return {
         "n": workload.num_adapters,
         "rate": workload.rate,
@@ -192,6 +194,24 @@ def _add_peft_run(
     point["loraserve_over"] = _ratios(point["runs"])
     where = _where(config, model, workload)
     report(format_run(f"{where} peft", point["runs"]["peft"]))
+
+
+def _add_lora_extra(runs: dict[str, dict[str, Any]], where: str, report: Report) -> None:
+    """Each loraserve run's decode step time over base's, against its adapter bytes."""
+    base = (runs.get("base") or {}).get("decode") or {}
+    for label, run in runs.items():
+        if not label.startswith("loraserve"):
+            continue
+        extra = lora_extra(run.get("decode") or {}, base)
+        if extra is None:
+            continue
+        run["lora_extra"] = extra
+        report(
+            f"{where} {label}: LoRA adds {extra['extra_ms']:.2f} ms to a decode step (against "
+            f"base's bytes/ms: {extra['modelled_without_lora_ms']:.2f} ms without adapters); "
+            f"its distinct adapters' bytes need {extra['adapter_floor_ms']:.2f} ms; ratio "
+            f"{extra['extra_over_adapter_floor']:.2f}"
+        )
 
 
 def _ratios(runs: dict[str, dict[str, Any]]) -> dict[str, float | None]:
