@@ -15,11 +15,6 @@ from loraserve.request import SamplingParams
 from .test_overlap import assert_same, drive, warm_adapters
 
 
-@pytest.fixture(scope="module")
-def setup(graph_setup):
-    return graph_setup
-
-
 def make_engine(setup, prefill_graphs: bool, **kw):
     model_dir, adapters = setup
     kw.setdefault("prefill_batch_window", 0.0)
@@ -68,7 +63,7 @@ def test_buckets():
 
 # triton: the interpreter here, with the graphs' tile maps for attention and LoRA
 @pytest.mark.parametrize("backend", ["auto", "triton"])
-def test_prefill_graphs_give_the_eager_outputs(setup, backend):
+def test_prefill_graphs_give_the_eager_outputs(graph_setup, backend):
     requests = workload(n=6, seed=0)
     kw = dict(lora_backend=backend, attention_backend=backend)
 
@@ -77,22 +72,22 @@ def test_prefill_graphs_give_the_eager_outputs(setup, backend):
             engine.add_request(prompt, params, request_id=f"late{j}", adapter=adapter)
 
     events = {3: arrive}
-    plain = drive(make_engine(setup, False, **kw), requests, dict(events))
-    engine = make_engine(setup, True, **kw)
+    plain = drive(make_engine(graph_setup, False, **kw), requests, dict(events))
+    engine = make_engine(graph_setup, True, **kw)
     graphed = count_graphed(engine)
     got = drive(engine, requests, dict(events))
     assert_same(got, plain)
     assert graphed[0] >= 2  # the first prefill and the late arrivals' step
 
 
-def test_chunked_prompts_and_more_prompts_than_a_graph_takes(setup):
+def test_chunked_prompts_and_more_prompts_than_a_graph_takes(graph_setup):
     # Budget 48 tokens per step: prompts of up to 60 tokens are prefilled in chunks (the
     # middle chunks sample nothing); 12 prompts at once exceed MAX_SEQS: eager, then graphs.
     requests = workload(n=12, seed=3, long=60)
     assert len(requests) > MAX_SEQS
     kw = dict(max_num_batched_tokens=48, max_num_seqs=16)
-    plain = drive(make_engine(setup, False, **kw), requests)
-    engine = make_engine(setup, True, **kw)
+    plain = drive(make_engine(graph_setup, False, **kw), requests)
+    engine = make_engine(graph_setup, True, **kw)
     assert engine.runner.prefill_graphs.sizes == [48]
     graphed = count_graphed(engine)
     got = drive(engine, requests)
@@ -100,15 +95,15 @@ def test_chunked_prompts_and_more_prompts_than_a_graph_takes(setup):
     assert graphed[0] >= 1
 
 
-def test_prefill_graphs_need_decode_graphs(setup):
-    model_dir, _ = setup
+def test_prefill_graphs_need_decode_graphs(graph_setup):
+    model_dir, _ = graph_setup
     with pytest.raises(ValueError, match="prefill_graphs needs the decode graphs"):
         EngineArgs(
             model=str(model_dir), dtype="float32", cuda_graph_max_batch=0, prefill_graphs=True
         ).create_engine()
 
 
-def test_prompts_longer_than_a_tile_with_the_triton_kernels(setup):
+def test_prompts_longer_than_a_tile_with_the_triton_kernels(graph_setup):
     """Prompts of several attention and LoRA row tiles: the tile maps' later blocks."""
     rng = random.Random(7)
     requests = [
@@ -120,14 +115,14 @@ def test_prompts_longer_than_a_tile_with_the_triton_kernels(setup):
         for n, adapter in ((150, "a"), (70, None), (129, "b"))
     ]
     kw = dict(lora_backend="triton", attention_backend="triton")
-    plain = drive(make_engine(setup, False, **kw), requests)
-    engine = make_engine(setup, True, **kw)
+    plain = drive(make_engine(graph_setup, False, **kw), requests)
+    engine = make_engine(graph_setup, True, **kw)
     graphed = count_graphed(engine)
     assert_same(drive(engine, requests), plain)
     assert graphed[0] == 1
 
 
-def test_prefill_graphs_under_page_pressure(setup):
+def test_prefill_graphs_under_page_pressure(graph_setup):
     """Preempted requests are recomputed through the prefill graphs (prompt and outputs so
     far); the outputs are the eager path's and no page is lost. (The adapters load in the
     background and may be evicted under this pressure: which step a request starts in
@@ -135,8 +130,8 @@ def test_prefill_graphs_under_page_pressure(setup):
     requests = workload(n=8, seed=5)
     for _, params, _ in requests:
         params.max_tokens = 40
-    plain = drive(make_engine(setup, False, num_pages=18), requests)
-    engine = make_engine(setup, True, num_pages=18)
+    plain = drive(make_engine(graph_setup, False, num_pages=18), requests)
+    engine = make_engine(graph_setup, True, num_pages=18)
     graphed = count_graphed(engine)
     got = drive(engine, requests)
     assert_same(got, plain)
@@ -144,7 +139,7 @@ def test_prefill_graphs_under_page_pressure(setup):
     assert graphed[0] > 2
 
 
-def test_prefill_graphs_with_an_abort(setup):
+def test_prefill_graphs_with_an_abort(graph_setup):
     """An abort in the middle: with both adapters resident beforehand, every step is the
     same in both runs, so the aborted request's tokens match too."""
     requests = workload(n=6, seed=6)
@@ -154,7 +149,7 @@ def test_prefill_graphs_with_an_abort(setup):
 
     outs = []
     for graphs in (False, True):
-        engine = warm_adapters(make_engine(setup, graphs))
+        engine = warm_adapters(make_engine(graph_setup, graphs))
         outs.append(drive(engine, requests, {4: abort}))
     assert_same(outs[1], outs[0])
     assert len(outs[0]["2"].token_ids) < requests[2][1].max_tokens  # the abort cut it short

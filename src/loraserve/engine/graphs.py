@@ -20,8 +20,10 @@ On the CPU (tests) the padded batch runs eagerly: everything but the capture is 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,6 +42,42 @@ logger = logging.getLogger(__name__)
 def is_decode_row(request: Request, num_scheduled: int) -> bool:
     """The request computes its last token this step and samples the next: a graph row."""
     return num_scheduled == 1 and request.num_computed_tokens + 1 == request.num_tokens
+
+
+def lora_target_sets(cache: AdapterCache) -> list[int]:
+    """The LoRA target sets (bits of LORA_TARGETS) a graph is captured for: none (base-model
+    batches), q,k,v,o (S-LoRA's adapters), all. A step replays the smallest covering its
+    adapters' targets (``covering_targets``)."""
+    return sorted({0, QKVO_TARGETS, ALL_TARGETS} if cache.max_loras else {0})
+
+
+def covering_targets(cache: AdapterCache, target_sets: list[int], requests: list[Request]) -> int:
+    """The smallest of ``target_sets`` that covers the requests' adapters' targets."""
+    needed = 0
+    slot_targets = cache.slot_targets
+    for r in requests:
+        if r.adapter_slot is not None:
+            needed |= slot_targets[r.adapter_slot]
+    return next(t for t in target_sets if needed & ~t == 0)
+
+
+def capture(
+    device: torch.device, pool, forward: Callable[[], torch.Tensor], out: torch.Tensor | None
+) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """(graph, out): ``forward`` run once on a side stream (compiles kernels, sets up
+    workspaces), then captured into a graph that copies its result into ``out`` (made
+    from the warm-up's result when None)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        result = forward()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    if out is None:
+        out = torch.empty_like(result)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out.copy_(forward())
+    return graph, out
 
 
 def capture_sizes(max_batch: int) -> list[int]:
@@ -98,12 +136,8 @@ class DecodeGraphs:
         self.device = device
         self.capture = device.type == "cuda"
         self._static: dict[int, _Static] = {}
-        # One graph per size for each set of LoRA targets (bits of LORA_TARGETS) it launches
-        # kernels for: none (base-model batches), q,k,v,o (S-LoRA's adapters), all. A step
-        # replays the smallest set that covers its adapters' targets.
-        self.target_sets = sorted(
-            {0, QKVO_TARGETS, ALL_TARGETS} if adapter_cache.max_loras else {0}
-        )
+        # One graph per size for each set of LoRA targets it launches kernels for.
+        self.target_sets = lora_target_sets(adapter_cache)
         self.steps = 0  # decode steps served by the padded path
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
 
@@ -152,13 +186,7 @@ class DecodeGraphs:
         return static.logits[: len(requests)]
 
     def targets_for(self, requests: list[Request]) -> int:
-        """The smallest captured target set covering the requests' adapters' targets."""
-        needed = 0
-        slot_targets = self.cache.slot_targets
-        for r in requests:
-            if r.adapter_slot is not None:
-                needed |= slot_targets[r.adapter_slot]
-        return next(t for t in self.target_sets if needed & ~t == 0)
+        return covering_targets(self.cache, self.target_sets, requests)
 
     def _forward(self, static: _Static) -> torch.Tensor:
         self._unpack(static)
@@ -175,16 +203,8 @@ class DecodeGraphs:
     def _capture(self, static: _Static, targets: int) -> None:
         self._fill(static, [])
         static.batch.lora.targets = targets
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):  # warm-up: compiles kernels, sets up workspaces
-            logits = self._forward(static)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        if static.logits is None:
-            static.logits = torch.empty_like(logits)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            static.logits.copy_(self._forward(static))
+        forward = functools.partial(self._forward, static)
+        graph, static.logits = capture(self.device, self._pool, forward, static.logits)
         static.graphs[targets] = graph
         logger.debug(
             "captured a decode graph: batch %d, targets %#x", static.batch.num_seqs, targets

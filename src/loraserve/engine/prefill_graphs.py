@@ -25,6 +25,7 @@ On the CPU (tests) the padded batch runs eagerly: everything but the capture is 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from loraserve.config import ALL_TARGETS, QKVO_TARGETS
+from loraserve.engine.graphs import capture, covering_targets, lora_target_sets
 from loraserve.kernels.attention import attention_tile_tokens
 from loraserve.kernels.lora import lora_tile_rows
 from loraserve.memory.adapter_cache import AdapterCache
@@ -91,9 +92,7 @@ class PrefillGraphs:
         self.sizes = token_buckets(max_tokens)
         self.device = device
         self.capture = device.type == "cuda"
-        self.target_sets = sorted(
-            {0, QKVO_TARGETS, ALL_TARGETS} if adapter_cache.max_loras else {0}
-        )
+        self.target_sets = lora_target_sets(adapter_cache)
         self._static: dict[int, _Static] = {}
         self.steps = 0  # steps whose prompt rows this served
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
@@ -126,20 +125,13 @@ class PrefillGraphs:
         size = next(s for s in self.sizes if s >= sum(counts))
         static = self._static.get(size) or self._build(size)
         sampling = self._fill(static, requests, counts)
-        targets = self._targets_for(requests)
+        targets = covering_targets(self.cache, self.target_sets, requests)
         graph = static.graphs.get(targets)
         if graph is None:
             static.batch.lora.targets = targets
             return self._forward(static)[: len(sampling)], sampling
         graph.replay()
         return static.logits[: len(sampling)], sampling
-
-    def _targets_for(self, requests: list[Request]) -> int:
-        needed = 0
-        for r in requests:
-            if r.adapter_slot is not None:
-                needed |= self.cache.slot_targets[r.adapter_slot]
-        return next(t for t in self.target_sets if needed & ~t == 0)
 
     def _forward(self, static: _Static) -> torch.Tensor:
         self._unpack(static)
@@ -156,16 +148,8 @@ class PrefillGraphs:
     def _capture(self, static: _Static, targets: int) -> None:
         self._fill(static, [], [])
         static.batch.lora.targets = targets
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):  # warm-up: compiles kernels, sets up workspaces
-            logits = self._forward(static)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        if static.logits is None:
-            static.logits = torch.empty_like(logits)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            static.logits.copy_(self._forward(static))
+        forward = functools.partial(self._forward, static)
+        graph, static.logits = capture(self.device, self._pool, forward, static.logits)
         static.graphs[targets] = graph
 
     def _maps(self, tokens: int) -> dict[str, tuple[int, int]]:

@@ -194,12 +194,6 @@ class ModelRunner:
             requests = sorted(scheduled.requests, key=_slot_key)
             logits = self.graphs.run(requests)
             return PendingStep(requests, self.sampler.launch(logits, requests))
-        if self.prefill_graphs is not None:
-            decode, rest = self._partition(scheduled)
-            if self.prefill_graphs.fits(rest.requests, rest.num_scheduled) and (
-                not decode or self.fits_graphs(len(decode))
-            ):
-                return self._launch_graphed(decode, rest)
         split = self._split_decode(scheduled)
         if split is not None:
             return self._launch_split(*split)
@@ -212,16 +206,22 @@ class ModelRunner:
 
     def _split_decode(
         self, scheduled: ScheduledBatch
-    ) -> tuple[list[Request], ScheduledBatch] | None:
-        """(decode requests, the rest) when this step's decode rows should replay the
-        decode graphs apart from its prompt rows (``mixed_decode_graphs``)."""
-        if self.graphs is None or self.mixed_decode_graphs <= 0:
+    ) -> tuple[list[Request], ScheduledBatch, bool] | None:
+        """(decode requests, the rest, whether the rest replays the prefill graphs) when
+        this step's decode rows should replay the decode graphs apart from its prompt rows:
+        always when the prompt rows fit the prefill graphs, else when there are at least
+        ``mixed_decode_graphs`` of them. None: one eager pass over every row."""
+        if self.graphs is None:
             return None
         decode, rest = self._partition(scheduled)
-        enough = len(decode) >= self.mixed_decode_graphs and self.fits_graphs(len(decode))
-        if not rest.requests or not enough:
+        if not rest.requests or not self.fits_graphs(len(decode)):
             return None
-        return decode, rest
+        pg = self.prefill_graphs
+        if pg is not None and pg.fits(rest.requests, rest.num_scheduled):
+            return decode, rest, True
+        if self.mixed_decode_graphs <= 0 or len(decode) < self.mixed_decode_graphs:
+            return None
+        return decode, rest, False
 
     @staticmethod
     def _partition(scheduled: ScheduledBatch) -> tuple[list[Request], ScheduledBatch]:
@@ -234,34 +234,29 @@ class ModelRunner:
                 rest.add(r, n)
         return decode, rest
 
-    def _launch_graphed(self, decode: list[Request], rest: ScheduledBatch) -> PendingStep:
-        """The decode rows as one decode graph replay (if any), then the prompt rows as one
-        prefill graph replay: no eager launch in the step."""
+    def _launch_split(
+        self, decode: list[Request], rest: ScheduledBatch, graphed: bool
+    ) -> PendingStep:
+        """The decode rows (if any) as one decode graph replay, then the prompt rows: as one
+        prefill graph replay (``graphed``: no eager launch in the step), or eagerly (a second
+        read of the weights, against an eager pass over every decode row: its kernel
+        launches, its LoRA in the eager kernels)."""
         decode = sorted(decode, key=_slot_key)
         parts = [self.graphs.run(decode)] if decode else []
-        order = sorted(range(len(rest.requests)), key=lambda i: _slot_key(rest.requests[i]))
-        logits, sampling = self.prefill_graphs.run(
-            [rest.requests[i] for i in order], [rest.num_scheduled[i] for i in order]
-        )
+        if graphed:
+            order = sorted(range(len(rest.requests)), key=lambda i: _slot_key(rest.requests[i]))
+            logits, sampling = self.prefill_graphs.run(
+                [rest.requests[i] for i in order], [rest.num_scheduled[i] for i in order]
+            )
+        else:
+            batch, sampling = self.prepare(rest)
+            hidden = self.model(batch)
+            logits = self.model.compute_logits(hidden) if sampling else None
         if sampling:
             parts.append(logits)
         sampled = decode + sampling
         if not sampled:
             return PendingStep([], None)
-        logits = torch.cat(parts) if len(parts) > 1 else parts[0]
-        return PendingStep(sampled, self.sampler.launch(logits, sampled))
-
-    def _launch_split(self, decode: list[Request], rest: ScheduledBatch) -> PendingStep:
-        """The decode rows as one graph replay, then the prompt rows' eager forward pass: a
-        second read of the weights, against an eager pass over every decode row (its kernel
-        launches, its LoRA in the eager kernels)."""
-        decode = sorted(decode, key=_slot_key)
-        parts = [self.graphs.run(decode)]
-        batch, sampling = self.prepare(rest)
-        hidden = self.model(batch)
-        if sampling:
-            parts.append(self.model.compute_logits(hidden))
-        sampled = decode + sampling
         logits = torch.cat(parts) if len(parts) > 1 else parts[0]
         return PendingStep(sampled, self.sampler.launch(logits, sampled))
 

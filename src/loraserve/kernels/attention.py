@@ -61,6 +61,7 @@ import triton.language as tl
 from torch import Tensor
 
 from loraserve.kernels.host import cdiv, next_power_of_2
+from loraserve.kernels.tile_map import program_tile
 
 _LOG2E = 1.4426950408889634
 
@@ -237,14 +238,9 @@ def _paged_attention_kernel(
     TILE_MAP: tl.constexpr = False,  # program_id(0) indexes tile_map_ptr's (seq, q block)
 ):
     """One program: BLOCK_M // GROUP query tokens of one sequence x GROUP heads of one kv head."""
-    if TILE_MAP:
-        seq = tl.load(tile_map_ptr + 2 * tl.program_id(0))
-        q_block = tl.load(tile_map_ptr + 2 * tl.program_id(0) + 1)
-        if seq < 0:
-            return
-    else:
-        q_block = tl.program_id(0)
-        seq = tl.program_id(1)
+    seq, q_block = program_tile(tile_map_ptr, TILE_MAP, 1)  # grid axes (q block, seq)
+    if seq < 0:
+        return
     kv_head = tl.program_id(2)
     TOKENS: tl.constexpr = BLOCK_M // GROUP
 

@@ -56,6 +56,7 @@ from torch import Tensor
 
 from loraserve.config import LORA_TARGETS
 from loraserve.kernels.host import cdiv, next_power_of_2
+from loraserve.kernels.tile_map import program_tile
 
 NUM_TARGETS = len(LORA_TARGETS)
 MAX_CALL_TARGETS = 3  # targets one call may cover (q|k|v is the widest packing)
@@ -372,14 +373,9 @@ def _shrink_prefill_kernel(
     TILE_MAP: tl.constexpr,  # program_id(0) indexes tile_map_ptr's (segment, row tile)
 ):
     """One program: BLOCK_M rows of one segment x BLOCK_C shrink columns x one K split."""
-    if TILE_MAP:
-        seg = tl.load(tile_map_ptr + 2 * tl.program_id(0))
-        m_tile = tl.load(tile_map_ptr + 2 * tl.program_id(0) + 1)
-        if seg < 0:
-            return
-    else:
-        seg = tl.program_id(0)
-        m_tile = tl.program_id(1)
+    seg, m_tile = program_tile(tile_map_ptr, TILE_MAP, 0)  # grid axes (segment, row tile)
+    if seg < 0:
+        return
     c_tile = tl.program_id(2) // split_k
     split = tl.program_id(2) % split_k
     start, rows, entry = _segment(seg_start_ptr, seg_slot_ptr, seg, layer, first_target, num_layers)
@@ -539,14 +535,9 @@ def _expand_prefill_kernel(
     TILE_MAP: tl.constexpr,  # program_id(0) indexes tile_map_ptr's (segment, row tile)
 ):
     """One program: BLOCK_M rows of one segment x one target x BLOCK_N output columns."""
-    if TILE_MAP:
-        seg = tl.load(tile_map_ptr + 2 * tl.program_id(0))
-        m_tile = tl.load(tile_map_ptr + 2 * tl.program_id(0) + 1)
-        if seg < 0:
-            return
-    else:
-        seg = tl.program_id(0)
-        m_tile = tl.program_id(1)
+    seg, m_tile = program_tile(tile_map_ptr, TILE_MAP, 0)  # grid axes (segment, row tile)
+    if seg < 0:
+        return
     t = tl.program_id(2) // n_tiles
     n_tile = tl.program_id(2) % n_tiles
     start, rows, entry = _segment(seg_start_ptr, seg_slot_ptr, seg, layer, first_target, num_layers)
