@@ -31,8 +31,10 @@
 #               batch-128 step with a 0.2 vs 0.8 memory pool: does reach cost?     (4)
 #   overlap_ab  offline decode, batch 64 and 256, graphs with and without overlapped
 #               steps (engine_throughput.py)                                      (4)
-#   table_S_N   setting S at n in N (comma list), R=10, 45 s trace, base (+ PEFT
-#               when every n <= 100), one base run for the sweep     (2 per run + 1.5 PEFT)
+#   table_S_N[_ablation]  setting S at n in N (comma list), R=10, one 20 s trace cut at
+#               30 s, base and PEFT (n <= 100 only), one base run for the sweep; _ablation adds
+#               padded (bmm) and separate adapter buffers at every n  (~0.6 per run + 0.6 per
+#               engine start + 0.8 per PEFT point)
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
@@ -111,12 +113,13 @@ for part in "$@"; do
           --backends triton+graphs,triton+graphs+nooverlap --gpu-memory-utilization 0.8 \
           --out "$OUT/overlap_b$b.json" 2>&1 | grep -v Warning | tail -4
       done ;;
-    table_*)
-      IFS=_ read -r _ s ns <<< "$part"
-      baselines=base
-      if [ "$(echo "$ns" | tr , '\n' | sort -n | tail -1)" -le 100 ]; then baselines=base,peft; fi
-      bench 560 --setting "$s" -n "$ns" --rate 10 --duration 45 --baselines "$baselines" \
-        --time-limit 60 --peft-time-limit 60 --out "$OUT/bench_${s}_n${ns//,/-}.json" ;;
+    table_*)  # table_S_N[_ablation]: S-LoRA's table at R=10 on one 20 s trace, N a comma list
+      IFS=_ read -r _ s ns extra <<< "$part"
+      baselines=base,peft
+      if [ "${extra:-}" = ablation ]; then baselines=base,peft,padded,separate; fi
+      bench "${TABLE_TIMEOUT:-560}" --setting "$s" -n "$ns" --rate 10 --duration 20 \
+        --baselines "$baselines" --peft-max-n 100 --time-limit 30 --peft-time-limit 30 \
+        --padded-time-limit 30 --out "$OUT/bench_${s}_n${ns//,/-}${extra:+_$extra}.json" ;;
     *) echo "unknown part $part" ;;
   esac
 done

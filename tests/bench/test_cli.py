@@ -134,6 +134,14 @@ def test_preset_with_dummy_weights_and_peft(monkeypatch, tmp_path):
     assert len(created) == 1
 
 
+def test_peft_only_up_to_peft_max_n(tiny_model, tmp_path):
+    out = tmp_path / "capped.json"
+    args = ["bench", "--model", str(tiny_model), "-n", "2,3", *TINY, "--max-requests", "2"]
+    assert main([*args, "--baselines", "peft", "--peft-max-n", "2", "--out", str(out)]) == 0
+    points = json.loads(out.read_text())["points"]
+    assert [sorted(p["runs"]) for p in points] == [["loraserve", "peft"], ["loraserve"]]
+
+
 def test_merge_results_of_separate_commands(tiny_model, tmp_path):
     files = []
     for n in ("3", "2"):

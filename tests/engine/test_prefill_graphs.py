@@ -95,6 +95,19 @@ def test_chunked_prompts_and_more_prompts_than_a_graph_takes(graph_setup):
     assert graphed[0] >= 1
 
 
+@pytest.mark.parametrize(
+    ("graph_batch", "backend", "expected"), [(8, "auto", True), (8, "bmm", False), (0, "auto", False)]
+)
+def test_prefill_graphs_default_follows_the_decode_graphs(graph_setup, graph_batch, backend, expected):
+    """On by default wherever decode graphs are (not for the padded bmm ablation)."""
+    model_dir, _ = graph_setup
+    engine = EngineArgs(
+        model=str(model_dir), dtype="float32", cuda_graph_max_batch=graph_batch, lora_backend=backend
+    ).create_engine()
+    assert (engine.runner.prefill_graphs is not None) is expected
+    assert engine.config.prefill_graphs is expected
+
+
 def test_prefill_graphs_need_decode_graphs(graph_setup):
     model_dir, _ = graph_setup
     with pytest.raises(ValueError, match="prefill_graphs needs the decode graphs"):
@@ -119,7 +132,9 @@ def test_prompts_longer_than_a_tile_with_the_triton_kernels(graph_setup):
     engine = make_engine(graph_setup, True, **kw)
     graphed = count_graphed(engine)
     assert_same(drive(engine, requests), plain)
-    assert graphed[0] == 1
+    # One graphed step when all three start together; on CUDA their adapters' background
+    # loads may land in different steps.
+    assert graphed[0] >= 1
 
 
 def test_prefill_graphs_under_page_pressure(graph_setup):

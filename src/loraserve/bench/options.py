@@ -23,6 +23,9 @@ class PeftOptions:
     time_limit: float = 120.0  # seconds
     max_adapters: int = 128  # adapters kept in the PEFT model at once (LRU)
     progress: bool = True
+    # Only at points with at most this many adapters (S-LoRA's tables have no PEFT figure
+    # past n = 100: it loads an adapter per miss); None: at every point.
+    max_n: int | None = None
 
 
 @dataclass
@@ -177,6 +180,12 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--peft-batch", type=int, default=32, help="PEFT requests per batch")
     b.add_argument("--peft-time-limit", type=float, default=120.0, help="PEFT run limit, s")
     b.add_argument("--peft-max-adapters", type=int, default=128, help="PEFT adapters kept")
+    b.add_argument(
+        "--peft-max-n",
+        type=int,
+        default=None,
+        help="run the PEFT baseline only at points with n <= N (default: at every point)",
+    )
     h = parser.add_argument_group("a running server")
     h.add_argument("--url", default=None, help="drive the server at URL instead of an engine")
     h.add_argument("--api-key", default=None, help="bearer token for --url")
@@ -242,7 +251,11 @@ def config_from_cli(ns: argparse.Namespace) -> BenchConfig:
         adapter_source=ns.adapter_weights,
         separate_adapter_bytes=ns.separate_adapter_bytes,
         peft=PeftOptions(
-            ns.peft_batch, ns.peft_time_limit, ns.peft_max_adapters, not ns.no_progress
+            ns.peft_batch,
+            ns.peft_time_limit,
+            ns.peft_max_adapters,
+            not ns.no_progress,
+            ns.peft_max_n,
         ),
         url=ns.url,
         api_key=ns.api_key,

@@ -89,7 +89,8 @@ def run_bench(config: BenchConfig, report: Report = logger.info) -> dict[str, An
             # HF model gets the device memory to itself.
             engines.close()
             for workload, point in zip(config.workloads(), points, strict=True):
-                _add_peft_run(config, workload, model, point, report)
+                if config.peft.max_n is None or workload.num_adapters <= config.peft.max_n:
+                    _add_peft_run(config, workload, model, point, report)
     return {
         "config": config.as_dict(),
         "environment": _environment(),

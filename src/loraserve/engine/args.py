@@ -101,11 +101,12 @@ class EngineArgs:
         "queue a graphed decode step that continues the batch unchanged before the one ahead "
         "of it has finished, so the host's work overlaps the device's (only with CUDA graphs)",
     )
-    prefill_graphs: bool = _opt(
-        False,
+    prefill_graphs: bool | None = _opt(
+        None,
         "replay the prompt rows of a step (up to 8 prompts, up to 4096 tokens, padded to a "
         "bucket) as a CUDA graph too, after its decode rows' graph: no eager launches in "
-        "mixed steps (needs CUDA graphs; experimental: not yet measured on a GPU)",
+        "mixed steps; default: on with CUDA graphs (but not with --lora-backend bmm, the "
+        "padded ablation), else off",
     )
     mixed_decode_graphs: int | None = _opt(
         None,
@@ -161,6 +162,11 @@ class EngineArgs:
         if value is not None:
             return value
         return default if graph_batch > 0 else 0
+
+    def _prefill_graphs(self, graph_batch: int) -> bool:
+        if self.prefill_graphs is not None:
+            return self.prefill_graphs
+        return graph_batch > 0 and self.lora_backend != "bmm"
 
     def _prefill_window(self, graph_batch: int) -> float:
         if self.prefill_batch_window is not None:
@@ -224,7 +230,7 @@ class EngineArgs:
             lora_backend=self.lora_backend,
             cuda_graph_max_batch=graph_batch,
             overlap_steps=self.overlap_steps,
-            prefill_graphs=self.prefill_graphs,
+            prefill_graphs=self._prefill_graphs(graph_batch),
             mixed_decode_graphs=int(
                 self._with_graphs(
                     self.mixed_decode_graphs, DEFAULT_MIXED_DECODE_GRAPHS, graph_batch
@@ -267,7 +273,7 @@ def _flag(f: dataclasses.Field) -> str:
 
 def _field_type(f: dataclasses.Field) -> type:
     text = str(f.type)
-    if text == "bool":
+    if text in ("bool", "bool | None"):  # None: a default that depends on other options
         return bool
     if "int" in text:
         return int
