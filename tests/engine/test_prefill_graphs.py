@@ -96,13 +96,19 @@ def test_chunked_prompts_and_more_prompts_than_a_graph_takes(graph_setup):
 
 
 @pytest.mark.parametrize(
-    ("graph_batch", "backend", "expected"), [(8, "auto", True), (8, "bmm", False), (0, "auto", False)]
+    ("graph_batch", "backend", "expected"),
+    [(8, "auto", True), (8, "bmm", False), (0, "auto", False)],
 )
-def test_prefill_graphs_default_follows_the_decode_graphs(graph_setup, graph_batch, backend, expected):
+def test_prefill_graphs_default_follows_the_decode_graphs(
+    graph_setup, graph_batch, backend, expected
+):
     """On by default wherever decode graphs are (not for the padded bmm ablation)."""
     model_dir, _ = graph_setup
     engine = EngineArgs(
-        model=str(model_dir), dtype="float32", cuda_graph_max_batch=graph_batch, lora_backend=backend
+        model=str(model_dir),
+        dtype="float32",
+        cuda_graph_max_batch=graph_batch,
+        lora_backend=backend,
     ).create_engine()
     assert (engine.runner.prefill_graphs is not None) is expected
     assert engine.config.prefill_graphs is expected
