@@ -31,7 +31,7 @@
 #               batch-128 step with a 0.2 vs 0.8 memory pool: does reach cost?     (4)
 #   overlap_ab  offline decode, batch 64 and 256, graphs with and without overlapped
 #               steps (engine_throughput.py)                                      (4)
-#   table_S_N[_ablation]  setting S at n in N (comma list), R=10, one 20 s trace cut at
+#   table_S_N[_ablation|_base]  setting S at n in N (comma list), R=10, one 20 s trace cut at
 #               30 s, base and PEFT (n <= 100 only), one base run for the sweep; _ablation adds
 #               padded (bmm) and separate adapter buffers at every n  (~0.6 per run + 0.6 per
 #               engine start + 0.8 per PEFT point)
@@ -116,7 +116,10 @@ for part in "$@"; do
     table_*)  # table_S_N[_ablation]: S-LoRA's table at R=10 on one 20 s trace, N a comma list
       IFS=_ read -r _ s ns extra <<< "$part"
       baselines=base,peft
-      if [ "${extra:-}" = ablation ]; then baselines=base,peft,padded,separate; fi
+      case ${extra:-} in
+        ablation) baselines=base,peft,padded,separate ;;
+        base) baselines=base ;;  # no PEFT: it completes nothing in a 30 s run
+      esac
       bench "${TABLE_TIMEOUT:-560}" --setting "$s" -n "$ns" --rate 10 --duration 20 \
         --baselines "$baselines" --peft-max-n 100 --time-limit 30 --peft-time-limit 30 \
         --padded-time-limit 30 --out "$OUT/bench_${s}_n${ns//,/-}${extra:+_$extra}.json" ;;
