@@ -240,6 +240,8 @@ def check_naive(seg_lens: list[int], rank: int) -> float:
 # apart (graph replays), to tune pick_tiles
 SWEEP_CASES = [  # (phase, segment lengths, distinct adapters, rank, call)
     ("decode", [1] * 256, 256, 64, "qkv"),
+    ("decode", [1] * 256, 52, 64, "qkv"),  # S2 at saturation: ~52 distinct adapters
+    ("decode", [1] * 256, 52, 64, "o"),
     ("decode", [1] * 32, 32, 16, "o"),
     ("decode", [1], 1, 16, "qkv"),
     ("prefill", [512] * 4, 4, 16, "qkv"),
@@ -247,7 +249,7 @@ SWEEP_CASES = [  # (phase, segment lengths, distinct adapters, rank, call)
     ("grouped", [32] * 8, 8, 16, "qkv"),
 ]
 DECODE_KNOBS = {
-    "block_c": [16, 64],
+    "block_c": [16, 32, 64],
     "split_k": [1, 4, 16],
     "shrink_warps": [2, 8],
     "block_r": [16, 32, 64],
