@@ -114,3 +114,22 @@ def test_bmm_chunks_rows(monkeypatch):
     monkeypatch.setattr(lora, "_BMM_CHUNK_ELEMS", 16 * H * 3)  # 3 rows per chunk
     lora_apply_bmm(x, chunked, pool, batch, LAYER, *CALLS["qkv"])
     torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6)
+
+
+def test_bmm_prefill_gathers_per_segment(monkeypatch):
+    """Prompt segments gather each adapter once per segment (S-LoRA's padded bmm), not once
+    per row: the per-row gather is not used there."""
+    import loraserve.kernels.lora as lora
+
+    def per_row(*args):
+        raise AssertionError("per-row gather in a prefill batch")
+
+    g = torch.Generator().manual_seed(3)
+    pool, offsets, ranks, scalings = _pool_and_tables(g, 16)
+    batch, rows = _batch(PREFILL, offsets, ranks, scalings, 16)
+    x = torch.randn(rows, H, generator=g)
+    want, got = torch.zeros(rows, Q + 2 * KV), torch.zeros(rows, Q + 2 * KV)
+    lora_apply_ref(x, want, pool, batch, LAYER, *CALLS["qkv"])
+    monkeypatch.setattr(lora, "_token_slots", per_row)
+    lora_apply_bmm(x, got, pool, batch, LAYER, *CALLS["qkv"])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -216,10 +216,16 @@ def lora_apply_bmm(
     """S-LoRA's "padded" ablation: every token row gathers its adapter's A and B^T rows
     padded with zeros to ``batch.max_rank`` (the engine's max_lora_rank) and two torch.bmm
     compute its delta, in x's dtype. Rows outside every segment get an exact zero delta.
-    No host sync; scratch bounded by _BMM_CHUNK_ELEMS."""
+    No host sync; scratch bounded by _BMM_CHUNK_ELEMS.
+
+    Segments of several rows (prefill) gather their adapter once per segment, not per row:
+    rows padded to ``batch.max_seg_len`` per segment, one bmm per chunk of segments."""
     if batch.num_segments == 0:
         return
     _check_call(x, y, pool, first_target, out_slices)
+    if batch.max_seg_len > 1:
+        _bmm_by_segment(x, y, pool, batch, layer, first_target, out_slices)
+        return
     slots = _token_slots(batch, x.shape[0], x.device)
     widest = max(x.shape[1], *(n for _, n in out_slices))
     chunk = max(1, _BMM_CHUNK_ELEMS // (batch.max_rank * widest))
@@ -228,6 +234,46 @@ def lora_apply_bmm(
         for k, (o, n) in enumerate(out_slices):
             delta = _bmm_delta(x[rows], pool, batch, slots[rows], layer, first_target + k, n)
             y[rows, o : o + n] = (y[rows, o : o + n].float() + delta).to(y.dtype)
+
+
+def _bmm_by_segment(
+    x: Tensor,
+    y: Tensor,
+    pool: Tensor,
+    batch: LoRABatch,
+    layer: int,
+    first_target: int,
+    out_slices: Sequence[tuple[int, int]],
+) -> None:
+    """lora_apply_bmm over [segments, max_seg_len] padded row blocks: each segment's A and
+    B^T rows (padded to max_rank) gathered once, two bmm per chunk of segments. The deltas
+    are summed in fp32 per row, then added to y once (one rounding, as the per-row path)."""
+    seg_len = batch.max_seg_len
+    widest = max(x.shape[1], *(n for _, n in out_slices))
+    chunk = max(1, _BMM_CHUNK_ELEMS // (max(seg_len, batch.max_rank) * widest))
+    steps = torch.arange(seg_len, device=x.device)
+    deltas = [
+        torch.zeros(x.shape[0], n, dtype=torch.float32, device=x.device) for _, n in out_slices
+    ]
+    for first in range(0, batch.num_segments, chunk):
+        count = min(chunk, batch.num_segments - first)
+        starts = batch.seg_start[first : first + count + 1].long()
+        rows = starts[:-1, None] + steps  # [c, L]
+        live = rows < starts[1:, None]
+        rows = torch.where(live, rows, 0)
+        xs = torch.where(live[..., None], x[rows.view(-1)].view(count, seg_len, -1), 0)
+        slots = batch.seg_slot[first : first + count].long()
+        for k, (_, n) in enumerate(out_slices):
+            target = first_target + k
+            a = _padded_rows(pool, batch, slots, layer, target, 0, x.shape[1])  # [c, R, in]
+            b_t = _padded_rows(pool, batch, slots, layer, target, 1, n)  # [c, R, n]
+            delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b_t).float()  # [c, L, n]
+            scaling = batch.scalings[slots.clamp(min=0), layer, target]
+            delta = delta * torch.where(slots >= 0, scaling, 0.0)[:, None, None]
+            delta = torch.where(live[..., None], delta, 0.0)  # padding rows add 0 to row 0
+            deltas[k].index_add_(0, rows.view(-1), delta.view(-1, n))
+    for (o, n), delta in zip(out_slices, deltas, strict=True):
+        y[:, o : o + n] = (y[:, o : o + n].float() + delta).to(y.dtype)
 
 
 def _bmm_delta(
