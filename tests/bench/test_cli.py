@@ -32,7 +32,8 @@ def test_sweep_writes_json_and_png(tiny_model, tmp_path, capsys):
         )
         assert separate["pool_bytes"] < runs["loraserve"]["engine"]["pool_bytes"]
         assert runs["base"]["adapter_loads"]["gpu_loads"] == 0
-        assert set(point["loraserve_over"]) == {"base", "padded", "separate"}
+        names = {"base", "padded", "separate"}
+        assert set(point["loraserve_over"]) == names | {f"{n}_tok_s" for n in names}
         ours = runs["loraserve"]["throughput_req_s"]
         assert point["loraserve_over"]["base"] == ours / runs["base"]["throughput_req_s"]
         assert runs["base"]["pool_peak"]["adapter_pages"] == 0
@@ -130,7 +131,8 @@ def test_preset_with_dummy_weights_and_peft(monkeypatch, tmp_path):
         assert runs["loraserve"]["completed"] == runs["peft"]["completed"] == 4
         assert runs["peft"]["adapter_loads"]["peft_added"] >= 1
         ratio = runs["loraserve"]["throughput_req_s"] / runs["peft"]["throughput_req_s"]
-        assert point["loraserve_over"] == {"peft": ratio}
+        tok = runs["loraserve"]["output_tok_s"] / runs["peft"]["output_tok_s"]
+        assert point["loraserve_over"] == {"peft": ratio, "peft_tok_s": tok}
     assert len(created) == 1
 
 
@@ -192,6 +194,7 @@ def test_variants_run_on_the_same_trace(tiny_model, tmp_path):
         assert point["loraserve_over"][f"{name}/base"] == tput / runs["base"]["throughput_req_s"]
     assert set(point["loraserve_over"]) == {
         "base",
+        "base_tok_s",
         "loraserve:padded/loraserve",
         "loraserve:padded/base",
         "loraserve:fifty/loraserve",

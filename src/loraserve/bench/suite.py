@@ -217,13 +217,16 @@ def _add_lora_extra(runs: dict[str, dict[str, Any]], where: str, report: Report)
 
 def _ratios(runs: dict[str, dict[str, Any]]) -> dict[str, float | None]:
     """loraserve's throughput over each baseline's (base: the cost of LoRA; peft: the
-    speed-up S-LoRA reports)."""
+    speed-up S-LoRA reports), in requests/s and, as "NAME_tok_s", in output tokens/s (a
+    baseline that finished no request within its time limit still has a token rate)."""
     ours = runs["loraserve"]["throughput_req_s"]
-    ratios = {
-        name: ours / run["throughput_req_s"] if run["throughput_req_s"] else None
-        for name, run in runs.items()
-        if not name.startswith("loraserve")
-    }
+    ours_tok = runs["loraserve"]["output_tok_s"]
+    ratios: dict[str, float | None] = {}
+    for name, run in runs.items():
+        if not name.startswith("loraserve"):
+            ratios[name] = ours / run["throughput_req_s"] if run["throughput_req_s"] else None
+            tok = run.get("output_tok_s")
+            ratios[f"{name}_tok_s"] = ours_tok / tok if tok else None
     base = runs.get("base", {}).get("throughput_req_s")
     for name, run in runs.items():  # variants: against the default and against base
         if name.startswith("loraserve:"):
