@@ -63,7 +63,7 @@ MAX_CALL_TARGETS = 3  # targets one call may cover (q|k|v is the widest packing)
 # Int arguments that change from call to call (layer, target, K split): not specialised on
 # (value 1, divisibility by 16), so a new layer or batch shape never compiles a new variant
 # in the middle of serving. warm_up_lora_kernels compiles the rest at start-up.
-_RUNTIME_INTS = ("layer", "first_target", "k_per_split", "split_k", "n_tiles", "n_group")
+_RUNTIME_INTS = ("layer", "first_target", "k_blocks", "split_k", "n_tiles", "n_group")
 _DECODE_MAX_SPLIT_K = 32
 _EXPAND_PROGRAMS_PER_SM = 8  # decode-form expand grid: fewer, longer programs down to this
 
@@ -343,7 +343,7 @@ def _shrink_decode_kernel(
     num_layers,
     table_rank,
     in_features,
-    k_per_split,
+    k_blocks,  # BLOCK_K blocks of input features per K split
     split_k,
     stride_x_tok,
     stride_x_k,
@@ -373,8 +373,10 @@ def _shrink_decode_kernel(
     )
     if (rows == 0) | (tl.max(live.to(tl.int32), axis=0) == 0):
         return
-    k_lo = split * k_per_split
-    k_hi = tl.minimum(in_features, k_lo + k_per_split)
+    # In BLOCK_K units, so the compiler knows every bound is a multiple of BLOCK_K (k_blocks
+    # itself is not specialised): wide loads along K, masks constant per vector.
+    k_lo = split * k_blocks * BLOCK_K
+    k_hi = tl.minimum(in_features, k_lo + k_blocks * BLOCK_K)
     x_row = x_ptr + tok * stride_x_tok
     acc = tl.zeros([BLOCK_C, BLOCK_K], dtype=tl.float32)  # reduced over K once, at the end
     for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -402,7 +404,7 @@ def _shrink_prefill_kernel(
     num_layers,
     table_rank,
     in_features,
-    k_per_split,
+    k_blocks,  # BLOCK_K blocks of input features per K split
     split_k,
     stride_x_tok,
     stride_x_k,
@@ -441,8 +443,10 @@ def _shrink_prefill_kernel(
     m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = m < rows
     tok = start + m  # [BLOCK_M] int64
-    k_lo = split * k_per_split
-    k_hi = tl.minimum(in_features, k_lo + k_per_split)
+    # In BLOCK_K units, so the compiler knows every bound is a multiple of BLOCK_K (k_blocks
+    # itself is not specialised): wide loads along K, masks constant per vector.
+    k_lo = split * k_blocks * BLOCK_K
+    k_hi = tl.minimum(in_features, k_lo + k_blocks * BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
@@ -772,8 +776,7 @@ def _shrink(
     v = torch.empty(
         tiles.split_k, x.shape[0], n_targets * r_pad, dtype=torch.float32, device=x.device
     )
-    k_per_split = cdiv(cdiv(in_features, tiles.split_k), tiles.block_k)
-    k_per_split *= tiles.block_k
+    k_blocks = cdiv(cdiv(in_features, tiles.split_k), tiles.block_k)
     m_tiles = cdiv(batch.max_seg_len, tiles.block_m)
     c_tiles = cdiv(n_targets * r_pad, tiles.block_c)
     grid = (batch.num_segments, m_tiles, c_tiles * tiles.split_k)
@@ -793,7 +796,7 @@ def _shrink(
         batch.num_layers,
         batch.row_offsets.shape[-1],
         in_features,
-        k_per_split,
+        k_blocks,
         tiles.split_k,
         x.stride(0),
         x.stride(1),
