@@ -25,7 +25,9 @@
 #   profile_mixed  batch 240 with adapters: decode and mixed (8 prompts) steps     (4)
 #   profile_mixed_split  the same with the mixed step's decode rows graphed         (4)
 #   profile_io  batch 240 + 4 prompts: mixed steps with the adapter I/O threads idle, then
-#               packing S2 adapters back to back: engine-thread contention?         (4)
+#               packing S2 adapters back to back: engine-thread contention?  (4; give
+#               the device call a limit above 300 s: session 6's 300 s call ended empty)
+#   peft_s2n100 S2 n=100 R=10, PEFT for 300 s (its first batches need minutes)     (6)
 #   lora_sweep  bench_lora.py --sweep: block sizes one at a time, incl. n_group     (4)
 #   lora_tlb    LoRA kernels with rows in a compact pool vs spread over 100 GB, and a
 #               batch-128 step with a 0.2 vs 0.8 memory pool: does reach cost?     (4)
@@ -89,7 +91,7 @@ for part in "$@"; do
         2>&1 | grep '^{'
       tar czf "$OUT/${part}.tgz" -C "$OUT" prof && rm -r "$OUT/prof" ;;
     profile_io)  # mixed steps with the adapter I/O threads idle vs packing (contention?)
-      timeout 300 python benchmarks/profile_step.py --model llama-7b --batches 240 --context 256 \
+      timeout 240 python benchmarks/profile_step.py --model llama-7b --batches 240 --context 256 \
         --steps 10 --mixed-prompts 4 --scenarios lora --io-load --io-steps 5 \
         --out-dir "$OUT/prof" 2>&1 | grep '^{'
       tar czf "$OUT/profile_io.tgz" -C "$OUT" prof && rm -r "$OUT/prof" ;;
@@ -113,6 +115,9 @@ for part in "$@"; do
           --backends triton+graphs,triton+graphs+nooverlap --gpu-memory-utilization 0.8 \
           --out "$OUT/overlap_b$b.json" 2>&1 | grep -v Warning | tail -4
       done ;;
+    peft_s2n100)  # PEFT long enough to finish requests (30 s runs finish none): S2 n=100
+      bench 420 --setting S2 -n 100 --rate 10 --duration 20 --baselines peft --time-limit 30 \
+        --peft-time-limit 300 --out "$OUT/bench_S2_n100_peft300.json" ;;
     table_*)  # table_S_N[_ablation]: S-LoRA's table at R=10 on one 20 s trace, N a comma list
       IFS=_ read -r _ s ns extra <<< "$part"
       baselines=base,peft

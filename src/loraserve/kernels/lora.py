@@ -687,12 +687,12 @@ def _split_k(programs: int, waves: int, cap: int, in_features: int, block_k: int
 def _decode_tiles(
     r_pad: int, num_segments: int, in_features: int, n_targets: int, max_out: int, num_sms: int
 ) -> LoRATiles:
-    """Matrix-vector tiles, 2 warps (measured best on an H200): A read as [16, 256] tiles
-    (rank 64 q|k|v at 256 rows of distinct adapters: shrink 140 us against 218 us with
-    [32, 256] tiles, bench_lora.py --sweep, docs/benchmarks.md session 6), K split to about
-    two waves; the whole rank (up to 64) of B^T at once in tiles of about 8K elements, N
-    narrowed (down to 64) until the expand grid fills the GPU."""
-    block_c = min(r_pad, 16)
+    """Matrix-vector tiles, 2 warps (measured best on an H200): A read as [32, 256] tiles
+    (with vector loads [16, 256] and [64, 256] were within 4%; session 6's sweep, which
+    favoured 16, ran on scalar loads), K split to about two waves; the whole rank (up to 64)
+    of B^T at once in tiles of about 8K elements, N narrowed (down to 64) until the expand
+    grid fills the GPU."""
+    block_c = min(r_pad, 32)
     block_k = min(256, next_power_of_2(in_features))
     c_tiles = cdiv(n_targets * r_pad, block_c)
     split_k = _split_k(
