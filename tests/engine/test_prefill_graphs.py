@@ -18,10 +18,10 @@ from .test_overlap import assert_same, drive, warm_adapters
 def make_engine(setup, prefill_graphs: bool, **kw):
     model_dir, adapters = setup
     kw.setdefault("prefill_batch_window", 0.0)
+    kw.setdefault("cuda_graph_max_batch", 8)
     engine = EngineArgs(
         model=str(model_dir),
         dtype="float32",
-        cuda_graph_max_batch=8,
         prefill_graphs=prefill_graphs,
         admission_interval=0.0,
         **kw,
@@ -80,19 +80,65 @@ def test_prefill_graphs_give_the_eager_outputs(graph_setup, backend):
     assert graphed[0] >= 2  # the first prefill and the late arrivals' step
 
 
+def count_eager(engine) -> list[int]:
+    calls = [0]
+    real = engine.runner.prepare
+
+    def counted(*args):
+        calls[0] += 1
+        return real(*args)
+
+    engine.runner.prepare = counted
+    return calls
+
+
 def test_chunked_prompts_and_more_prompts_than_a_graph_takes(graph_setup):
     # Budget 48 tokens per step: prompts of up to 60 tokens are prefilled in chunks (the
-    # middle chunks sample nothing); 12 prompts at once exceed MAX_SEQS: eager, then graphs.
+    # middle chunks sample nothing); 12 prompts at once exceed MAX_SEQS: a step of several
+    # replays, no eager pass.
     requests = workload(n=12, seed=3, long=60)
     assert len(requests) > MAX_SEQS
-    kw = dict(max_num_batched_tokens=48, max_num_seqs=16)
+    kw = dict(max_num_batched_tokens=48, max_num_seqs=16, cuda_graph_max_batch=16)
     plain = drive(make_engine(graph_setup, False, **kw), requests)
     engine = make_engine(graph_setup, True, **kw)
     assert engine.runner.prefill_graphs.sizes == [48]
-    graphed = count_graphed(engine)
+    graphed, eager = count_graphed(engine), count_eager(engine)
     got = drive(engine, requests)
     assert_same(got, plain)
-    assert graphed[0] >= 1
+    assert graphed[0] >= 1 and eager[0] == 0
+
+
+def test_more_prompts_than_a_replay_takes_in_one_step(graph_setup):
+    """12 prompts scheduled together: two replays (8 + 4 prompts, in adapter order) in one
+    step, each with its own logits rows, and the outputs of the eager pass."""
+    requests = workload(n=12, seed=4)
+    kw = dict(max_num_seqs=16, cuda_graph_max_batch=16)
+    plain = drive(make_engine(graph_setup, False, **kw), requests)
+    engine = make_engine(graph_setup, True, **kw)
+    warm_adapters(engine)  # every prompt starts in the first step
+    graphed, eager = count_graphed(engine), count_eager(engine)
+    for i, (prompt, params, adapter) in enumerate(requests):
+        engine.add_request(prompt, params, request_id=str(i), adapter=adapter)
+    first = engine.step()
+    assert graphed[0] == 2 and eager[0] == 0
+    got = {o.request_id: o for o in first}
+    while engine.has_unfinished():
+        got.update({o.request_id: o for o in engine.step()})
+    assert_same(got, plain)
+    assert eager[0] == 0
+
+
+def test_replay_groups():
+    from loraserve.engine.prefill_graphs import MAX_GROUPS, PrefillGraphs
+
+    pg = PrefillGraphs.__new__(PrefillGraphs)  # groups() reads only the buckets
+    pg.sizes = [64, 128]
+    assert pg.groups([5] * 12) == [list(range(8)), list(range(8, 12))]
+    assert pg.groups([100, 20, 30, 90]) == [[0, 1], [2, 3]]  # at most 128 tokens each
+    assert pg.groups([128, 1]) == [[0], [1]]
+    assert pg.groups([129]) is None  # larger than a bucket: eager
+    assert pg.groups([100] * (MAX_GROUPS + 1)) is None  # too many replays: eager
+    assert pg.groups([]) is None
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,11 @@
 """The prompt rows of a step, padded to a fixed shape and replayed as CUDA graphs.
 
 An eager forward pass makes about 15 launches per layer plus the LoRA kernels': at 7B with
-adapters that was 46-59 ms of host time per mixed step on the H200 host, more than the device
-needed for the step's few prompts (docs/benchmarks.md, session 5). With ``--prefill-graphs``
-a step's prompt rows (up to ``MAX_SEQS`` sequences, up to the largest bucket of tokens) run
-as one graph replay instead; its decode rows replay the decode graphs (graphs.py) before it.
+adapters that was 46-121 ms of host time per mixed step on the H200 hosts, more than the
+device needed for the step's few prompts (docs/benchmarks.md, sessions 5 and 6). With prefill
+graphs (on by default with CUDA graphs) a step's prompt rows run as graph replays instead, up
+to ``MAX_SEQS`` sequences and the largest bucket of tokens each, up to ``MAX_GROUPS`` replays
+a step; its decode rows replay the decode graphs (graphs.py) before them.
 
 A bucket of T tokens and S = MAX_SEQS sequences:
 
@@ -43,7 +44,8 @@ from loraserve.request import Request
 
 logger = logging.getLogger(__name__)
 
-MAX_SEQS = 8  # prompt sequences per graphed step; a step with more runs eagerly
+MAX_SEQS = 8  # prompt sequences per replay
+MAX_GROUPS = 4  # replays per step; a step whose prompt rows need more runs them eagerly
 _BUCKETS = (64, 128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 
 
@@ -114,8 +116,23 @@ class PrefillGraphs:
                 time.perf_counter() - start,
             )
 
-    def fits(self, requests: list[Request], counts: list[int]) -> bool:
-        return 0 < len(requests) <= MAX_SEQS and sum(counts) <= self.sizes[-1]
+    def groups(self, counts: list[int]) -> list[list[int]] | None:
+        """Consecutive rows (by index into ``counts``, their new tokens) cut into groups that
+        one replay each takes (at most MAX_SEQS rows and the largest bucket's tokens), or
+        None when a row is larger than a bucket or more than MAX_GROUPS replays would be
+        needed (then the rows run eagerly). Each further replay reads the weights again: a
+        few ms, against tens of ms of host time for an eager pass."""
+        groups: list[list[int]] = []
+        tokens = 0
+        for i, n in enumerate(counts):
+            if n > self.sizes[-1]:
+                return None
+            if not groups or len(groups[-1]) == MAX_SEQS or tokens + n > self.sizes[-1]:
+                groups.append([])
+                tokens = 0
+            groups[-1].append(i)
+            tokens += n
+        return groups if 0 < len(groups) <= MAX_GROUPS else None
 
     def run(self, requests: list[Request], counts: list[int]) -> tuple[torch.Tensor, list[Request]]:
         """(logits [len(sampling), vocab] fp32, sampling): the requests whose new tokens reach

@@ -206,22 +206,26 @@ class ModelRunner:
 
     def _split_decode(
         self, scheduled: ScheduledBatch
-    ) -> tuple[list[Request], ScheduledBatch, bool] | None:
-        """(decode requests, the rest, whether the rest replays the prefill graphs) when
-        this step's decode rows should replay the decode graphs apart from its prompt rows:
-        always when the prompt rows fit the prefill graphs, else when there are at least
-        ``mixed_decode_graphs`` of them. None: one eager pass over every row."""
+    ) -> tuple[list[Request], ScheduledBatch, list[list[int]] | None] | None:
+        """(decode requests, the rest, the rest's prefill-graph replays) when this step's
+        decode rows should replay the decode graphs apart from its prompt rows: always when
+        the prompt rows fit the prefill graphs (the replays: groups of indices into the
+        rest, in adapter order), else (replays None: the prompt rows run eagerly) when there
+        are at least ``mixed_decode_graphs`` decode rows. None: one eager pass over every
+        row."""
         if self.graphs is None:
             return None
         decode, rest = self._partition(scheduled)
         if not rest.requests or not self.fits_graphs(len(decode)):
             return None
-        pg = self.prefill_graphs
-        if pg is not None and pg.fits(rest.requests, rest.num_scheduled):
-            return decode, rest, True
+        if self.prefill_graphs is not None:
+            order = sorted(range(len(rest.requests)), key=lambda i: _slot_key(rest.requests[i]))
+            groups = self.prefill_graphs.groups([rest.num_scheduled[i] for i in order])
+            if groups is not None:
+                return decode, rest, [[order[i] for i in group] for group in groups]
         if self.mixed_decode_graphs <= 0 or len(decode) < self.mixed_decode_graphs:
             return None
-        return decode, rest, False
+        return decode, rest, None
 
     @staticmethod
     def _partition(scheduled: ScheduledBatch) -> tuple[list[Request], ScheduledBatch]:
@@ -235,26 +239,30 @@ class ModelRunner:
         return decode, rest
 
     def _launch_split(
-        self, decode: list[Request], rest: ScheduledBatch, graphed: bool
+        self, decode: list[Request], rest: ScheduledBatch, replays: list[list[int]] | None
     ) -> PendingStep:
-        """The decode rows (if any) as one decode graph replay, then the prompt rows: as one
-        prefill graph replay (``graphed``: no eager launch in the step), or eagerly (a second
-        read of the weights, against an eager pass over every decode row: its kernel
+        """The decode rows (if any) as one decode graph replay, then the prompt rows: as
+        prefill graph replays (``replays``: no eager launch in the step), or eagerly (a
+        second read of the weights, against an eager pass over every decode row: its kernel
         launches, its LoRA in the eager kernels)."""
         decode = sorted(decode, key=_slot_key)
         parts = [self.graphs.run(decode)] if decode else []
-        if graphed:
-            order = sorted(range(len(rest.requests)), key=lambda i: _slot_key(rest.requests[i]))
-            logits, sampling = self.prefill_graphs.run(
-                [rest.requests[i] for i in order], [rest.num_scheduled[i] for i in order]
-            )
+        sampled = list(decode)
+        if replays is not None:
+            for group in replays:
+                logits, sampling = self.prefill_graphs.run(
+                    [rest.requests[i] for i in group], [rest.num_scheduled[i] for i in group]
+                )
+                if sampling:
+                    # A later replay of the same bucket overwrites its output buffer.
+                    parts.append(logits.clone() if len(replays) > 1 else logits)
+                    sampled += sampling
         else:
             batch, sampling = self.prepare(rest)
             hidden = self.model(batch)
-            logits = self.model.compute_logits(hidden) if sampling else None
-        if sampling:
-            parts.append(logits)
-        sampled = decode + sampling
+            if sampling:
+                parts.append(self.model.compute_logits(hidden))
+                sampled += sampling
         if not sampled:
             return PendingStep([], None)
         logits = torch.cat(parts) if len(parts) > 1 else parts[0]
