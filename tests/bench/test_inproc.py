@@ -67,6 +67,9 @@ def test_driver_end_to_end(engine_args):
         assert sum(phases.values()) <= k["avg_ms"] * (1 + 1e-6)
         assert sum(phases.values()) >= 0.2 * k["avg_ms"]
         assert 0 <= k["host_bound_share"] <= 1  # (on the CPU every step computes on the host)
+    passes = result["forward_passes"]  # no graphs on the CPU: every pass eager, one a step
+    assert passes["decode_graph"] == passes["prefill_graph"] == 0
+    assert passes["eager"] == sum(steps[k]["steps"] for k in ("decode", "mixed"))
     alloc = result["cuda_allocator"]  # torch's caching allocator events during the run
     if engine.device.type == "cuda":
         assert set(alloc) == {

@@ -204,6 +204,7 @@ class InprocDriver:
         limit = self.options.time_limit
         compiled0 = compiled_variants()
         alloc0 = allocator_counts(self.engine.device)
+        passes0 = forward_passes(self.engine)
         if self.options.host_profile:
             self.sampler = StackSampler(root=ENGINE_STEP).start()
         with tqdm(
@@ -238,6 +239,7 @@ class InprocDriver:
                 "steps": self._step_stats(wall),
                 "triton_compiles": new_variants(compiled0, compiled_variants()),
                 "cuda_allocator": _delta(alloc0, allocator_counts(self.engine.device)),
+                "forward_passes": _delta(passes0, forward_passes(self.engine)),
                 **({"host_profile": profile} if profile is not None else {}),
             },
         )
@@ -368,6 +370,17 @@ def allocator_counts(device) -> dict[str, int] | None:
         return None
     stats = torch.cuda.memory_stats(device)
     return {k: int(stats.get(k, 0)) for k in _ALLOCATOR_COUNTS}
+
+
+def forward_passes(engine: LLMEngine) -> dict[str, int]:
+    """Forward passes so far by kind: decode graph replays, prefill graph replays (a step
+    may make several), eager passes."""
+    runner = engine.runner
+    return {
+        "decode_graph": runner.graphs.steps if runner.graphs is not None else 0,
+        "prefill_graph": runner.prefill_graphs.steps if runner.prefill_graphs is not None else 0,
+        "eager": runner.eager_passes,
+    }
 
 
 def _delta(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[str, int] | None:

@@ -452,6 +452,12 @@ def format_run(where: str, r: dict[str, Any]) -> str:
             f", CUDA allocator during the run: {alloc['num_alloc_retries']} retries, "
             f"{alloc['num_device_alloc']} cudaMalloc, {alloc['num_device_free']} cudaFree"
         )
+    passes = r.get("forward_passes")
+    if passes:
+        line += (
+            f", forward passes: decode graph {passes['decode_graph']}, prefill graph "
+            f"{passes['prefill_graph']}, eager {passes['eager']}"
+        )
     loads = r.get("adapter_loads") or {}
     if "gpu_loads" in loads:
         line += f", adapter loads gpu {loads['gpu_loads']} host {loads['host_loads']}"

@@ -60,6 +60,7 @@ class ModelRunner:
         # In a step that also prefills, decode rows replay the decode graphs (and the prompt
         # rows run eagerly after them) when there are at least this many; 0: never.
         self.mixed_decode_graphs = mixed_decode_graphs
+        self.eager_passes = 0  # forward passes launched eagerly (not as graph replays)
         self.model = model
         self.block_size = block_size
         self.device = device
@@ -197,6 +198,7 @@ class ModelRunner:
         split = self._split_decode(scheduled)
         if split is not None:
             return self._launch_split(*split)
+        self.eager_passes += 1
         batch, sampling = self.prepare(scheduled)
         hidden = self.model(batch)
         if not sampling:
@@ -258,6 +260,7 @@ class ModelRunner:
                     parts.append(logits.clone() if len(replays) > 1 else logits)
                     sampled += sampling
         else:
+            self.eager_passes += 1
             batch, sampling = self.prepare(rest)
             hidden = self.model(batch)
             if sampling:
