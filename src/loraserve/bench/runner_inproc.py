@@ -191,6 +191,7 @@ class InprocDriver:
         self._io0 = 0.0
         self._staging0: dict[str, float] = {}
         self.sampler: StackSampler | None = None
+        self._adapter_bytes: dict[str, int] = {}
 
     def _now(self) -> float:
         return time.perf_counter() - self._start
@@ -309,10 +310,21 @@ class InprocDriver:
         some running request has more than one token to compute (a prefill)."""
         if not running or any(r.num_tokens - r.num_computed_tokens != 1 for r in running):
             return None
-        store = self.engine.adapter_store
         adapters = {r.adapter for r in running if r.adapter is not None}
-        adapter_bytes = sum(store.nbytes(a) for a in adapters if a in store)
+        adapter_bytes = sum(self._nbytes(a) for a in adapters)
         return sum(r.num_tokens for r in running) * self._kv_token, adapter_bytes
+
+    def _nbytes(self, adapter: str) -> int:
+        """An adapter's bytes, looked up in the store once (its lock is shared with the I/O
+        threads: not once per adapter per step)."""
+        nbytes = self._adapter_bytes.get(adapter)
+        if nbytes is None:
+            try:
+                nbytes = self.engine.adapter_store.nbytes(adapter)
+            except KeyError:  # unregistered since: its bytes are no longer known
+                return 0
+            self._adapter_bytes[adapter] = nbytes
+        return nbytes
 
     def _update(self, out: RequestOutput, now: float, bar: tqdm) -> None:
         live = self.live.get(out.request_id)
