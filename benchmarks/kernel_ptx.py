@@ -23,14 +23,15 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from loraserve.kernels import attention, lora
+from loraserve.kernels import attention, fused, lora
 
 # Pointer element types by argument name (bf16 activations and pool, fp32 partials).
 _FP32_PTRS = {"v_ptr", "scalings_ptr", "acc_ptr", "m_ptr", "l_ptr"}
 _I64_PTRS = {"row_offsets_ptr"}
-_BF16_PTRS = {"x_ptr", "y_ptr", "pool_ptr", "q_ptr", "k_ptr", "out_ptr"}
+_BF16_PTRS = {"x_ptr", "y_ptr", "pool_ptr", "q_ptr", "k_ptr", "out_ptr", "res_ptr", "w_ptr"}
+_BF16_PTRS |= {"sum_ptr", "gate_up_ptr"}
 _UNIT_STRIDES = {"stride_x_k", "stride_y_n"}
-_FLOATS = {"scale_log2"}
+_FLOATS = {"scale_log2", "eps"}
 
 # (kernel, constexprs, num_warps): a 7B q|k|v LoRA call at rank 64 and paged attention.
 KERNELS = {
@@ -100,6 +101,13 @@ KERNELS = {
         ),
         4,
     ),
+    # The per-layer fused kernels (7B: hidden 4096, intermediate 11008).
+    "_add_rms_norm_kernel": (
+        fused._add_rms_norm_kernel,
+        dict(H=4096, BLOCK=4096, HAS_RESIDUAL=True),
+        8,
+    ),
+    "_silu_and_mul_kernel": (fused._silu_and_mul_kernel, dict(BLOCK=1024), 4),
 }
 _ATTENTION = (attention._paged_decode_split_kernel, attention._paged_attention_kernel)
 

@@ -1,4 +1,4 @@
-"""The LoRA and attention kernels compiled for an H100/H200 (sm_90, no GPU needed) load
+"""The LoRA, attention and fused kernels compiled for an H100/H200 (sm_90, no GPU needed) load
 bf16 in 16-byte vectors. A K bound the compiler could not prove aligned (an unspecialised int in it)
 made the shrink kernels load one bf16 at a time: half speed on the H200 (GPU session 6)."""
 
@@ -41,6 +41,8 @@ def memory_ops():
         "_expand_prefill_kernel",
         "_paged_decode_split_kernel",
         "_paged_attention_kernel",
+        "_add_rms_norm_kernel",
+        "_silu_and_mul_kernel",
     ],
 )
 def test_kernels_load_16_byte_vectors(memory_ops, name):
