@@ -80,3 +80,20 @@ def test_rank_above_the_served_maximum_is_refused_when_packing():
     cache = make_cache()
     with pytest.raises(ValueError, match="max_lora_rank=8"):
         cache.pack(random_lora_weights("r16", MODEL, 16, ["q_proj"], seed=3))
+
+
+def test_staging_buffers_best_fit_and_as_large_as_the_largest_asked_for():
+    from loraserve.memory.adapter_cache import _StagingPool
+
+    pool = _StagingPool(torch.float32, pinned=False)
+    small, big = 1 << 22, 3 << 22
+    a = pool.take(small)
+    b = pool.take(big)
+    c = pool.take(small)  # made after a larger one: as large as it, so it fits any adapter
+    assert (a._base.numel(), b._base.numel(), c._base.numel()) == (small, big, big)
+    assert pool.allocations == 3
+    for buf in (b, a):  # the big one first: a first fit would take it
+        pool.give_back(buf, None)
+    again = pool.take(small)  # the smallest free buffer that fits, not the first
+    assert again._base.numel() == small
+    assert pool.take(big)._base.numel() == big and pool.allocations == 3

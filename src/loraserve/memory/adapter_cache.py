@@ -460,15 +460,25 @@ class _StagingPool:
         self.allocated_bytes = 0
         self.allocation_seconds = 0.0
         self._lock = threading.Lock()  # taken on the adapter I/O thread, given back on the engine's
+        self._largest = 0  # elements: the largest buffer asked for so far
 
     def take(self, numel: int) -> torch.Tensor:
+        """A free buffer of at least ``numel`` elements: the smallest that fits (a large one
+        stays for a large adapter), else a new one as large as the largest asked for so
+        far, so that every buffer made after the first large adapter fits any adapter."""
         with self._lock:
-            for i, (buf, event) in enumerate(self._buffers):
-                if buf.numel() >= numel and (event is None or event.query()):
-                    del self._buffers[i]
-                    return buf[:numel]
+            self._largest = max(self._largest, numel)
+            fits = [
+                (buf.numel(), i)
+                for i, (buf, event) in enumerate(self._buffers)
+                if buf.numel() >= numel and (event is None or event.query())
+            ]
+            if fits:
+                buf, _ = self._buffers.pop(min(fits)[1])
+                return buf[:numel]
+            size = max(self._largest, 1 << 22)
         start = time.perf_counter()
-        buf = torch.empty(max(numel, 1 << 22), dtype=self.dtype, pin_memory=self.pinned)
+        buf = torch.empty(size, dtype=self.dtype, pin_memory=self.pinned)
         with self._lock:
             self.allocations += 1
             self.allocated_bytes += buf.numel() * buf.element_size()
