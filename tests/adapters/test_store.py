@@ -176,6 +176,25 @@ def test_generated_adapters_go_through_the_lru():
     store.check_integrity()
 
 
+def test_evicted_weights_are_freed_outside_the_lock():
+    """Freeing an evicted adapter's host memory takes milliseconds; the engine thread must
+    not wait for it in its own store calls."""
+    import weakref
+
+    store = AdapterStore(MODEL, torch.float32, host_budget_bytes=SIZE)
+    for i, name in enumerate(["g0", "g1"]):
+        store.register_generated(
+            name,
+            lambda name=name, i=i: random_lora_weights(name, MODEL, 4, ["q_proj"], seed=i),
+            SIZE,
+        )
+    locked_at_free = []
+    weakref.finalize(store.get("g0"), lambda: locked_at_free.append(store._lock.locked()))
+    store.get("g1")  # evicts g0, whose last reference goes when g1 is kept
+    assert store.stats.host_evictions == 1
+    assert locked_at_free == [False]
+
+
 def test_store_dtype(adapters):
     store = AdapterStore(MODEL, torch.bfloat16, host_budget_bytes=SIZE)
     store.register("a", adapters["a"])

@@ -195,10 +195,14 @@ class AdapterStore:
                 del self._loading[name]
             future.set_exception(e)
             raise
+        evicted: list[LoRAWeights] = []
         with self._lock:
             del self._loading[name]
             if self._sources.get(name) is source:
-                self._keep(name, weights)
+                evicted = self._keep(name, weights)
+        # Freed here, outside the lock: freeing tens of MB of host memory takes milliseconds
+        # (munmap), which the engine thread would otherwise wait out in any store call.
+        del evicted
         future.set_result(weights)
         return weights
 
@@ -221,8 +225,9 @@ class AdapterStore:
             self._stats.disk_loads += 1
         return weights
 
-    def _keep(self, name: str, weights: LoRAWeights) -> None:
-        """Insert into the host LRU, evicting others to fit; called with the lock held."""
+    def _keep(self, name: str, weights: LoRAWeights) -> list[LoRAWeights]:
+        """Insert into the host LRU, evicting others to fit; called with the lock held.
+        Returns the evicted weights, for the caller to drop after releasing the lock."""
         size = weights.nbytes
         if size > self.host_budget_bytes:
             logger.info(
@@ -231,14 +236,17 @@ class AdapterStore:
                 size,
                 self.host_budget_bytes,
             )
-            return
+            return []
+        evicted = []
         while self._stats.host_bytes + size > self.host_budget_bytes:
-            victim, evicted = self._host.popitem(last=False)
-            self._stats.host_bytes -= evicted.nbytes
+            victim, dropped = self._host.popitem(last=False)
+            evicted.append(dropped)
+            self._stats.host_bytes -= dropped.nbytes
             self._stats.host_evictions += 1
             logger.debug("evicted adapter %r from host memory", victim)
         self._host[name] = weights
         self._stats.host_bytes += size
+        return evicted
 
     def _source(self, name: str) -> _Source:
         source = self._sources.get(name)
