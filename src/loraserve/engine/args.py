@@ -103,10 +103,10 @@ class EngineArgs:
     )
     prefill_graphs: bool | None = _opt(
         None,
-        "replay the prompt rows of a step (up to 8 prompts, up to 4096 tokens, padded to a "
-        "bucket) as a CUDA graph too, after its decode rows' graph: no eager launches in "
-        "mixed steps; default: on with CUDA graphs (but not with --lora-backend bmm, the "
-        "padded ablation), else off",
+        "replay the prompt rows of a step as CUDA graphs too (up to 4 replays of up to 8 "
+        "prompts and 4096 tokens each, padded to a bucket), after its decode rows' graph: no "
+        "eager launches in mixed steps; default: on with CUDA graphs (but not with "
+        "--lora-backend bmm, the padded ablation), else off",
     )
     mixed_decode_graphs: int | None = _opt(
         None,
