@@ -8,7 +8,7 @@ import torch
 
 from loraserve.adapters.peft import random_lora_weights
 from loraserve.config import LORA_TARGETS, ModelConfig
-from loraserve.memory.adapter_cache import AdapterCache
+from loraserve.memory.adapter_cache import AdapterCache, _page_runs
 from loraserve.memory.pool import PageKind, PagePool
 
 # hidden 24, GQA 4/2 heads of 6 (kv 12), intermediate 40: widths 24, 12 and 40
@@ -22,8 +22,12 @@ def make_cache(num_pages: int = 40, max_loras: int = 4) -> AdapterCache:
     return AdapterCache(pool, MODEL, max_loras, max_rank=8)
 
 
-def test_rows_are_where_the_tables_point():
+@pytest.mark.parametrize("fragmented", [False, True])
+def test_rows_are_where_the_tables_point(fragmented):
     cache = make_cache()
+    if fragmented:  # free pages scattered between used ones: copies of single pages and runs
+        held = cache.pool.allocate(12, PageKind.KV)
+        cache.pool.free(held[::2])
     targets = ["q_proj", "v_proj", "o_proj", "down_proj"]
     weights = random_lora_weights("a", MODEL, 5, targets, seed=0)
     packed = cache.pack(weights)
@@ -46,6 +50,9 @@ def test_rows_are_where_the_tables_point():
                     assert start // PAGE == (start + width - 1) // PAGE, "a row crosses a page"
                     assert start // PAGE in cache.get("a").pages
                     assert torch.equal(pool[start : start + width], rows[j])
+    pages = cache.get("a").pages
+    runs = [n for _, _, n in _page_runs(pages)]
+    assert (max(runs) > 1 and len(runs) > 1) if fragmented else len(runs) == 1, pages
     cache.check_integrity()
 
 
@@ -97,3 +104,9 @@ def test_staging_buffers_best_fit_and_as_large_as_the_largest_asked_for():
     again = pool.take(small)  # the smallest free buffer that fits, not the first
     assert again._base.numel() == small
     assert pool.take(big)._base.numel() == big and pool.allocations == 3
+
+
+def test_page_runs():
+    assert _page_runs([4, 5, 6, 9, 2, 3, 10]) == [(0, 4, 3), (3, 9, 1), (4, 2, 2), (6, 10, 1)]
+    assert _page_runs([7]) == [(0, 7, 1)]
+    assert _page_runs([]) == []

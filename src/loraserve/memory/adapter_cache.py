@@ -369,9 +369,15 @@ class AdapterCache:
             self.ranks[adapter.slot],
             self.scalings[adapter.slot],
         )
+        # One copy per run of consecutive page ids (freshly freed pages often are): fewer
+        # copy launches on the engine thread.
+        copies = [
+            (self.pool.buffer[p : p + n], staging[k * page : (k + n) * page].view(n, page))
+            for k, p, n in _page_runs(adapter.pages)
+        ]
         if self._stream is None:
-            for k, p in enumerate(adapter.pages):
-                self.pool.buffer[p].copy_(staging[k * page : (k + 1) * page])
+            for dst, src in copies:
+                dst.copy_(src)
             for dst, src in zip(targets, tables, strict=True):
                 dst.copy_(src)
             self._staging.give_back(staging, None)
@@ -379,8 +385,8 @@ class AdapterCache:
         # The pages may have held KV that the current stream still reads: order after it.
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
-            for k, p in enumerate(adapter.pages):
-                self.pool.buffer[p].copy_(staging[k * page : (k + 1) * page], non_blocking=True)
+            for dst, src in copies:
+                dst.copy_(src, non_blocking=True)
             for dst, src in zip(targets, tables, strict=True):
                 dst.copy_(src, non_blocking=True)
             adapter.ready_event = torch.cuda.Event()
@@ -398,6 +404,19 @@ class AdapterCache:
         slots = [a.slot for a in self._resident.values()]
         assert len(slots) == len(set(slots)) and not set(slots) & set(self._free_slots)
         assert all(a.refcount >= 0 for a in self._resident.values())
+
+
+def _page_runs(pages: list[int]) -> list[tuple[int, int, int]]:
+    """(index of the run's first page in ``pages``, its first page id, its length) for each
+    run of consecutive page ids, in order."""
+    runs: list[tuple[int, int, int]] = []
+    for k, p in enumerate(pages):
+        if runs and runs[-1][1] + runs[-1][2] == p:
+            first, start, n = runs[-1]
+            runs[-1] = (first, start, n + 1)
+        else:
+            runs.append((k, p, 1))
+    return runs
 
 
 @dataclass
