@@ -18,6 +18,7 @@
 #               50 s trace cut at 70 s, one call (bench --variant)                (8)
 #   s2n2000_nooverlap ... with --no-overlap-steps                                 (6)
 #   s2n2000_pg  default vs --prefill-graphs and base, one 50 s trace cut at 70 s     (6)
+#   s2n2000_oa  default vs --overlap-admission and base, the same way                 (6)
 #   profile128  profile_step.py at batch 128, with and without adapters           (2)
 #   lora_bf16   Triton vs torch LoRA tokens in bf16, bank adapters                (1)
 #   attention   split-KV vs one-pass decode attention                             (1)
@@ -57,6 +58,10 @@ for part in "$@"; do
       bench 570 --setting "$s" -n 2000 --rate 40 --duration 50 --baselines base \
         --time-limit 70 --variant 'split=--mixed-decode-graphs 64' \
         --variant 'nooverlap=--no-overlap-steps' --out "$OUT/bench_${s}_n2000_r40_ab.json" ;;
+    s2n2000_oa)  # steps that admit prompts queued ahead too (--overlap-admission), one trace
+      bench 560 --setting S2 -n 2000 --rate 40 --duration 50 --baselines base \
+        --time-limit 70 --variant 'oa=--overlap-admission' \
+        --out "$OUT/bench_S2_n2000_r40_oa.json" ;;
     s2n2000_pg)  # prompt rows as graph replays too (--prefill-graphs), on one trace
       bench 560 --setting S2 -n 2000 --rate 40 --duration 50 --baselines base \
         --time-limit 70 --variant 'pg=--prefill-graphs' \

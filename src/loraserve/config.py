@@ -343,6 +343,9 @@ class EngineConfig:
     # Graphed decode steps that continue unchanged are queued one step ahead, so the host's
     # work for a step overlaps the device's work on the one before (LLMEngine._launch_next).
     overlap_steps: bool = False
+    # With overlap_steps: a step that admits prompts is queued ahead too (its decode rows from
+    # the device's samples, its prompts as prefill graphs), when their adapters are ready.
+    overlap_admission: bool = False
     # The prompt rows of a step replayed as padded CUDA graphs (engine/prefill_graphs.py).
     prefill_graphs: bool = False
     # In a step that also prefills, at least this many decode rows replay the decode graphs

@@ -6,6 +6,7 @@ could not know in advance, aborts, late arrivals, and no page left behind."""
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 
@@ -282,3 +283,93 @@ def test_drain_drops_a_step_queued_for_requests_that_have_finished(setup):
     assert outs["0"].finish_reason == "stop" and engine._inflight is not None
     engine.add_request([7, 8, 9], SamplingParams(max_tokens=3), request_id="next")
     assert [o.request_id for o in engine.step()] == ["next"]  # the next step(), at once
+
+
+def count_admitted_ahead(engine) -> tuple[list[int], Counter]:
+    """([queued steps that admitted prompts, prompts admitted so], how often each request
+    was launched from its first prompt token): a prompt must be prefilled once."""
+    calls, prefills = [0, 0], Counter()
+    real_next, real_launch = engine.runner.launch_next, engine.runner.launch
+
+    def first_rows(requests):
+        prefills.update(r.request_id for r in requests if r.num_computed_tokens == 0)
+
+    def launch_next(pending, requests, prompts=None):
+        if prompts is not None and prompts.requests:
+            calls[0] += 1
+            calls[1] += len(prompts.requests)
+            first_rows(prompts.requests)
+            admitted.extend(prompts.requests)
+        return real_next(pending, requests, prompts)
+
+    def launch(scheduled):
+        first_rows(scheduled.requests)
+        return real_launch(scheduled)
+
+    engine.runner.launch_next, engine.runner.launch = launch_next, launch
+    admitted = engine.admitted_ahead = []  # for check_computed
+    return calls, prefills
+
+
+def check_computed(engine):
+    """Every prompt admitted ahead that ran to its length has all but its last token
+    computed (its prompt counted when the queued step was collected)."""
+    done = [r for r in engine.admitted_ahead if r.finish_reason == "length"]
+    assert done and all(r.num_computed_tokens == r.num_tokens - 1 for r in done)
+
+
+@pytest.mark.parametrize("prefill_graphs", [True, False])
+def test_overlap_admission_gives_the_same_outputs(setup, prefill_graphs):
+    """--overlap-admission: prompts arriving while a batch decodes join a step queued behind
+    the running one (its decode rows read that step's samples on the device; the prompts are
+    prefill-graph replays, or an eager pass). Outputs are those of the plain loop, with
+    stop tokens, aborts and a late arrival whose adapter is not loaded yet."""
+    base = workload(n=5, seed=6)
+    late = workload(n=4, seed=7)
+    plain = drive(make_engine(setup, overlap=False), base)
+    stop = plain["1"].token_ids[len(plain["1"].token_ids) // 2]
+    base = workload(stop_token=stop, n=5, seed=6)
+
+    def arrive(engine, first, last):
+        for j in range(first, last):
+            prompt, params, adapter = late[j]
+            engine.add_request(prompt, params, request_id=f"late{j}", adapter=adapter)
+
+    events = {
+        3: lambda e: arrive(e, 0, 2),
+        5: lambda e: e.abort("0"),
+        7: lambda e: arrive(e, 2, 4),
+    }
+    plain = drive(make_engine(setup, overlap=False), base, dict(events))
+    engine = make_engine(setup, overlap=True, overlap_admission=True, prefill_graphs=prefill_graphs)
+    warm_adapters(engine)
+    ahead, prefills = count_admitted_ahead(engine)
+    got = drive(engine, base, dict(events))
+    assert_same(got, plain)
+    assert ahead[0] >= 1 and ahead[1] >= 2  # the late prompts joined queued steps
+    assert set(prefills.values()) == {1}  # and were not prefilled again
+    check_computed(engine)
+    assert any(o.finish_reason == "stop" for o in plain.values())
+
+
+@pytest.mark.parametrize("num_pages", [None, 18])
+def test_overlap_admission_with_a_queue(setup, num_pages):
+    """More requests than sequence slots: queued prompts start in steps queued ahead as slots
+    free up; with a pool too small for every request (18 pages), admission ahead stops where
+    pages run short and the normal step preempts. Outputs are the plain loop's."""
+    requests = workload(n=8, seed=8)  # lengths differ: slots free up one at a time
+    for _, params, _ in requests:
+        if num_pages is not None:
+            params.max_tokens = 40
+    kw = dict(num_pages=num_pages, max_num_seqs=4)
+    plain = drive(make_engine(setup, overlap=False, **kw), requests)
+    engine = make_engine(setup, overlap=True, overlap_admission=True, **kw)
+    warm_adapters(engine)
+    ahead, prefills = count_admitted_ahead(engine)
+    assert_same(drive(engine, requests), plain)
+    if num_pages is None:
+        assert ahead[0] >= 1  # queued prompts started in queued steps
+        assert set(prefills.values()) == {1}
+        check_computed(engine)
+    else:
+        assert sum(o.num_preemptions for o in plain.values()) > 0  # the pressure is real

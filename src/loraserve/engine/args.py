@@ -101,6 +101,12 @@ class EngineArgs:
         "queue a graphed decode step that continues the batch unchanged before the one ahead "
         "of it has finished, so the host's work overlaps the device's (only with CUDA graphs)",
     )
+    overlap_admission: bool = _opt(
+        False,
+        "also queue ahead a step that admits prompts (experimental, not yet measured on a "
+        "GPU): its decode rows read the tokens the step ahead samples on the device, its "
+        "prompts (those whose adapters are resident, in arrival order) are filled meanwhile",
+    )
     prefill_graphs: bool | None = _opt(
         None,
         "replay the prompt rows of a step as CUDA graphs too (up to 4 replays of up to 8 "
@@ -230,6 +236,7 @@ class EngineArgs:
             lora_backend=self.lora_backend,
             cuda_graph_max_batch=graph_batch,
             overlap_steps=self.overlap_steps,
+            overlap_admission=self.overlap_admission,
             prefill_graphs=self._prefill_graphs(graph_batch),
             mixed_decode_graphs=int(
                 self._with_graphs(

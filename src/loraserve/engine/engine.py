@@ -380,8 +380,11 @@ class LLMEngine:
         anything that reuses them is queued behind this step on the device.
         """
         sched = self.scheduler
-        if sched.waiting and (
+        admit = bool(sched.waiting) and (
             self.config.scheduler.ttft_deadline is not None or not sched.holds_prompts()
+        )
+        if admit and (
+            not self.config.overlap_admission or self.config.scheduler.ttft_deadline is not None
         ):
             return None
         rows = {id(r) for r in pending.sampled}
@@ -394,13 +397,23 @@ class LLMEngine:
             and len(r.output_token_ids) + 1 < r.params.max_tokens
             and r.num_tokens + 1 < self.max_model_len
         ]
-        if not requests or not self.runner.fits_graphs(len(requests)):
+        if not self.runner.fits_graphs(len(requests)) or not (requests or admit):
             return None
         for r in requests:  # one more token: the one ``pending`` samples
             if not self.kv.allocate(r, r.num_tokens + 1):
                 return None  # no preemption on a guess: the next call schedules normally
-        batch = ScheduledBatch(requests, [1] * len(requests))
-        return batch, self.runner.launch_next(pending, requests)
+        batch = ScheduledBatch(list(requests), [1] * len(requests))
+        prompts = None
+        if admit:  # (overlap_admission) prompts whose adapters are ready, after those rows
+            budget = self.config.scheduler.max_num_batched_tokens - len(requests)
+            prompts = sched.admit_ready(budget)
+            if not prompts.requests:
+                # The queue's head is not ready (or does not fit): the next call schedules
+                # normally (adapter loads, lookahead past it, failures).
+                return None
+            for r, n in zip(prompts.requests, prompts.num_scheduled, strict=True):
+                batch.add(r, n)
+        return batch, self.runner.launch_next(pending, requests, prompts)
 
     def _fail(self, request: Request) -> RequestOutput:
         request.finish_reason = FinishReason.ERROR

@@ -220,11 +220,9 @@ class ModelRunner:
         decode, rest = self._partition(scheduled)
         if not rest.requests or not self.fits_graphs(len(decode)):
             return None
-        if self.prefill_graphs is not None:
-            order = sorted(range(len(rest.requests)), key=lambda i: _slot_key(rest.requests[i]))
-            groups = self.prefill_graphs.groups([rest.num_scheduled[i] for i in order])
-            if groups is not None:
-                return decode, rest, [[order[i] for i in group] for group in groups]
+        replays = self._replays(rest)
+        if replays is not None:
+            return decode, rest, replays
         if self.mixed_decode_graphs <= 0 or len(decode) < self.mixed_decode_graphs:
             return None
         return decode, rest, None
@@ -249,7 +247,18 @@ class ModelRunner:
         launches, its LoRA in the eager kernels)."""
         decode = sorted(decode, key=_slot_key)
         parts = [self.graphs.run(decode)] if decode else []
-        sampled = list(decode)
+        return self._with_prompts(parts, decode, rest, replays)
+
+    def _with_prompts(
+        self,
+        parts: list[torch.Tensor],
+        sampled: list[Request],
+        rest: ScheduledBatch,
+        replays: list[list[int]] | None,
+    ) -> PendingStep:
+        """Launch the prompt rows ``rest`` after the decode part (``parts``: its logits, for
+        ``sampled``) and sample the step."""
+        sampled = list(sampled)
         if replays is not None:
             for group in replays:
                 logits, sampling = self.prefill_graphs.run(
@@ -259,7 +268,7 @@ class ModelRunner:
                     # A later replay of the same bucket overwrites its output buffer.
                     parts.append(logits.clone() if len(replays) > 1 else logits)
                     sampled += sampling
-        else:
+        elif rest.requests:
             self.eager_passes += 1
             batch, sampling = self.prepare(rest)
             hidden = self.model(batch)
@@ -271,18 +280,37 @@ class ModelRunner:
         logits = torch.cat(parts) if len(parts) > 1 else parts[0]
         return PendingStep(sampled, self.sampler.launch(logits, sampled))
 
+    def _replays(self, rest: ScheduledBatch) -> list[list[int]] | None:
+        """``rest``'s prompt rows as prefill-graph replays (index groups in adapter order),
+        or None when they run eagerly."""
+        if self.prefill_graphs is None:
+            return None
+        order = sorted(range(len(rest.requests)), key=lambda i: _slot_key(rest.requests[i]))
+        groups = self.prefill_graphs.groups([rest.num_scheduled[i] for i in order])
+        return None if groups is None else [[order[i] for i in group] for group in groups]
+
     @torch.inference_mode()
-    def launch_next(self, pending: PendingStep, requests: list[Request]) -> PendingStep:
+    def launch_next(
+        self,
+        pending: PendingStep,
+        requests: list[Request],
+        prompts: ScheduledBatch | None = None,
+    ) -> PendingStep:
         """Enqueue a graphed decode step after ``pending`` (any step not yet collected) for
         ``requests``, some of the requests it samples: each one's input is the token
         ``pending`` samples for it, read on the device. Their block tables must already
-        cover it."""
+        cover it. ``prompts``: newly admitted prompt rows launched after them (prefill
+        graphs, else eagerly: their inputs do not depend on ``pending``)."""
         assert self.graphs is not None and pending.samples is not None
-        row = {id(r): i for i, r in enumerate(pending.sampled)}
-        requests = sorted(requests, key=_slot_key)
-        prev = (pending.samples.device_tokens, [row[id(r)] for r in requests])
-        logits = self.graphs.run(requests, prev)
-        return PendingStep(requests, self.sampler.launch(logits, requests))
+        parts, requests = [], sorted(requests, key=_slot_key)
+        if requests:
+            row = {id(r): i for i, r in enumerate(pending.sampled)}
+            prev = (pending.samples.device_tokens, [row[id(r)] for r in requests])
+            parts.append(self.graphs.run(requests, prev))
+        if prompts is None or not prompts.requests:
+            return PendingStep(requests, self.sampler.launch(parts[0], requests))
+        self._wait_for_adapters(prompts.requests)
+        return self._with_prompts(parts, requests, prompts, self._replays(prompts))
 
     def fits_graphs(self, num_requests: int) -> bool:
         return self.graphs is not None and num_requests <= self.graphs.sizes[-1]

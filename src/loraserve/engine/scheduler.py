@@ -198,15 +198,45 @@ class Scheduler:
                 return
             if not self.kv.allocate(request, end):
                 return
-            self.waiting.remove(request)
-            self._pin(request)
-            self._last_admission = self.clock()
-            if request.first_scheduled_time is None:
-                request.first_scheduled_time = self._last_admission
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            batch.add(request, n)
+            self._start(request, batch, n)
             budget -= n
+
+    def admit_ready(self, budget: int) -> ScheduledBatch:
+        """Admit waiting prompts for a step queued ahead (LLMEngine._launch_next): in arrival
+        order, stopping at the first one whose adapter is not resident and copied yet (no
+        load starts here, nothing fails), or that the token budget, a sequence slot or its
+        pages cannot take."""
+        batch = ScheduledBatch()
+        cache = self.adapters.cache
+        for request in list(self.waiting):
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            if request.adapter is not None:
+                if not cache.is_ready(request.adapter):
+                    break
+                if not request.adapter_looked_up:  # as _adapter_ready counts it
+                    request.adapter_looked_up = True
+                    cache.stats.gpu_hits += 1
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            end = request.num_computed_tokens + n
+            if self.kv.pool.num_free < self.kv.extra_blocks(request, end) + self.watermark_pages:
+                break
+            if not self.kv.allocate(request, end):
+                break
+            self._start(request, batch, n)
+            budget -= n
+        return batch
+
+    def _start(self, request: Request, batch: ScheduledBatch, n: int) -> None:
+        """Move an admitted request from the queue into the batch."""
+        self.waiting.remove(request)
+        self._pin(request)
+        self._last_admission = self.clock()
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = self._last_admission
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        batch.add(request, n)
 
     def _adapter_ready(self, request: Request, batch: ScheduledBatch) -> bool:
         if request.adapter is None:
