@@ -42,6 +42,19 @@ def warm_adapters(engine):
     return engine
 
 
+def count_calls(owner, name: str) -> list[int]:
+    """Wrap ``owner.name``: [calls so far]."""
+    calls = [0]
+    real = getattr(owner, name)
+
+    def counted(*args):
+        calls[0] += 1
+        return real(*args)
+
+    setattr(owner, name, counted)
+    return calls
+
+
 def count_continued(engine) -> list[int]:
     """Wrap the runner's launch and launch_next: [steps launched after the engine had the
     previous step's tokens, steps queued behind one still running]."""
@@ -250,14 +263,7 @@ def test_mixed_steps_with_decode_rows_in_the_graphs(setup, overlap):
 
     plain = drive(make_engine(setup, overlap=False), base, events={3: arrive})
     engine = warm_adapters(make_engine(setup, overlap=overlap, mixed_decode_graphs=2))
-    splits = [0]
-    real = engine.runner._launch_split
-
-    def launch_split(*args):
-        splits[0] += 1
-        return real(*args)
-
-    engine.runner._launch_split = launch_split
+    splits = count_calls(engine.runner, "_launch_split")
     split = drive(engine, base, events={3: arrive})
     assert splits[0] >= 1
     assert_same(split, plain)

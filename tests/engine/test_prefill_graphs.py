@@ -12,7 +12,7 @@ from loraserve.engine.args import EngineArgs
 from loraserve.engine.prefill_graphs import MAX_SEQS, token_buckets
 from loraserve.request import SamplingParams
 
-from .test_overlap import assert_same, drive, warm_adapters
+from .test_overlap import assert_same, count_calls, drive, warm_adapters
 
 
 def make_engine(setup, prefill_graphs: bool, **kw):
@@ -44,15 +44,7 @@ def workload(n: int, seed: int, long: int = 12):
 
 
 def count_graphed(engine) -> list[int]:
-    calls = [0]
-    real = engine.runner.prefill_graphs.run
-
-    def counted(*args):
-        calls[0] += 1
-        return real(*args)
-
-    engine.runner.prefill_graphs.run = counted
-    return calls
+    return count_calls(engine.runner.prefill_graphs, "run")
 
 
 def test_buckets():
@@ -81,15 +73,7 @@ def test_prefill_graphs_give_the_eager_outputs(graph_setup, backend):
 
 
 def count_eager(engine) -> list[int]:
-    calls = [0]
-    real = engine.runner.prepare
-
-    def counted(*args):
-        calls[0] += 1
-        return real(*args)
-
-    engine.runner.prepare = counted
-    return calls
+    return count_calls(engine.runner, "prepare")
 
 
 def test_chunked_prompts_and_more_prompts_than_a_graph_takes(graph_setup):
