@@ -368,7 +368,9 @@ def test_overlap_admission_with_a_queue(setup, num_pages):
         if num_pages is not None:
             params.max_tokens = 40
     kw = dict(num_pages=num_pages, max_num_seqs=4)
-    plain = drive(make_engine(setup, overlap=False, **kw), requests)
+    # Adapters resident in both engines: when a request starts (and so the page pressure)
+    # does not depend on when a background load lands.
+    plain = drive(warm_adapters(make_engine(setup, overlap=False, **kw)), requests)
     engine = make_engine(setup, overlap=True, overlap_admission=True, **kw)
     warm_adapters(engine)
     ahead, prefills = count_admitted_ahead(engine)
