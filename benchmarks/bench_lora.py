@@ -28,6 +28,7 @@ import triton
 import triton.testing
 
 from loraserve.kernels.lora import (
+    GROUP_TILE_ROWS,
     LoRABatch,
     LoRATiles,
     _expand,
@@ -96,9 +97,16 @@ POOL_BYTES: int | None = None
 
 
 def make_case(
-    seg_lens: list[int], num_distinct: int, rank: int, call: str, row_align: int = 8
+    seg_lens: list[int],
+    num_distinct: int,
+    rank: int,
+    call: str,
+    row_align: int = 8,
+    sorted_slots: bool = False,
 ) -> Case:
-    """Segment s uses slot s % num_distinct; every target has rank ``rank``, scaling 0.5.
+    """Segment s uses slot s % num_distinct (``sorted_slots``: s * num_distinct // S, one
+    adapter's segments side by side, as the engine orders decode rows); every target has
+    rank ``rank``, scaling 0.5.
 
     Rows are HIDDEN apart (or spread over POOL_BYTES), offsets multiples of any row_align up
     to HIDDEN.
@@ -118,6 +126,8 @@ def make_case(
         rows = pool.view(num_rows, stride)[:, :HIDDEN]
         rows.normal_(0.0, 0.02)
     slots = torch.arange(len(seg_lens)) % num_distinct
+    if sorted_slots:
+        slots = torch.arange(len(seg_lens)) * num_distinct // len(seg_lens)
     starts = torch.tensor([0, *seg_lens]).cumsum(0)
     batch = LoRABatch(
         seg_start=starts.to(torch.int32).cuda(),
@@ -143,6 +153,30 @@ def make_case(
         token_slot=slots.repeat_interleave(torch.tensor(seg_lens)).cuda(),
         num_distinct=num_distinct,
     )
+
+
+def group_rows(case: Case) -> Case:
+    """The case's segments as a grouped decode batch (engine/graphs.py with group_lora):
+    16-row tiles over a tile map padded to its worst case, with a live count (persistent
+    grids)."""
+    b = case.batch
+    starts = b.seg_start.tolist()
+    entries = [
+        (s, m)
+        for s in range(b.num_segments)
+        for m in range(-(-(starts[s + 1] - starts[s]) // GROUP_TILE_ROWS))
+    ]
+    rows = case.x.shape[0]
+    worst = rows + -(-rows // GROUP_TILE_ROWS)
+    entries += [(-1, -1)] * (worst - len(entries))
+    tile_map = torch.tensor(entries, dtype=torch.int32, device="cuda")
+    b.tile_maps = (tile_map, tile_map)
+    b.tile_rows = (GROUP_TILE_ROWS, GROUP_TILE_ROWS)
+    b.tile_count = torch.tensor(
+        [len(entries) - entries.count((-1, -1))], dtype=torch.int32, device="cuda"
+    )
+    b.grouped_rows = rows
+    return case
 
 
 def naive_apply(case: Case) -> None:
@@ -238,10 +272,17 @@ def check_naive(seg_lens: list[int], rank: int) -> float:
 
 # --sweep: one block size changed at a time from pick_tiles' choice, shrink and expand timed
 # apart (graph replays), to tune pick_tiles
+S2_GROUPS = [5] * 48 + [4] * 4  # S2 at saturation: 256 decode rows of ~52 distinct adapters
 SWEEP_CASES = [  # (phase, segment lengths, distinct adapters, rank, call)
     ("decode", [1] * 256, 256, 64, "qkv"),
     ("decode", [1] * 256, 52, 64, "qkv"),  # S2 at saturation: ~52 distinct adapters
     ("decode", [1] * 256, 52, 64, "o"),
+    ("sorted", [1] * 256, 52, 64, "qkv"),  # the same rows side by side by adapter
+    ("sorted", [1] * 256, 52, 64, "o"),
+    ("gdecode", S2_GROUPS, 52, 64, "qkv"),  # the same rows grouped (the decode graphs)
+    ("gdecode", S2_GROUPS, 52, 64, "o"),
+    ("gdecode", [1] * 32, 32, 16, "o"),
+    ("gdecode", [4] * 64, 64, 16, "qkv"),
     ("decode", [1] * 32, 32, 16, "o"),
     ("decode", [1], 1, 16, "qkv"),
     ("prefill", [512] * 4, 4, 16, "qkv"),
@@ -256,6 +297,15 @@ DECODE_KNOBS = {
     "block_n": [64, 128, 256, 512],
     "expand_warps": [2, 8],
     "n_group": [1, 2, 4, 8, 16, 32],
+}
+GROUPED_KNOBS = {
+    "split_k": [1, 2, 4, 8],
+    "block_c": [64, 256],
+    "block_k": [32, 128],
+    "shrink_warps": [2, 8],
+    "block_r": [16, 64],
+    "block_n": [64, 256],
+    "expand_warps": [2, 8],
 }
 PREFILL_KNOBS = {
     "block_m": [32, 64, 128],
@@ -292,13 +342,18 @@ def sweep(args: argparse.Namespace) -> list[dict]:
     rows = []
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     for phase, seg_lens, distinct, rank, call in SWEEP_CASES:
-        case = make_case(seg_lens, distinct, rank, call, args.row_align)
+        sort = phase in ("sorted", "gdecode")
+        case = make_case(seg_lens, distinct, rank, call, args.row_align, sort)
+        if phase == "gdecode":
+            group_rows(case)
         default = pick_tiles(case.batch, HIDDEN, len(case.out_slices), HIDDEN, num_sms)
         knobs = DECODE_KNOBS if default.block_m == 1 else PREFILL_KNOBS
+        if phase == "gdecode":
+            knobs = GROUPED_KNOBS
         for tiles in _variants(default, knobs, rank):
             shrink_us, expand_us = _time_variant(case, tiles)
             rows.append(
-                dict(phase=phase, call=call, rank=rank, tokens=sum(seg_lens),
+                dict(phase=phase, call=call, rank=rank, tokens=sum(seg_lens), distinct=distinct,
                      default=tiles == default, tiles=tuple(tiles),
                      shrink_us=shrink_us, expand_us=expand_us)
             )  # fmt: skip

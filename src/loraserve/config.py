@@ -348,6 +348,8 @@ class EngineConfig:
     overlap_admission: bool = False
     # The prompt rows of a step replayed as padded CUDA graphs (engine/prefill_graphs.py).
     prefill_graphs: bool = False
+    # Decode graphs run each adapter's rows as one LoRA segment (engine/graphs.py).
+    group_lora_rows: bool = True
     # In a step that also prefills, at least this many decode rows replay the decode graphs
     # apart from the prompt rows (ModelRunner._launch_split); 0: every row runs eagerly.
     mixed_decode_graphs: int = 0

@@ -25,9 +25,9 @@ def setup(graph_setup):
     return graph_setup
 
 
-def run(model_dir, adapters, graph_batch, names, prompts):
+def run(model_dir, adapters, graph_batch, names, prompts, **engine_args):
     engine = EngineArgs(
-        model=str(model_dir), dtype="float32", cuda_graph_max_batch=graph_batch
+        model=str(model_dir), dtype="float32", cuda_graph_max_batch=graph_batch, **engine_args
     ).create_engine()
     for name, path in adapters.items():
         engine.add_adapter(name, path)
@@ -49,13 +49,26 @@ def run(model_dir, adapters, graph_batch, names, prompts):
     return [outs[str(i)] for i in range(len(prompts))], reserved
 
 
-@pytest.mark.parametrize("graph_batch", [2, 8])
-def test_padded_decode_matches_eager(setup, graph_batch):
+@pytest.mark.parametrize(
+    ("graph_batch", "lora_backend", "group"),
+    [(2, "auto", True), (8, "auto", True), (8, "triton", True), (8, "triton", False)],
+)
+def test_padded_decode_matches_eager(setup, graph_batch, lora_backend, group):
+    """Also with the Triton kernels: rows of one adapter grouped into one segment (16-row
+    tiles over a persistent tile map) or one segment per row (matrix-vector kernels)."""
     model_dir, adapters = setup
     names = ["a", None, "b", "a", None]
     prompts = [[5, 6, 7], [9] * 12, [30, 31], [44, 45, 46, 47], [8, 8]]
     eager, reserved_eager = run(model_dir, adapters, 0, names, prompts)
-    padded, reserved = run(model_dir, adapters, graph_batch, names, prompts)
+    padded, reserved = run(
+        model_dir,
+        adapters,
+        graph_batch,
+        names,
+        prompts,
+        lora_backend=lora_backend,
+        group_lora_rows=group,
+    )
     assert (reserved_eager, reserved) == (0, 1)
     for e, p in zip(eager, padded, strict=True):
         assert e.token_ids == p.token_ids
@@ -108,7 +121,7 @@ def test_block_tables_rewritten_only_where_changed_and_always_complete(setup):
 
     def expected(requests):
         cols = [r.block_table for r in requests] + [[]] * (4 - len(requests))
-        width = static.hosts[0].shape[0] - 5
+        width = static.hosts[0].shape[0] - static.head
         return torch.tensor([c + [scratch] * (width - len(c)) for c in cols]).t()
 
     a, b, c = req("a", [3, 4, 5]), req("b", [7]), req("c", [9, 10])
@@ -117,8 +130,9 @@ def test_block_tables_rewritten_only_where_changed_and_always_complete(setup):
         if i == 2:
             a.block_table.append(11)  # a grows by a page
         turn = i % 2  # the two host buffers in turn: each keeps its own record
-        graphs._fill_tables(static.hosts[turn][5:].numpy(), static.tables[turn], requests)
-        assert torch.equal(static.hosts[turn][5:], expected(requests)), i
+        tables = static.hosts[turn][static.head :]
+        graphs._fill_tables(tables.numpy(), static.tables[turn], requests)
+        assert torch.equal(tables, expected(requests)), i
 
 
 def test_lora_launches_only_for_targets_of_the_steps_adapters(setup, monkeypatch):
@@ -159,3 +173,36 @@ def test_lora_launches_only_for_targets_of_the_steps_adapters(setup, monkeypatch
     assert graphs.target_sets == [0, QKVO_TARGETS, ALL_TARGETS]
     assert chosen == {None: 0, "a": QKVO_TARGETS, "b": ALL_TARGETS}
     assert target_mask(["q_proj", "v_proj"]) == 0b101
+
+
+def test_grouped_lora_segments_and_tile_map(setup):
+    """A sorted decode batch: one LoRA segment per run of one adapter's rows (base rows:
+    slot -1), empty ones after; the map lists each adapter segment's 16-row tiles after
+    their count; a batch whose rows are all one adapter still fits the map."""
+    from loraserve.engine.graphs import DecodeGraphs
+
+    model_dir, _ = setup
+    engine = EngineArgs(
+        model=str(model_dir), dtype="float32", cuda_graph_max_batch=40
+    ).create_engine()
+    graphs = engine.runner.graphs
+    assert graphs.group_lora
+    static = graphs._static[40]
+    host = static.hosts[0].numpy()
+    adapters = [3] * 2 + [5] * 17 + [0] + [-1] * 3
+    graphs._fill_groups(host, static.head, adapters)
+    n = len(adapters)
+    assert host[4, :5].tolist() == [3, 5, 0, -1, -1] and (host[4, 4:] == -1).all()
+    assert host[5, :5].tolist() == [0, 2, 19, 20, n] and (host[5, 4:] == n).all()
+    area = host[7 : static.head].reshape(-1)
+    assert area[0] == 4
+    assert area[1:9].reshape(4, 2).tolist() == [[0, 0], [1, 0], [1, 1], [2, 0]]
+    graphs._fill_groups(host, static.head, [7] * 40)
+    assert area[0] == 3 and area[1:7].reshape(3, 2).tolist() == [[0, 0], [0, 1], [0, 2]]
+    graphs._fill_groups(host, static.head, list(range(40)))  # the most entries: 40
+    assert area[0] == 40 and area[1 + 2 * 39 : 1 + 2 * 40].tolist() == [39, 0]
+    assert 1 + 2 * DecodeGraphs._map_entries(40) <= area.size
+    bmm = EngineArgs(
+        model=str(model_dir), dtype="float32", cuda_graph_max_batch=8, lora_backend="bmm"
+    ).create_engine()
+    assert not bmm.runner.graphs.group_lora  # the padded ablation keeps per-row gathers

@@ -433,3 +433,32 @@ def test_triton_tile_maps_match_the_full_grid(spec: str, call: str) -> None:
     b.tile_rows = (rows[0] * 2, rows[1])
     with pytest.raises(ValueError, match="tile map"):
         _run(case, lora_apply_triton)
+
+
+# A decode batch grouped by adapter (engine/graphs.py sorts rows): one segment per adapter,
+# some with more rows than one 16-row tile
+GROUPED = [(None, 2), (0, 3), (1, 1), (2, 20), (3, 1), (4, 5), (5, 17), (6, 2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("call", ["qkv", "o", "down"])
+def test_triton_grouped_decode_persistent(call: str, dtype: torch.dtype) -> None:
+    """Grouped decode rows with a live-entry count: the persistent grids visit exactly the
+    first ``tile_count`` map entries (the padding after them repeats live entries, which
+    would add their deltas twice if read), each program several of them."""
+    from loraserve.kernels.lora import GROUP_TILE_ROWS
+
+    case = make_case(GROUPED, call, dtype, MIXED_RANKS, seed=6)
+    b = case.batch
+    b.grouped_rows = case.x.shape[0]
+    live = _tile_map(b, GROUP_TILE_ROWS, 0)
+    tile_map = torch.cat([live, live[:4]]).contiguous()
+    b.tile_maps = (tile_map, tile_map)
+    b.tile_rows = (GROUP_TILE_ROWS, GROUP_TILE_ROWS)
+    b.tile_count = torch.tensor([live.shape[0]], dtype=torch.int32, device=DEVICE)
+    tiles = pick_tiles(b, case.x.shape[1], len(case.out_slices), max(Q, HIDDEN), num_sms=132)
+    assert (tiles.block_m, tiles.expand_m) == (GROUP_TILE_ROWS, GROUP_TILE_ROWS)
+    got = _run(case, lora_apply_triton)
+    torch.testing.assert_close(got.double(), case.expected, **TOL[dtype])
+    with pytest.raises(ValueError, match="tile_count"):
+        LoRABatch(**{**vars(b), "tile_maps": None})

@@ -39,6 +39,8 @@ def memory_ops():
         "_shrink_prefill_kernel",
         "_expand_decode_kernel",
         "_expand_prefill_kernel",
+        "_shrink_grouped",
+        "_expand_grouped",
         "_paged_decode_split_kernel",
         "_paged_attention_kernel",
         "_add_rms_norm_kernel",

@@ -101,11 +101,18 @@ class EngineArgs:
         "queue a graphed decode step that continues the batch unchanged before the one ahead "
         "of it has finished, so the host's work overlaps the device's (only with CUDA graphs)",
     )
+    group_lora_rows: bool = _opt(
+        True,
+        "in decode graphs, run each adapter's rows as one LoRA segment in 16-row tiles, so a "
+        "step reads each adapter's weights once, not once per row; off: one segment per row "
+        "(the matrix-vector kernels)",
+    )
     overlap_admission: bool = _opt(
-        False,
-        "also queue ahead a step that admits prompts (experimental, not yet measured on a "
-        "GPU): its decode rows read the tokens the step ahead samples on the device, its "
-        "prompts (those whose adapters are resident, in arrival order) are filled meanwhile",
+        True,
+        "also queue ahead a step that admits prompts: its decode rows read the tokens the "
+        "step ahead samples on the device, its prompts (those at the head of the queue whose "
+        "adapters are resident) are filled meanwhile (S2 n=2000 on an H200: 22.4 vs 20.8 "
+        "req/s); only with CUDA graphs and no --ttft-deadline",
     )
     prefill_graphs: bool | None = _opt(
         None,
@@ -237,6 +244,7 @@ class EngineArgs:
             cuda_graph_max_batch=graph_batch,
             overlap_steps=self.overlap_steps,
             overlap_admission=self.overlap_admission,
+            group_lora_rows=self.group_lora_rows,
             prefill_graphs=self._prefill_graphs(graph_batch),
             mixed_decode_graphs=int(
                 self._with_graphs(

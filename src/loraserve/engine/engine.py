@@ -174,6 +174,7 @@ class LLMEngine:
             scratch[0],
             max_batch,
             self.device,
+            self.config.group_lora_rows,
         )
 
     def _prefill_graphs(self) -> PrefillGraphs:

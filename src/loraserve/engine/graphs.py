@@ -9,9 +9,14 @@ addresses, so a decode batch of B requests is padded to the next captured size P
     rows B..P-1   padding: token 0 at position 0, KV written to a reserved scratch page that
                   no sequence owns, context length 1, LoRA slot -1 (no adapter work)
 
-LoRA runs as one segment per row with the row's adapter slot (-1 for base-model rows), so the
-same graph serves any mix of adapters; the adapter tables are the AdapterCache's own tensors,
-whose addresses never change. Inputs are copied into static buffers before each replay; the
+LoRA segments are inputs too, so the same graph serves any mix of adapters; the adapter
+tables are the AdapterCache's own tensors, whose addresses never change. The runner passes
+rows sorted by adapter; with ``group_lora`` (the default with the Triton kernels) each run
+of one adapter's rows is one segment, and the kernels take it in 16-row tiles (a host-built
+map of the live tiles, and their count: persistent grids), so a step reads each adapter's
+weights once, not once per row (52 adapters over 256 rows: ~5x fewer adapter bytes).
+Otherwise each row is a segment of its own (-1 for base-model rows), for the matrix-vector
+kernels or the padded bmm ablation. Inputs are copied into static buffers before each replay; the
 logits come out of a static buffer and are sampled outside the graph (per-request seeded
 generators cannot be captured).
 
@@ -30,6 +35,7 @@ import numpy as np
 import torch
 
 from loraserve.config import ALL_TARGETS, QKVO_TARGETS
+from loraserve.kernels.lora import GROUP_TILE_ROWS
 from loraserve.memory.adapter_cache import AdapterCache
 from loraserve.memory.kv_cache import kv_slot
 from loraserve.model.batch import ForwardBatch, LoRAInputs
@@ -93,9 +99,11 @@ def capture_sizes(max_batch: int) -> list[int]:
 class _Static:
     """The fixed-address inputs and output of one captured size.
 
-    The integer inputs are views into one device buffer ``inputs`` [5 + max_blocks, size]
-    (rows: input ids, positions, KV slots, context lengths, adapter slots, then the block
-    table transposed), so a step's inputs travel in one copy from a pinned host buffer.
+    The integer inputs are views into one device buffer ``inputs`` [head + max_blocks, size]
+    (rows: input ids, positions, KV slots, context lengths, LoRA segment slots, segment
+    starts, logits rows, with grouped LoRA the tile map (its live count, then its entries),
+    then from row ``head`` the block table transposed), so a step's inputs travel in one
+    copy from a pinned host buffer.
     There are two host buffers, used in turn: with overlapped steps the host fills step N+1
     while step N's copy may still be queued behind step N-1.
     """
@@ -103,6 +111,7 @@ class _Static:
     batch: ForwardBatch
     inputs: torch.Tensor
     hosts: list[torch.Tensor]
+    head: int  # the first row of the block tables in ``inputs``
     # What each row of a host buffer's block tables holds: (request id, table length), or
     # None for the scratch page only. Consecutive decode steps mostly keep every row as it was.
     tables: list[list[tuple[str, int] | None]] = field(default_factory=lambda: [[], []])
@@ -125,6 +134,7 @@ class DecodeGraphs:
         scratch_page: int,
         max_batch: int,
         device: torch.device,
+        group_lora: bool = True,
     ) -> None:
         self.model = model
         self.cache = adapter_cache
@@ -138,6 +148,9 @@ class DecodeGraphs:
         self._static: dict[int, _Static] = {}
         # One graph per size for each set of LoRA targets it launches kernels for.
         self.target_sets = lora_target_sets(adapter_cache)
+        # One segment per run of one adapter's rows (grouped tiles), not one per row; the
+        # padded bmm ablation keeps its per-row gathers.
+        self.group_lora = group_lora and lora_backend != "bmm" and adapter_cache.max_loras > 0
         self.steps = 0  # decode steps served by the padded path
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
 
@@ -210,18 +223,34 @@ class DecodeGraphs:
             "captured a decode graph: batch %d, targets %#x", static.batch.num_seqs, targets
         )
 
+    @staticmethod
+    def _map_entries(size: int) -> int:
+        """Most (segment, 16-row tile) pairs of a batch of ``size`` rows."""
+        return size + -(-size // GROUP_TILE_ROWS)
+
     def _empty_static(self, size: int) -> _Static:
-        inputs = torch.zeros((5 + self.max_blocks, size), dtype=torch.int64, device=self.device)
+        entries = self._map_entries(size)
+        map_rows = -(-(1 + 2 * entries) // size) if self.group_lora else 0
+        head = 7 + map_rows
+        inputs = torch.zeros((head + self.max_blocks, size), dtype=torch.int64, device=self.device)
         hosts = [
             torch.zeros(inputs.shape, dtype=torch.int64, pin_memory=self.capture) for _ in range(2)
         ]
-        # seq_lens, seg_slot and the block tables are int32 for the kernels: cast from
-        # ``inputs`` by ``_unpack`` at the start of the forward (captured with the rest).
+        for t in (inputs, *hosts):  # segment starts (one per row until grouped), logits rows
+            t[5:7] = torch.arange(size)
+        # seq_lens, the LoRA segments and the block tables are int32 for the kernels: cast
+        # from ``inputs`` by ``_unpack`` at the start of the forward (captured with the rest).
         meta = self.cache.lora_batch(
             torch.arange(size + 1, dtype=torch.int32, device=self.device),
             torch.zeros(size, dtype=torch.int32, device=self.device),
-            max_seg_len=1,
+            max_seg_len=size if self.group_lora else 1,
         )
+        if self.group_lora:
+            tile_map = torch.zeros((entries, 2), dtype=torch.int32, device=self.device)
+            meta.tile_maps = (tile_map, tile_map)  # the same 16-row tiles for both kernels
+            meta.tile_rows = (GROUP_TILE_ROWS, GROUP_TILE_ROWS)
+            meta.tile_count = torch.zeros(1, dtype=torch.int32, device=self.device)
+            meta.grouped_rows = size
         batch = ForwardBatch(
             input_ids=inputs[0],
             positions=inputs[1],
@@ -231,19 +260,26 @@ class DecodeGraphs:
             ),
             seq_lens=torch.zeros(size, dtype=torch.int32, device=self.device),
             query_start_loc=torch.arange(size + 1, dtype=torch.int32, device=self.device),
-            logits_indices=torch.arange(size, dtype=torch.int64, device=self.device),
+            logits_indices=inputs[6],
             max_q_len=1,
             max_seq_len=self.max_blocks * self.block_size,
             lora=LoRAInputs(self.cache.pool.buffer.view(-1), meta, self.lora_backend),
         )
-        return _Static(batch, inputs, hosts)
+        return _Static(batch, inputs, hosts, head)
 
     def _unpack(self, static: _Static) -> None:
         """Device-side: the int32 inputs from the int64 buffer (captured in the graph)."""
-        batch, inputs = static.batch, static.inputs
+        batch, inputs, head = static.batch, static.inputs, static.head
         batch.seq_lens.copy_(inputs[3])
-        batch.lora.meta.seg_slot.copy_(inputs[4])
-        batch.block_tables.copy_(inputs[5:].t())
+        meta = batch.lora.meta
+        meta.seg_slot.copy_(inputs[4])
+        if self.group_lora:
+            size = inputs.shape[1]
+            meta.seg_start[:size].copy_(inputs[5])
+            area = inputs[7:head].view(-1)
+            meta.tile_count.copy_(area[:1])
+            meta.tile_maps[0].view(-1).copy_(area[1 : 1 + meta.tile_maps[0].numel()])
+        batch.block_tables.copy_(inputs[head:].t())
 
     def _fill(
         self,
@@ -265,13 +301,13 @@ class DecodeGraphs:
         n = len(requests)
         bs = self.block_size
         ahead = 0 if prev is None else 1  # tokens in flight that the host does not have
-        host[:5, n:] = 0
+        host[:4, n:] = 0
         host[2, n:] = self.scratch_page * bs
         host[3, n:] = 1
-        host[4, n:] = -1
+        adapters: list[int] = []
         if n:
-            rows: list[list[int]] = [[], [], [], [], []]
-            ids, positions, slots, lens, adapters = rows
+            rows: list[list[int]] = [[], [], [], []]
+            ids, positions, slots, lens = rows
             for r in requests:
                 p = r.num_tokens - 1 + ahead
                 if prev is None:
@@ -282,8 +318,13 @@ class DecodeGraphs:
                 adapters.append(-1 if r.adapter_slot is None else r.adapter_slot)
             if prev is not None:
                 ids += prev[1]  # rows of the in-flight step's tokens, gathered below
-            host[:5, :n] = rows
-        self._fill_tables(host[5:], static.tables[turn], requests)
+            host[:4, :n] = rows
+        if self.group_lora:
+            self._fill_groups(host, static.head, adapters)
+        else:
+            host[4, :n] = adapters
+            host[4, n:] = -1
+        self._fill_tables(host[static.head :], static.tables[turn], requests)
         static.inputs.copy_(static.hosts[turn], non_blocking=True)
         if self.capture:
             static.copied[turn] = torch.cuda.Event()
@@ -291,6 +332,29 @@ class DecodeGraphs:
         if prev is not None and n:
             ids_row = static.inputs[0, :n]
             ids_row.copy_(prev[0].index_select(0, ids_row))
+
+    @staticmethod
+    def _fill_groups(host: np.ndarray, head: int, adapters: list[int]) -> None:
+        """LoRA segments: one per run of equal adapter slots (the runner sorts rows by
+        adapter), then empty ones of slot -1; the tile map: (segment, 16-row tile) of each
+        adapter segment's tiles, after their count."""
+        n = len(adapters)
+        slots = np.asarray(adapters, dtype=np.int64)
+        starts = np.flatnonzero(np.r_[True, slots[1:] != slots[:-1]]) if n else slots
+        groups = len(starts)
+        host[4, :groups] = slots[starts]
+        host[4, groups:] = -1
+        host[5, :groups] = starts
+        host[5, groups:] = n
+        lengths = np.diff(np.r_[starts, n])
+        tiles = np.where(slots[starts] >= 0, -(-lengths // GROUP_TILE_ROWS), 0)
+        first = np.cumsum(tiles) - tiles  # each segment's first entry
+        count = int(tiles.sum())
+        area = host[7:head].reshape(-1)
+        area[0] = count
+        entries = area[1 : 1 + 2 * count].reshape(count, 2)
+        entries[:, 0] = np.repeat(np.arange(groups), tiles)
+        entries[:, 1] = np.arange(count) - np.repeat(first, tiles)
 
     def _fill_tables(self, tables: np.ndarray, state: list, requests: list[Request]) -> None:
         """The block tables, transposed into ``tables`` (the host buffer's rows 5..): only

@@ -66,6 +66,8 @@ MAX_CALL_TARGETS = 3  # targets one call may cover (q|k|v is the widest packing)
 _RUNTIME_INTS = ("layer", "first_target", "k_blocks", "split_k", "n_tiles", "n_group")
 _DECODE_MAX_SPLIT_K = 32
 _EXPAND_PROGRAMS_PER_SM = 8  # decode-form expand grid: fewer, longer programs down to this
+_PERSISTENT_PROGRAMS_PER_SM = 8  # persistent grids (LoRABatch.tile_count): programs per SM
+GROUP_TILE_ROWS = 16  # rows per tile of a grouped decode batch (LoRABatch.grouped_rows)
 
 
 @dataclass
@@ -87,6 +89,14 @@ class LoRABatch:
     # segment's tiles (padded CUDA graphs size those for the worst case).
     tile_maps: tuple[Tensor, Tensor] | None = None
     tile_rows: tuple[int, int] = (0, 0)
+    # With tile maps, optional: int32 [1], how many entries at the front of each map have
+    # rows. The kernels then launch a fixed grid whose programs stride over those entries
+    # (persistent), instead of one program per map entry, live or not.
+    tile_count: Tensor | None = None
+    # A decode batch of this many rows grouped into segments by adapter (the decode graphs'
+    # sorted rows, engine/graphs.py): prefill-form tiles of 16 rows, so each segment reads
+    # its adapter once however many rows use it. 0 = not grouped.
+    grouped_rows: int = 0
 
     def __post_init__(self) -> None:
         num_slots, num_layers = self.ranks.shape[:2]
@@ -103,6 +113,8 @@ class LoRABatch:
             raise ValueError(f"row_align={self.row_align} must be a power of two")
         if self.num_segments > 0 and (self.max_rank < 1 or self.max_seg_len < 1):
             raise ValueError("a batch with segments needs max_rank >= 1 and max_seg_len >= 1")
+        if self.tile_count is not None and self.tile_maps is None:
+            raise ValueError("tile_count counts tile map entries: it needs tile_maps")
 
     @property
     def num_layers(self) -> int:
@@ -411,6 +423,7 @@ def _shrink_prefill_kernel(
     stride_v_split,
     stride_v_tok,
     tile_map_ptr,
+    tile_count_ptr,
     N_TARGETS: tl.constexpr,
     R_PAD: tl.constexpr,
     ROW_ALIGN: tl.constexpr,
@@ -419,13 +432,67 @@ def _shrink_prefill_kernel(
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     TILE_MAP: tl.constexpr,  # program_id(0) indexes tile_map_ptr's (segment, row tile)
+    PERSISTENT: tl.constexpr,  # programs of axis 0 stride over tile_count_ptr's live entries
 ):
-    """One program: BLOCK_M rows of one segment x BLOCK_C shrink columns x one K split."""
-    seg, m_tile = program_tile(tile_map_ptr, TILE_MAP, 0)  # grid axes (segment, row tile)
-    if seg < 0:
-        return
+    """One program: BLOCK_M rows of one segment (each of its map entries, persistent) x
+    BLOCK_C shrink columns x one K split."""
     c_tile = tl.program_id(2) // split_k
     split = tl.program_id(2) % split_k
+    if PERSISTENT:
+        for e in range(tl.program_id(0), tl.load(tile_count_ptr), tl.num_programs(0)):
+            seg = tl.load(tile_map_ptr + 2 * e)
+            m_tile = tl.load(tile_map_ptr + 2 * e + 1)
+            _shrink_tile(
+                x_ptr, v_ptr, pool_ptr, seg_start_ptr, seg_slot_ptr, row_offsets_ptr,
+                ranks_ptr, seg, m_tile, c_tile, split, layer, first_target, num_layers,
+                table_rank, in_features, k_blocks, stride_x_tok, stride_x_k, stride_v_split,
+                stride_v_tok, N_TARGETS, R_PAD, ROW_ALIGN, BLOCK_M, BLOCK_C, BLOCK_K,
+                DOT_PRECISION,
+            )  # fmt: skip
+    else:
+        seg, m_tile = program_tile(tile_map_ptr, TILE_MAP, 0)  # grid axes (segment, row tile)
+        if seg >= 0:
+            _shrink_tile(
+                x_ptr, v_ptr, pool_ptr, seg_start_ptr, seg_slot_ptr, row_offsets_ptr,
+                ranks_ptr, seg, m_tile, c_tile, split, layer, first_target, num_layers,
+                table_rank, in_features, k_blocks, stride_x_tok, stride_x_k, stride_v_split,
+                stride_v_tok, N_TARGETS, R_PAD, ROW_ALIGN, BLOCK_M, BLOCK_C, BLOCK_K,
+                DOT_PRECISION,
+            )  # fmt: skip
+
+
+@triton.jit
+def _shrink_tile(
+    x_ptr,
+    v_ptr,
+    pool_ptr,
+    seg_start_ptr,
+    seg_slot_ptr,
+    row_offsets_ptr,
+    ranks_ptr,
+    seg,
+    m_tile,
+    c_tile,
+    split,
+    layer,
+    first_target,
+    num_layers,
+    table_rank,
+    in_features,
+    k_blocks,
+    stride_x_tok,
+    stride_x_k,
+    stride_v_split,
+    stride_v_tok,
+    N_TARGETS: tl.constexpr,
+    R_PAD: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """The prefill-form shrink of one (segment, row tile, column tile, K split)."""
     start, rows, entry = _segment(seg_start_ptr, seg_slot_ptr, seg, layer, first_target, num_layers)
     cols, live, a_off = _a_columns(
         row_offsets_ptr,
@@ -438,26 +505,25 @@ def _shrink_prefill_kernel(
         BLOCK_C,
         ROW_ALIGN,
     )
-    if (m_tile * BLOCK_M >= rows) | (tl.max(live.to(tl.int32), axis=0) == 0):
-        return
-    m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = m < rows
-    tok = start + m  # [BLOCK_M] int64
-    # In BLOCK_K units, so the compiler knows every bound is a multiple of BLOCK_K (k_blocks
-    # itself is not specialised): wide loads along K, masks constant per vector.
-    k_lo = split * k_blocks * BLOCK_K
-    k_hi = tl.minimum(in_features, k_lo + k_blocks * BLOCK_K)
-    acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < k_hi
-        x_ptrs = x_ptr + tok[:, None] * stride_x_tok + k[None, :] * stride_x_k
-        xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
-        a_mask = live[:, None] & k_ok[None, :]
-        a = tl.load(pool_ptr + a_off[:, None] + k[None, :], mask=a_mask, other=0.0)  # [C, K]
-        acc = tl.dot(xt, tl.trans(a), acc, input_precision=DOT_PRECISION)
-    v_ptrs = v_ptr + split * stride_v_split + tok[:, None] * stride_v_tok + cols[None, :]
-    tl.store(v_ptrs, acc, mask=m_ok[:, None] & live[None, :])
+    if (m_tile * BLOCK_M < rows) & (tl.max(live.to(tl.int32), axis=0) > 0):
+        m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = m < rows
+        tok = start + m  # [BLOCK_M] int64
+        # In BLOCK_K units, so the compiler knows every bound is a multiple of BLOCK_K
+        # (k_blocks itself is not specialised): wide loads along K, masks constant per vector.
+        k_lo = split * k_blocks * BLOCK_K
+        k_hi = tl.minimum(in_features, k_lo + k_blocks * BLOCK_K)
+        acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < k_hi
+            x_ptrs = x_ptr + tok[:, None] * stride_x_tok + k[None, :] * stride_x_k
+            xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [M, K]
+            a_mask = live[:, None] & k_ok[None, :]
+            a = tl.load(pool_ptr + a_off[:, None] + k[None, :], mask=a_mask, other=0.0)  # [C, K]
+            acc = tl.dot(xt, tl.trans(a), acc, input_precision=DOT_PRECISION)
+        v_ptrs = v_ptr + split * stride_v_split + tok[:, None] * stride_v_tok + cols[None, :]
+        tl.store(v_ptrs, acc, mask=m_ok[:, None] & live[None, :])
 
 
 @triton.jit
@@ -576,6 +642,7 @@ def _expand_prefill_kernel(
     stride_v_split,
     stride_v_tok,
     tile_map_ptr,
+    tile_count_ptr,
     R_PAD: tl.constexpr,
     ROW_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -583,43 +650,101 @@ def _expand_prefill_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     TILE_MAP: tl.constexpr,  # program_id(0) indexes tile_map_ptr's (segment, row tile)
+    PERSISTENT: tl.constexpr,  # programs of axis 0 stride over tile_count_ptr's live entries
 ):
-    """One program: BLOCK_M rows of one segment x one target x BLOCK_N output columns."""
-    seg, m_tile = program_tile(tile_map_ptr, TILE_MAP, 0)  # grid axes (segment, row tile)
-    if seg < 0:
-        return
+    """One program: BLOCK_M rows of one segment (each of its map entries, persistent) x one
+    target x BLOCK_N output columns."""
     t = tl.program_id(2) // n_tiles
     n_tile = tl.program_id(2) % n_tiles
+    if PERSISTENT:
+        for e in range(tl.program_id(0), tl.load(tile_count_ptr), tl.num_programs(0)):
+            seg = tl.load(tile_map_ptr + 2 * e)
+            m_tile = tl.load(tile_map_ptr + 2 * e + 1)
+            _expand_tile(
+                y_ptr, v_ptr, pool_ptr, seg_start_ptr, seg_slot_ptr, row_offsets_ptr,
+                ranks_ptr, scalings_ptr, seg, m_tile, t, n_tile, layer, first_target,
+                num_layers, table_rank, split_k, o0, n0, o1, n1, o2, n2, stride_y_tok,
+                stride_y_n, stride_v_split, stride_v_tok, R_PAD, ROW_ALIGN, BLOCK_M, BLOCK_R,
+                BLOCK_N, DOT_PRECISION,
+            )  # fmt: skip
+    else:
+        seg, m_tile = program_tile(tile_map_ptr, TILE_MAP, 0)  # grid axes (segment, row tile)
+        if seg >= 0:
+            _expand_tile(
+                y_ptr, v_ptr, pool_ptr, seg_start_ptr, seg_slot_ptr, row_offsets_ptr,
+                ranks_ptr, scalings_ptr, seg, m_tile, t, n_tile, layer, first_target,
+                num_layers, table_rank, split_k, o0, n0, o1, n1, o2, n2, stride_y_tok,
+                stride_y_n, stride_v_split, stride_v_tok, R_PAD, ROW_ALIGN, BLOCK_M, BLOCK_R,
+                BLOCK_N, DOT_PRECISION,
+            )  # fmt: skip
+
+
+@triton.jit
+def _expand_tile(
+    y_ptr,
+    v_ptr,
+    pool_ptr,
+    seg_start_ptr,
+    seg_slot_ptr,
+    row_offsets_ptr,
+    ranks_ptr,
+    scalings_ptr,
+    seg,
+    m_tile,
+    t,
+    n_tile,
+    layer,
+    first_target,
+    num_layers,
+    table_rank,
+    split_k,
+    o0,
+    n0,
+    o1,
+    n1,
+    o2,
+    n2,
+    stride_y_tok,
+    stride_y_n,
+    stride_v_split,
+    stride_v_tok,
+    R_PAD: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """The prefill-form expand of one (segment, row tile, target, output column tile)."""
     start, rows, entry = _segment(seg_start_ptr, seg_slot_ptr, seg, layer, first_target, num_layers)
     rank, scale, o, n, skip = _expand_target(
         ranks_ptr, scalings_ptr, entry, t, n_tile, o0, n0, o1, n1, o2, n2, BLOCK_N
     )
-    if skip | (m_tile * BLOCK_M >= rows):
-        return
-    m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = m < rows
-    tok = start + m  # [BLOCK_M] int64
-    cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = cols < n
-    b_table = row_offsets_ptr + ((entry + t) * 2 + 1) * table_rank
-    v_rows = v_ptr + tok[:, None] * stride_v_tok + t * R_PAD  # [BLOCK_M, 1]
-    y_ptrs = y_ptr + tok[:, None] * stride_y_tok + (o + cols[None, :]) * stride_y_n
-    y_mask = m_ok[:, None] & n_ok[None, :]
-    y = tl.load(y_ptrs, mask=y_mask, other=0.0)  # issued early: its latency hides behind B's
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for r0 in range(0, rank, BLOCK_R):
-        j = r0 + tl.arange(0, BLOCK_R)
-        j_ok = j < rank
-        v_mask = m_ok[:, None] & j_ok[None, :]
-        vt = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-        for s in range(split_k):
-            vt += tl.load(v_rows + s * stride_v_split + j[None, :], mask=v_mask, other=0.0)
-        b_off = tl.multiple_of(tl.load(b_table + j, mask=j_ok, other=0), ROW_ALIGN)  # [BLOCK_R]
-        b_mask = j_ok[:, None] & n_ok[None, :]
-        b = tl.load(pool_ptr + b_off[:, None] + cols[None, :], mask=b_mask, other=0.0)
-        acc = tl.dot(vt, b.to(tl.float32), acc, input_precision=DOT_PRECISION)
-    y = y.to(tl.float32) + scale * acc
-    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=y_mask)
+    if (skip == 0) & (m_tile * BLOCK_M < rows):
+        m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = m < rows
+        tok = start + m  # [BLOCK_M] int64
+        cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = cols < n
+        b_table = row_offsets_ptr + ((entry + t) * 2 + 1) * table_rank
+        v_rows = v_ptr + tok[:, None] * stride_v_tok + t * R_PAD  # [BLOCK_M, 1]
+        y_ptrs = y_ptr + tok[:, None] * stride_y_tok + (o + cols[None, :]) * stride_y_n
+        y_mask = m_ok[:, None] & n_ok[None, :]
+        y = tl.load(y_ptrs, mask=y_mask, other=0.0)  # issued early: hides behind B's latency
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for r0 in range(0, rank, BLOCK_R):
+            j = r0 + tl.arange(0, BLOCK_R)
+            j_ok = j < rank
+            v_mask = m_ok[:, None] & j_ok[None, :]
+            vt = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+            for s in range(split_k):
+                vt += tl.load(v_rows + s * stride_v_split + j[None, :], mask=v_mask, other=0.0)
+            b_off = tl.multiple_of(tl.load(b_table + j, mask=j_ok, other=0), ROW_ALIGN)
+            b_mask = j_ok[:, None] & n_ok[None, :]
+            b = tl.load(pool_ptr + b_off[:, None] + cols[None, :], mask=b_mask, other=0.0)
+            acc = tl.dot(vt, b.to(tl.float32), acc, input_precision=DOT_PRECISION)
+        y = y.to(tl.float32) + scale * acc
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 class LoRATiles(NamedTuple):
@@ -657,6 +782,10 @@ def pick_tiles(
     batch: LoRABatch, in_features: int, n_targets: int, max_out: int, num_sms: int
 ) -> LoRATiles:
     """Block sizes for a call (cached: a few host ints decide them)."""
+    if batch.grouped_rows:
+        r_pad = _r_pad(batch.max_rank)
+        shape = (batch.grouped_rows, in_features, n_targets, max_out, num_sms)
+        return _grouped_tiles(r_pad, *shape)
     shape = (batch.max_rank, batch.max_seg_len, batch.num_segments)
     return _pick_tiles(*shape, in_features, n_targets, max_out, num_sms)
 
@@ -711,6 +840,24 @@ def _decode_tiles(
     while 2 * n_group <= n_tiles and programs // (2 * n_group) >= _EXPAND_PROGRAMS_PER_SM * num_sms:
         n_group *= 2
     return LoRATiles(1, block_c, block_k, split_k, block_r, block_n, 2, 2, n_group=n_group)
+
+
+@functools.lru_cache(maxsize=4096)
+def _grouped_tiles(
+    r_pad: int, rows: int, in_features: int, n_targets: int, max_out: int, num_sms: int
+) -> LoRATiles:
+    """A decode batch of ``rows`` rows grouped by adapter: the prefill form with 16-row tiles
+    (one tile per adapter for up to 16 of its rows; tl.dot's minimum), so an adapter's A and
+    B^T are read once per step, not once per row. The grids are persistent (a fixed number
+    of programs strides over the live tiles), so the K split is picked for an expected
+    ~4 rows per adapter (S2 at saturation: 256 rows, ~52 adapters), up to 4 splits."""
+    block_c = min(128, next_power_of_2(n_targets * r_pad))
+    block_k = min(64, max(16, next_power_of_2(in_features)))
+    programs = cdiv(rows, 4) * cdiv(n_targets * r_pad, block_c)
+    split_k = _split_k(programs, 2, 4, in_features, block_k, num_sms)
+    block_r = min(r_pad, 32)
+    block_n = min(128, max(16, next_power_of_2(max_out)))
+    return LoRATiles(GROUP_TILE_ROWS, block_c, block_k, split_k, block_r, block_n, 4, 4)
 
 
 def _prefill_tiles(
@@ -782,7 +929,7 @@ def _shrink(
     grid = (batch.num_segments, m_tiles, c_tiles * tiles.split_k)
     tile_map = _tile_map(batch, tiles, 0)
     if tile_map is not None:
-        grid = (tile_map.shape[0], 1, c_tiles * tiles.split_k)
+        grid = (_map_programs(batch, tile_map, grid[2], x.device), 1, grid[2])
     args = (
         x,
         v,
@@ -817,6 +964,7 @@ def _shrink(
         _shrink_prefill_kernel[grid](
             *args,
             batch.seg_start if tile_map is None else tile_map,  # (unused without a map)
+            batch.seg_start if batch.tile_count is None else batch.tile_count,  # (unused)
             N_TARGETS=n_targets,
             R_PAD=r_pad,
             ROW_ALIGN=batch.row_align,
@@ -825,6 +973,7 @@ def _shrink(
             BLOCK_K=tiles.block_k,
             DOT_PRECISION=_precision(x),
             TILE_MAP=tile_map is not None,
+            PERSISTENT=tile_map is not None and batch.tile_count is not None,
             num_warps=tiles.shrink_warps,
         )
     return v
@@ -847,7 +996,7 @@ def _expand(
     grid = (batch.num_segments, m_tiles, len(out_slices) * n_groups)
     tile_map = _tile_map(batch, tiles, 1)
     if tile_map is not None:
-        grid = (tile_map.shape[0], 1, len(out_slices) * n_groups)
+        grid = (_map_programs(batch, tile_map, grid[2], y.device), 1, grid[2])
     args = (
         y,
         v,
@@ -885,6 +1034,7 @@ def _expand(
         _expand_prefill_kernel[grid](
             *args,
             batch.seg_start if tile_map is None else tile_map,  # (unused without a map)
+            batch.seg_start if batch.tile_count is None else batch.tile_count,  # (unused)
             R_PAD=r_pad,
             ROW_ALIGN=batch.row_align,
             BLOCK_M=tiles.expand_m,
@@ -892,6 +1042,7 @@ def _expand(
             BLOCK_N=tiles.block_n,
             DOT_PRECISION=_precision(y),
             TILE_MAP=tile_map is not None,
+            PERSISTENT=tile_map is not None and batch.tile_count is not None,
             num_warps=tiles.expand_warps,
         )
 
@@ -908,6 +1059,16 @@ def _tile_map(batch: LoRABatch, tiles: LoRATiles, which: int) -> Tensor | None:
             f"have {rows}: build it with lora_tile_rows()"
         )
     return batch.tile_maps[which]
+
+
+def _map_programs(batch: LoRABatch, tile_map: Tensor, other: int, device: torch.device) -> int:
+    """Axis 0 of a grid over a tile map: one program per entry, or with a live count
+    (persistent) about _PERSISTENT_PROGRAMS_PER_SM programs per SM over all axes."""
+    entries = tile_map.shape[0]
+    if batch.tile_count is None:
+        return entries
+    want = cdiv(_PERSISTENT_PROGRAMS_PER_SM * _num_sms(device), other)
+    return max(1, min(entries, want))
 
 
 def lora_tile_rows(max_rank: int, max_seg_len: int, num_segments: int) -> tuple[int, int]:
