@@ -19,6 +19,8 @@
 #   s2n2000_nooverlap ... with --no-overlap-steps                                 (6)
 #   s2n2000_pg  default vs --prefill-graphs and base, one 50 s trace cut at 70 s     (6)
 #   s2n2000_oa  default vs --overlap-admission and base, the same way                 (6)
+#   s2n2000_group  default (grouped decode LoRA) vs --no-group-lora-rows and base      (5)
+#   gpu_tests   tests/kernels/test_lora.py and the graph-path engine tests on CUDA     (2)
 #   profile128  profile_step.py at batch 128, with and without adapters           (2)
 #   lora_bf16   Triton vs torch LoRA tokens in bf16, bank adapters                (1)
 #   attention   split-KV vs one-pass decode attention                             (1)
@@ -62,6 +64,14 @@ for part in "$@"; do
       bench 560 --setting S2 -n 2000 --rate 40 --duration 50 --baselines base \
         --time-limit 70 --variant 'oa=--overlap-admission' \
         --out "$OUT/bench_S2_n2000_r40_oa.json" ;;
+    s2n2000_group)  # decode LoRA grouped by adapter (default) vs a segment per row, and base
+      bench 560 --setting S2 -n 2000 --rate 40 --duration 50 --baselines base \
+        --time-limit 70 --variant 'rows=--no-group-lora-rows' \
+        --out "$OUT/bench_S2_n2000_r40_group.json" ;;
+    gpu_tests)  # the LoRA kernels (grouped, persistent grids) and the graph paths on CUDA
+      LORASERVE_TEST_DEVICE=cuda timeout 300 python -m pytest -q tests/kernels/test_lora.py \
+        tests/engine/test_graphs.py tests/engine/test_prefill_graphs.py \
+        tests/engine/test_overlap.py 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tail -15 ;;
     s2n2000_pg)  # prompt rows as graph replays too (--prefill-graphs), on one trace
       bench 560 --setting S2 -n 2000 --rate 40 --duration 50 --baselines base \
         --time-limit 70 --variant 'pg=--prefill-graphs' \
@@ -102,7 +112,7 @@ for part in "$@"; do
       tar czf "$OUT/profile_io.tgz" -C "$OUT" prof && rm -r "$OUT/prof" ;;
     lora_sweep)
       timeout 400 python benchmarks/bench_lora.py --sweep --out "$OUT/bench_lora_sweep.json" \
-        2>&1 | grep -v Warning | tail -60 ;;
+        2>&1 | grep -v Warning | grep -E "^(gdecode|sorted|decode  qkv  *64)" | grep -F "*" ;;
     lora_tlb)
       for gb in 0 100; do
         pool=(); if [ "$gb" != 0 ]; then pool=(--pool-gb "$gb"); fi
