@@ -103,10 +103,11 @@ def make_case(
     call: str,
     row_align: int = 8,
     sorted_slots: bool = False,
+    rank_mix: tuple[int, ...] = (),
 ) -> Case:
     """Segment s uses slot s % num_distinct (``sorted_slots``: s * num_distinct // S, one
     adapter's segments side by side, as the engine orders decode rows); every target has
-    rank ``rank``, scaling 0.5.
+    rank ``rank`` (``rank_mix``: slot i rank_mix[i % len], each <= rank), scaling 0.5.
 
     Rows are HIDDEN apart (or spread over POOL_BYTES), offsets multiples of any row_align up
     to HIDDEN.
@@ -133,7 +134,7 @@ def make_case(
         seg_start=starts.to(torch.int32).cuda(),
         seg_slot=slots.to(torch.int32).cuda(),
         row_offsets=row_offsets,
-        ranks=torch.full((num_slots, 1, 7), rank, dtype=torch.int32, device="cuda"),
+        ranks=_ranks(num_slots, rank, rank_mix),
         scalings=torch.full((num_slots, 1, 7), 0.5, device="cuda"),
         max_rank=rank,
         max_seg_len=max(seg_lens),
@@ -153,6 +154,22 @@ def make_case(
         token_slot=slots.repeat_interleave(torch.tensor(seg_lens)).cuda(),
         num_distinct=num_distinct,
     )
+
+
+def _ranks(num_slots: int, rank: int, rank_mix: tuple[int, ...]) -> torch.Tensor:
+    if not rank_mix:
+        return torch.full((num_slots, 1, 7), rank, dtype=torch.int32, device="cuda")
+    per_slot = torch.tensor([rank_mix[i % len(rank_mix)] for i in range(num_slots)])
+    return per_slot.to(torch.int32)[:, None, None].expand(num_slots, 1, 7).contiguous().cuda()
+
+
+def adapter_floor_us(case: Case) -> float:
+    """Microseconds to read the distinct adapters' A rows once (the shrink's bytes; the
+    expand's B^T rows are as many: every target here is HIDDEN wide) at the copy rate."""
+    slots = case.batch.seg_slot.unique()
+    t0, nt = case.first_target, len(case.out_slices)
+    rows = int(case.batch.ranks[slots, 0, t0 : t0 + nt].sum())
+    return rows * HIDDEN * case.x.element_size() / PEAK_BYTES_PER_S * 1e6
 
 
 def group_rows(case: Case) -> Case:
@@ -283,6 +300,9 @@ SWEEP_CASES = [  # (phase, segment lengths, distinct adapters, rank, call)
     ("gdecode", S2_GROUPS, 52, 64, "o"),
     ("gdecode", [1] * 32, 32, 16, "o"),
     ("gdecode", [4] * 64, 64, 16, "qkv"),
+    # S2 n=2000 as session 7 measured it: ~152 distinct adapters over ~158 rows, ranks 8-64
+    ("mixed", [1] * 160, 152, 64, "qkv"),
+    ("mixed", [1] * 160, 152, 64, "o"),
     ("decode", [1] * 32, 32, 16, "o"),
     ("decode", [1], 1, 16, "qkv"),
     ("prefill", [512] * 4, 4, 16, "qkv"),
@@ -342,8 +362,10 @@ def sweep(args: argparse.Namespace) -> list[dict]:
     rows = []
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     for phase, seg_lens, distinct, rank, call in SWEEP_CASES:
-        sort = phase in ("sorted", "gdecode")
-        case = make_case(seg_lens, distinct, rank, call, args.row_align, sort)
+        sort = phase in ("sorted", "gdecode", "mixed")
+        mix = (8, 16, 32, 64) if phase == "mixed" else ()
+        case = make_case(seg_lens, distinct, rank, call, args.row_align, sort, mix)
+        floor_us = adapter_floor_us(case)
         if phase == "gdecode":
             group_rows(case)
         default = pick_tiles(case.batch, HIDDEN, len(case.out_slices), HIDDEN, num_sms)
@@ -355,7 +377,7 @@ def sweep(args: argparse.Namespace) -> list[dict]:
             rows.append(
                 dict(phase=phase, call=call, rank=rank, tokens=sum(seg_lens), distinct=distinct,
                      default=tiles == default, tiles=tuple(tiles),
-                     shrink_us=shrink_us, expand_us=expand_us)
+                     shrink_us=shrink_us, expand_us=expand_us, a_bytes_us=floor_us)
             )  # fmt: skip
             logger.info("%s", rows[-1])
         del case
@@ -441,12 +463,12 @@ def print_table(report: dict) -> None:
 
 def print_sweep(report: dict) -> None:
     print(f"host us per call: {report['host_us']}")
-    print(f"{'phase':8}{'call':5}{'rank':>5}{'shrink':>8}{'expand':>8}  tiles")
+    print(f"{'phase':8}{'call':5}{'rank':>5}{'shrink':>8}{'expand':>8}{'A=B us':>8}  tiles")
     for r in report["sweep"]:
         mark = "*" if r["default"] else " "
         print(
             f"{r['phase']:8}{r['call']:5}{r['rank']:>5}{r['shrink_us']:>8.1f}"
-            f"{r['expand_us']:>8.1f} {mark}{r['tiles']}"
+            f"{r['expand_us']:>8.1f}{r.get('a_bytes_us', 0):>8.1f} {mark}{r['tiles']}"
         )
 
 

@@ -25,10 +25,12 @@ def setup(graph_setup):
     return graph_setup
 
 
-def run(model_dir, adapters, graph_batch, names, prompts, **engine_args):
+def run(model_dir, adapters, graph_batch, names, prompts, group_min_rows=None, **engine_args):
     engine = EngineArgs(
         model=str(model_dir), dtype="float32", cuda_graph_max_batch=graph_batch, **engine_args
     ).create_engine()
+    if group_min_rows is not None:
+        engine.runner.graphs.group_min_rows = group_min_rows
     for name, path in adapters.items():
         engine.add_adapter(name, path)
     for i, (p, a) in enumerate(zip(prompts, names, strict=True)):
@@ -43,6 +45,8 @@ def run(model_dir, adapters, graph_batch, names, prompts, **engine_args):
         engine.check_integrity()
     if graph_batch:
         assert engine.runner.graphs.steps > 0, "the padded decode path did not run"
+        if group_min_rows == 0:  # every step with adapter rows grouped
+            assert engine.runner.graphs.grouped_steps > 0
     reserved = engine.pool.num_used(PageKind.RESERVED)
     adapter_pages = sum(len(a.pages) for a in engine.adapter_cache.resident())
     assert engine.pool.num_free == engine.pool.num_pages - reserved - adapter_pages
@@ -50,12 +54,13 @@ def run(model_dir, adapters, graph_batch, names, prompts, **engine_args):
 
 
 @pytest.mark.parametrize(
-    ("graph_batch", "lora_backend", "group"),
-    [(2, "auto", True), (8, "auto", True), (8, "triton", True), (8, "triton", False)],
+    ("graph_batch", "lora_backend", "group_min_rows"),
+    [(2, "auto", None), (8, "auto", 0), (8, "triton", 0), (8, "triton", None)],
 )
-def test_padded_decode_matches_eager(setup, graph_batch, lora_backend, group):
+def test_padded_decode_matches_eager(setup, graph_batch, lora_backend, group_min_rows):
     """Also with the Triton kernels: rows of one adapter grouped into one segment (16-row
-    tiles over a persistent tile map) or one segment per row (matrix-vector kernels)."""
+    tiles over a persistent tile map; group_min_rows 0: every step) or, as this batch
+    mostly chooses by default, one segment per row (matrix-vector kernels)."""
     model_dir, adapters = setup
     names = ["a", None, "b", "a", None]
     prompts = [[5, 6, 7], [9] * 12, [30, 31], [44, 45, 46, 47], [8, 8]]
@@ -66,8 +71,8 @@ def test_padded_decode_matches_eager(setup, graph_batch, lora_backend, group):
         graph_batch,
         names,
         prompts,
+        group_min_rows,
         lora_backend=lora_backend,
-        group_lora_rows=group,
     )
     assert (reserved_eager, reserved) == (0, 1)
     for e, p in zip(eager, padded, strict=True):
@@ -206,3 +211,33 @@ def test_grouped_lora_segments_and_tile_map(setup):
         model=str(model_dir), dtype="float32", cuda_graph_max_batch=8, lora_backend="bmm"
     ).create_engine()
     assert not bmm.runner.graphs.group_lora  # the padded ablation keeps per-row gathers
+
+
+def test_grouped_graphs_only_where_rows_share_adapters(setup):
+    """A step replays the grouped LoRA graphs when it has at least group_min_rows adapter
+    rows per distinct adapter; never with --no-group-lora-rows."""
+    from types import SimpleNamespace
+
+    model_dir, _ = setup
+    graphs = (
+        EngineArgs(model=str(model_dir), dtype="float32", cuda_graph_max_batch=8)
+        .create_engine()
+        .runner.graphs
+    )
+
+    def rows(*slots):
+        return [SimpleNamespace(adapter_slot=s) for s in slots]
+
+    assert graphs.groups_pay(rows(1, 1, 2, 2, None))  # 2 rows per adapter
+    assert not graphs.groups_pay(rows(1, 1, 2, None, None))  # 1.5
+    assert not graphs.groups_pay(rows(None, None))  # no adapter rows
+    graphs.group_min_rows = 3
+    assert not graphs.groups_pay(rows(1, 1, 2, 2))
+    off = (
+        EngineArgs(
+            model=str(model_dir), dtype="float32", cuda_graph_max_batch=8, group_lora_rows=False
+        )
+        .create_engine()
+        .runner.graphs
+    )
+    assert not off.group_lora and not off.groups_pay(rows(1, 1, 1, 1))

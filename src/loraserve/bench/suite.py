@@ -455,7 +455,8 @@ def format_run(where: str, r: dict[str, Any]) -> str:
     passes = r.get("forward_passes")
     if passes:
         line += (
-            f", forward passes: decode graph {passes['decode_graph']}, prefill graph "
+            f", forward passes: decode graph {passes['decode_graph']} "
+            f"({passes.get('decode_graph_grouped', 0)} grouped), prefill graph "
             f"{passes['prefill_graph']}, eager {passes['eager']}"
         )
     loads = r.get("adapter_loads") or {}

@@ -10,21 +10,27 @@ addresses, so a decode batch of B requests is padded to the next captured size P
                   no sequence owns, context length 1, LoRA slot -1 (no adapter work)
 
 LoRA segments are inputs too, so the same graph serves any mix of adapters; the adapter
-tables are the AdapterCache's own tensors, whose addresses never change. The runner passes
-rows sorted by adapter; with ``group_lora`` (the default with the Triton kernels) each run
-of one adapter's rows is one segment, and the kernels take it in 16-row tiles (a host-built
-map of the live tiles, and their count: persistent grids), so a step reads each adapter's
-weights once, not once per row (52 adapters over 256 rows: ~5x fewer adapter bytes).
-Otherwise each row is a segment of its own (-1 for base-model rows), for the matrix-vector
-kernels or the padded bmm ablation. Inputs are copied into static buffers before each replay; the
-logits come out of a static buffer and are sampled outside the graph (per-request seeded
-generators cannot be captured).
+tables are the AdapterCache's own tensors, whose addresses never change. Each row is a
+segment of its own (-1 for base-model rows), for the matrix-vector kernels (or the padded
+bmm ablation). With ``group_lora`` (the default with the Triton kernels) every size also
+has graphs in which each run of one adapter's rows (the runner sorts rows by adapter) is
+one segment, taken in 16-row tiles (a host-built map of the live tiles and their count:
+persistent grids), so each adapter's weights are read once per step, not once per row. A
+step replays those when its rows share adapters (at least ``group_min_rows`` rows per
+adapter on average): on an H200, rank-64 q|k|v over 256 rows of 52 adapters took 85 us
+grouped against 181 us per row, but single-row adapters cost ~1.6x more in 16-row tiles
+(S2 n=2000, where nearly every row has its own adapter, ran 15.5 vs 21.2 req/s grouped
+always; docs/benchmarks.md, session 7).
+
+Inputs are copied into static buffers before each replay; the logits come out of a static
+buffer and are sampled outside the graph (per-request seeded generators cannot be captured).
 
 On the CPU (tests) the padded batch runs eagerly: everything but the capture is exercised.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -35,7 +41,7 @@ import numpy as np
 import torch
 
 from loraserve.config import ALL_TARGETS, QKVO_TARGETS
-from loraserve.kernels.lora import GROUP_TILE_ROWS
+from loraserve.kernels.lora import GROUP_TILE_ROWS, LoRABatch
 from loraserve.memory.adapter_cache import AdapterCache
 from loraserve.memory.kv_cache import kv_slot
 from loraserve.model.batch import ForwardBatch, LoRAInputs
@@ -65,6 +71,12 @@ def covering_targets(cache: AdapterCache, target_sets: list[int], requests: list
         if r.adapter_slot is not None:
             needed |= slot_targets[r.adapter_slot]
     return next(t for t in target_sets if needed & ~t == 0)
+
+
+# A step replays the grouped LoRA graphs when its adapter rows number at least this many per
+# distinct adapter (16-row tiles cost ~1.6x the matrix-vector kernels for a single row, and
+# save a read of the adapter for each further row).
+GROUP_MIN_ROWS = 2.0
 
 
 def capture(
@@ -118,7 +130,11 @@ class _Static:
     copied: list[torch.cuda.Event | None] = field(default_factory=lambda: [None, None])
     turn: int = 0  # the host buffer the next fill uses
     logits: torch.Tensor | None = None  # [size, vocab] fp32, written by every variant
-    graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)  # by LoRA targets
+    # by (LoRA targets, grouped LoRA rows)
+    graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = field(default_factory=dict)
+    # LoRA metadata over the same segment tensors: one segment per row (False), or grouped
+    # by adapter in 16-row tiles (True, with group_lora)
+    metas: dict[bool, LoRABatch] = field(default_factory=dict)
 
 
 class DecodeGraphs:
@@ -148,9 +164,12 @@ class DecodeGraphs:
         self._static: dict[int, _Static] = {}
         # One graph per size for each set of LoRA targets it launches kernels for.
         self.target_sets = lora_target_sets(adapter_cache)
-        # One segment per run of one adapter's rows (grouped tiles), not one per row; the
-        # padded bmm ablation keeps its per-row gathers.
+        # Graphs with one segment per run of one adapter's rows (grouped tiles) too, for
+        # steps whose rows share adapters; the padded bmm ablation keeps per-row gathers.
         self.group_lora = group_lora and lora_backend != "bmm" and adapter_cache.max_loras > 0
+        self.group_min_rows = GROUP_MIN_ROWS
+        self.grouped_steps = 0  # steps that replayed the grouped graphs
+        self._rows = np.arange(max_batch, dtype=np.int64)
         self.steps = 0  # decode steps served by the padded path
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
 
@@ -164,10 +183,11 @@ class DecodeGraphs:
         if self.capture:
             torch.cuda.synchronize(self.device)
             logger.info(
-                "captured %d decode graphs (batch 1..%d, %d LoRA target sets) in %.1f s",
-                len(self.sizes) * len(self.target_sets),
+                "captured %d decode graphs (batch 1..%d, %d LoRA target sets%s) in %.1f s",
+                sum(len(s.graphs) for s in self._static.values()),
                 self.sizes[-1],
                 len(self.target_sets),
+                ", LoRA rows also grouped by adapter" if self.group_lora else "",
                 time.perf_counter() - start,
             )
 
@@ -189,14 +209,29 @@ class DecodeGraphs:
         self.steps += 1
         size = next(s for s in self.sizes if s >= len(requests))
         static = self._static.get(size) or self._build(size)
-        self._fill(static, requests, prev)
         targets = self.targets_for(requests)
-        graph = static.graphs.get(targets)
+        grouped = targets != 0 and self.groups_pay(requests)
+        self.grouped_steps += grouped
+        self._fill(static, requests, prev, grouped)
+        graph = static.graphs.get((targets, grouped))
         if graph is None:
-            static.batch.lora.targets = targets
+            self._select(static, targets, grouped)
             return self._forward(static)[: len(requests)]
         graph.replay()
         return static.logits[: len(requests)]
+
+    def groups_pay(self, requests: list[Request]) -> bool:
+        """Grouped LoRA rows for this step: its adapter rows share adapters, at least
+        ``group_min_rows`` rows per distinct adapter on average."""
+        if not self.group_lora:
+            return False
+        slots = [r.adapter_slot for r in requests if r.adapter_slot is not None]
+        return bool(slots) and len(slots) >= self.group_min_rows * len(set(slots))
+
+    @staticmethod
+    def _select(static: _Static, targets: int, grouped: bool) -> None:
+        static.batch.lora.targets = targets
+        static.batch.lora.meta = static.metas[grouped]
 
     def targets_for(self, requests: list[Request]) -> int:
         return covering_targets(self.cache, self.target_sets, requests)
@@ -210,17 +245,21 @@ class DecodeGraphs:
         self._static[size] = static
         if self.capture:
             for targets in reversed(self.target_sets):  # the largest graph first
-                self._capture(static, targets)
+                for grouped in (True, False) if self.group_lora and targets else (False,):
+                    self._capture(static, targets, grouped)
         return static
 
-    def _capture(self, static: _Static, targets: int) -> None:
-        self._fill(static, [])
-        static.batch.lora.targets = targets
+    def _capture(self, static: _Static, targets: int, grouped: bool) -> None:
+        self._fill(static, [], grouped=grouped)
+        self._select(static, targets, grouped)
         forward = functools.partial(self._forward, static)
         graph, static.logits = capture(self.device, self._pool, forward, static.logits)
-        static.graphs[targets] = graph
+        static.graphs[(targets, grouped)] = graph
         logger.debug(
-            "captured a decode graph: batch %d, targets %#x", static.batch.num_seqs, targets
+            "captured a decode graph: batch %d, targets %#x, grouped %s",
+            static.batch.num_seqs,
+            targets,
+            grouped,
         )
 
     @staticmethod
@@ -243,14 +282,19 @@ class DecodeGraphs:
         meta = self.cache.lora_batch(
             torch.arange(size + 1, dtype=torch.int32, device=self.device),
             torch.zeros(size, dtype=torch.int32, device=self.device),
-            max_seg_len=size if self.group_lora else 1,
+            max_seg_len=1,
         )
-        if self.group_lora:
+        metas = {False: meta}
+        if self.group_lora:  # the same segment tensors, grouped by the fill
             tile_map = torch.zeros((entries, 2), dtype=torch.int32, device=self.device)
-            meta.tile_maps = (tile_map, tile_map)  # the same 16-row tiles for both kernels
-            meta.tile_rows = (GROUP_TILE_ROWS, GROUP_TILE_ROWS)
-            meta.tile_count = torch.zeros(1, dtype=torch.int32, device=self.device)
-            meta.grouped_rows = size
+            metas[True] = dataclasses.replace(
+                meta,
+                max_seg_len=size,
+                tile_maps=(tile_map, tile_map),  # the same 16-row tiles for both kernels
+                tile_rows=(GROUP_TILE_ROWS, GROUP_TILE_ROWS),
+                tile_count=torch.zeros(1, dtype=torch.int32, device=self.device),
+                grouped_rows=size,
+            )
         batch = ForwardBatch(
             input_ids=inputs[0],
             positions=inputs[1],
@@ -265,20 +309,21 @@ class DecodeGraphs:
             max_seq_len=self.max_blocks * self.block_size,
             lora=LoRAInputs(self.cache.pool.buffer.view(-1), meta, self.lora_backend),
         )
-        return _Static(batch, inputs, hosts, head)
+        return _Static(batch, inputs, hosts, head, metas=metas)
 
     def _unpack(self, static: _Static) -> None:
         """Device-side: the int32 inputs from the int64 buffer (captured in the graph)."""
         batch, inputs, head = static.batch, static.inputs, static.head
         batch.seq_lens.copy_(inputs[3])
-        meta = batch.lora.meta
+        meta = static.metas[False]
         meta.seg_slot.copy_(inputs[4])
-        if self.group_lora:
+        if self.group_lora:  # both kinds of graph copy the segments and the tile map
+            grouped = static.metas[True]
             size = inputs.shape[1]
             meta.seg_start[:size].copy_(inputs[5])
             area = inputs[7:head].view(-1)
-            meta.tile_count.copy_(area[:1])
-            meta.tile_maps[0].view(-1).copy_(area[1 : 1 + meta.tile_maps[0].numel()])
+            grouped.tile_count.copy_(area[:1])
+            grouped.tile_maps[0].view(-1).copy_(area[1 : 1 + grouped.tile_maps[0].numel()])
         batch.block_tables.copy_(inputs[head:].t())
 
     def _fill(
@@ -286,6 +331,7 @@ class DecodeGraphs:
         static: _Static,
         requests: list[Request],
         prev: tuple[torch.Tensor, list[int]] | None = None,
+        grouped: bool = False,
     ) -> None:
         """Write this step's inputs into a pinned host buffer and copy it to the device
         (rows past the requests: padding). With ``prev`` the input ids are gathered on the
@@ -319,11 +365,12 @@ class DecodeGraphs:
             if prev is not None:
                 ids += prev[1]  # rows of the in-flight step's tokens, gathered below
             host[:4, :n] = rows
-        if self.group_lora:
+        if grouped:
             self._fill_groups(host, static.head, adapters)
         else:
             host[4, :n] = adapters
             host[4, n:] = -1
+            host[5] = self._rows[: host.shape[1]]  # one segment per row
         self._fill_tables(host[static.head :], static.tables[turn], requests)
         static.inputs.copy_(static.hosts[turn], non_blocking=True)
         if self.capture:
