@@ -36,10 +36,11 @@
 #               batch-128 step with a 0.2 vs 0.8 memory pool: does reach cost?     (4)
 #   overlap_ab  offline decode, batch 64 and 256, graphs with and without overlapped
 #               steps (engine_throughput.py)                                      (4)
-#   table_S_N[_ablation|_base]  setting S at n in N (comma list), R=10, one 20 s trace cut at
-#               30 s, base and PEFT (n <= 100 only), one base run for the sweep; _ablation adds
-#               padded (bmm) and separate adapter buffers at every n  (~0.6 per run + 0.6 per
-#               engine start + 0.8 per PEFT point)
+#   table_S_N[_ablation|_base|_group]  setting S at n in N (comma list), R=10, one 20 s trace
+#               cut at 30 s, base and PEFT (n <= 100 only), one base run for the sweep; _ablation
+#               adds padded (bmm) and separate adapter buffers at every n; _base: no PEFT;
+#               _group: no PEFT, and --no-group-lora-rows beside the default  (~0.6 per run +
+#               0.6 per engine start + 0.8 per PEFT point)
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
@@ -136,12 +137,15 @@ for part in "$@"; do
     table_*)  # table_S_N[_ablation]: S-LoRA's table at R=10 on one 20 s trace, N a comma list
       IFS=_ read -r _ s ns extra <<< "$part"
       baselines=base,peft
+      variant=()
       case ${extra:-} in
         ablation) baselines=base,peft,padded,separate ;;
         base) baselines=base ;;  # no PEFT: it completes nothing in a 30 s run
+        group) baselines=base; variant=(--variant 'rows=--no-group-lora-rows') ;;
       esac
       bench "${TABLE_TIMEOUT:-560}" --setting "$s" -n "$ns" --rate 10 --duration 20 \
-        --baselines "$baselines" --peft-max-n 100 --time-limit 30 --peft-time-limit 30 \
+        --baselines "$baselines" ${variant[@]+"${variant[@]}"} --peft-max-n 100 \
+        --time-limit 30 --peft-time-limit 30 \
         --padded-time-limit 30 --out "$OUT/bench_${s}_n${ns//,/-}${extra:+_$extra}.json" ;;
     *) echo "unknown part $part" ;;
   esac
