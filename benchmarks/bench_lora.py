@@ -317,7 +317,19 @@ DECODE_KNOBS = {
     "block_n": [64, 128, 256, 512],
     "expand_warps": [2, 8],
     "n_group": [1, 2, 4, 8, 16, 32],
+    "dense": [1],
 }
+# knob pairs tried on top of DECODE_KNOBS for the mixed-rank case: wider expand N tiles with
+# fewer rank rows (the B^T tile of a small rank is tiny), dense shrink columns with wider tiles
+MIXED_COMBOS = [
+    dict(block_r=16, block_n=256),
+    dict(block_r=16, block_n=512),
+    dict(block_r=32, block_n=256),
+    dict(dense=1, block_c=16),
+    dict(dense=1, block_c=64),
+    dict(dense=1, split_k=2),
+    dict(dense=1, split_k=4),
+]
 GROUPED_KNOBS = {
     "split_k": [1, 2, 4, 8],
     "block_c": [64, 256],
@@ -337,14 +349,16 @@ PREFILL_KNOBS = {
 }
 
 
-def _variants(default: LoRATiles, knobs: dict[str, list[int]], rank: int) -> list[LoRATiles]:
+def _variants(
+    default: LoRATiles, knobs: dict[str, list[int]], rank: int, combos: list[dict] | None = None
+) -> list[LoRATiles]:
+    changes = [{knob: value} for knob, values in knobs.items() for value in values]
     out = [default]
-    for knob, values in knobs.items():
-        for value in values:
-            tiles = default._replace(**{knob: value})
-            r_pad = max(16, triton.next_power_of_2(rank))
-            if tiles not in out and tiles.block_r <= r_pad and tiles.expand_m <= 64:
-                out.append(tiles)
+    r_pad = max(16, triton.next_power_of_2(rank))
+    for change in [*changes, *(combos or [])]:
+        tiles = default._replace(**change)
+        if tiles not in out and tiles.block_r <= r_pad and tiles.expand_m <= 64:
+            out.append(tiles)
     return out
 
 
@@ -372,7 +386,8 @@ def sweep(args: argparse.Namespace) -> list[dict]:
         knobs = DECODE_KNOBS if default.block_m == 1 else PREFILL_KNOBS
         if phase == "gdecode":
             knobs = GROUPED_KNOBS
-        for tiles in _variants(default, knobs, rank):
+        combos = MIXED_COMBOS if phase == "mixed" else []
+        for tiles in _variants(default, knobs, rank, combos):
             shrink_us, expand_us = _time_variant(case, tiles)
             rows.append(
                 dict(phase=phase, call=call, rank=rank, tokens=sum(seg_lens), distinct=distinct,

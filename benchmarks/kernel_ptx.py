@@ -37,7 +37,12 @@ _FLOATS = {"scale_log2", "eps"}
 KERNELS = {
     "_shrink_decode_kernel": (
         lora._shrink_decode_kernel,
-        dict(N_TARGETS=3, R_PAD=64, ROW_ALIGN=8, BLOCK_C=16, BLOCK_K=256),
+        dict(N_TARGETS=3, R_PAD=64, ROW_ALIGN=8, BLOCK_C=16, BLOCK_K=256, DENSE=False),
+        2,
+    ),
+    "_shrink_decode_dense": (
+        lora._shrink_decode_kernel,
+        dict(N_TARGETS=3, R_PAD=64, ROW_ALIGN=8, BLOCK_C=32, BLOCK_K=256, DENSE=True),
         2,
     ),
     "_shrink_prefill_kernel": (

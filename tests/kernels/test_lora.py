@@ -287,6 +287,9 @@ TILES = {
     "decode_wide": (SMALL_DECODE, SMALL_RANKS, 5, LoRATiles(1, 64, 32, 2, 8, 32)),
     # 3 output tiles per expand program: groups that end inside a target and past its end
     "decode_grouped": (DECODE, MIXED_RANKS, 0, LoRATiles(1, 32, 16, 2, 16, 16, n_group=3)),
+    # each segment's live A rows packed into the columns, across targets and column tiles
+    "decode_dense": (DECODE, MIXED_RANKS, 0, LoRATiles(1, 16, 16, 2, 16, 32, dense=1)),
+    "decode_dense_wide": (SMALL_DECODE, SMALL_RANKS, 5, LoRATiles(1, 64, 32, 1, 8, 32, dense=1)),
     "prefill_split": (PREFILL, MIXED_RANKS, 0, LoRATiles(16, 32, 16, 3, 32, 32, 4, 4, 32)),
     "prefill_wide": (SMALL_PREFILL, SMALL_RANKS, 5, LoRATiles(32, 64, 32, 2, 16, 32, 4, 4, 16)),
 }
@@ -397,6 +400,8 @@ def test_bad_inputs_raise() -> None:
         lora_apply_triton(*case.args(), tiles=LoRATiles(16, 16, 8, 1, 16, 16))
     with pytest.raises(ValueError, match="decode"):
         lora_apply_triton(*case.args(), tiles=LoRATiles(16, 16, 16, 1, 16, 16, 4, 4, 1))
+    with pytest.raises(ValueError, match="dense"):
+        lora_apply_triton(*case.args(), tiles=LoRATiles(16, 16, 16, 1, 16, 16, dense=1))
     with pytest.raises(ValueError, match="n_group"):
         lora_apply_triton(*case.args(), tiles=LoRATiles(16, 16, 16, 1, 16, 16, n_group=2))
 

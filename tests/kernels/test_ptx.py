@@ -36,6 +36,7 @@ def memory_ops():
     "name",
     [
         "_shrink_decode_kernel",
+        "_shrink_decode_dense",
         "_shrink_prefill_kernel",
         "_expand_decode_kernel",
         "_expand_prefill_kernel",

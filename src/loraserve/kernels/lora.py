@@ -327,18 +327,30 @@ def _a_columns(
     R_PAD: tl.constexpr,
     BLOCK_C: tl.constexpr,
     ROW_ALIGN: tl.constexpr,
+    DENSE: tl.constexpr = False,
 ):
-    """Shrink column c is row c % R_PAD of target c // R_PAD's A.
+    """Shrink column c is row c % R_PAD of target c // R_PAD's A; DENSE: the segment's live
+    rows packed, target after target (c < rank_0: row c of target 0, then target 1's...), so
+    a small-rank adapter fills one program's columns instead of a few in each of several.
 
-    Returns cols [BLOCK_C], live [BLOCK_C] (row < rank), A row offsets [BLOCK_C] int64.
+    Returns v columns [BLOCK_C] (t * R_PAD + row), live [BLOCK_C] (row < rank), A row offsets
+    [BLOCK_C] int64.
     """
     cols = c_tile * BLOCK_C + tl.arange(0, BLOCK_C)
-    t = cols // R_PAD
-    j = cols % R_PAD
-    rank = tl.load(ranks_ptr + entry + t, mask=t < N_TARGETS, other=0)
-    live = j < rank
+    if DENSE:
+        r0 = tl.load(ranks_ptr + entry)
+        r1 = tl.load(ranks_ptr + entry + 1, mask=N_TARGETS > 1, other=0)
+        r2 = tl.load(ranks_ptr + entry + 2, mask=N_TARGETS > 2, other=0)
+        t = (cols >= r0).to(tl.int32) + (cols >= r0 + r1).to(tl.int32)
+        j = cols - tl.where(t == 0, 0, tl.where(t == 1, r0, r0 + r1))
+        live = cols < r0 + r1 + r2
+    else:
+        t = cols // R_PAD
+        j = cols % R_PAD
+        rank = tl.load(ranks_ptr + entry + t, mask=t < N_TARGETS, other=0)
+        live = j < rank
     a_off = tl.load(row_offsets_ptr + (entry + t) * 2 * table_rank + j, mask=live, other=0)
-    return cols, live, tl.multiple_of(a_off, ROW_ALIGN)
+    return t * R_PAD + j, live, tl.multiple_of(a_off, ROW_ALIGN)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
@@ -366,6 +378,7 @@ def _shrink_decode_kernel(
     ROW_ALIGN: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    DENSE: tl.constexpr,  # the segment's live A rows packed into the columns (_a_columns)
 ):
     """One program: one single-token segment x BLOCK_C shrink columns x one K split."""
     seg = tl.program_id(0)
@@ -382,6 +395,7 @@ def _shrink_decode_kernel(
         R_PAD,
         BLOCK_C,
         ROW_ALIGN,
+        DENSE,
     )
     if (rows == 0) | (tl.max(live.to(tl.int32), axis=0) == 0):
         return
@@ -760,6 +774,7 @@ class LoRATiles(NamedTuple):
     expand_warps: int = 4
     expand_block_m: int = 0  # token rows per expand program; 0 = block_m
     n_group: int = 1  # decode form: BLOCK_N output tiles per expand program, in turn
+    dense: int = 0  # decode form: 1 = each segment's live A rows packed into the columns
 
     @property
     def expand_m(self) -> int:
@@ -900,6 +915,8 @@ def _check_tiles(tiles: LoRATiles, r_pad: int) -> None:
         raise ValueError(f"block_r must be <= {r_pad} and split_k >= 1: {tiles}")
     if tiles.n_group < 1 or (tiles.n_group > 1 and tiles.block_m > 1):
         raise ValueError(f"n_group must be >= 1, and 1 in the prefill form: {tiles}")
+    if tiles.dense not in (0, 1) or (tiles.dense and tiles.block_m > 1):
+        raise ValueError(f"dense must be 0 or 1, and 0 in the prefill form: {tiles}")
 
 
 def _padded_slices(out_slices: Sequence[tuple[int, int]]) -> list[int]:
@@ -958,6 +975,7 @@ def _shrink(
             ROW_ALIGN=batch.row_align,
             BLOCK_C=tiles.block_c,
             BLOCK_K=tiles.block_k,
+            DENSE=bool(tiles.dense),
             num_warps=tiles.shrink_warps,
         )
     else:
