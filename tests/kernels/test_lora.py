@@ -288,6 +288,8 @@ TILES = {
     # 3 output tiles per expand program: groups that end inside a target and past its end
     "decode_grouped": (DECODE, MIXED_RANKS, 0, LoRATiles(1, 32, 16, 2, 16, 16, n_group=3)),
     # each segment's live A rows packed into the columns, across targets and column tiles
+    # the whole rank in one expand step (R_PAD <= BLOCK_R), 2 output tiles per program
+    "decode_one_pass": (SMALL_DECODE, SMALL_RANKS, 0, LoRATiles(1, 16, 16, 2, 16, 16, n_group=2)),
     "decode_dense": (DECODE, MIXED_RANKS, 0, LoRATiles(1, 16, 16, 2, 16, 32, dense=1)),
     "decode_dense_wide": (SMALL_DECODE, SMALL_RANKS, 5, LoRATiles(1, 64, 32, 1, 8, 32, dense=1)),
     "prefill_split": (PREFILL, MIXED_RANKS, 0, LoRATiles(16, 32, 16, 3, 32, 32, 4, 4, 32)),

@@ -609,24 +609,43 @@ def _expand_decode_kernel(
     v_row = v_ptr + tok * stride_v_tok + t * R_PAD
     splits = tl.arange(0, BLOCK_S)
     last_tile = tl.minimum(first_tile + n_group, tl.cdiv(n, BLOCK_N))
-    for n_tile in range(first_tile, last_tile):
-        cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = cols < n
-        y_ptrs = y_ptr + tok * stride_y_tok + (o + cols) * stride_y_n
-        y = tl.load(y_ptrs, mask=n_ok, other=0.0)  # issued early: its latency hides behind B's
-        acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)  # reduced over rank at the end
-        for r0 in range(0, rank, BLOCK_R):
-            j = r0 + tl.arange(0, BLOCK_R)
-            j_ok = j < rank
-            v_ptrs = v_row + splits[:, None] * stride_v_split + j[None, :]  # [S, BLOCK_R]
-            v_mask = (splits[:, None] < split_k) & j_ok[None, :]
-            vj = tl.sum(tl.load(v_ptrs, mask=v_mask, other=0.0), axis=0)  # all partials
-            b_off = tl.multiple_of(tl.load(b_table + j, mask=j_ok, other=0), ROW_ALIGN)
+    if R_PAD <= BLOCK_R:
+        # Every rank in one step: v and the B^T row offsets are looked up once for all the
+        # program's tiles, so each tile waits for one load (B^T, y beside it), not a chain.
+        j = tl.arange(0, BLOCK_R)
+        j_ok = j < rank
+        v_ptrs = v_row + splits[:, None] * stride_v_split + j[None, :]  # [S, BLOCK_R]
+        v_mask = (splits[:, None] < split_k) & j_ok[None, :]
+        vj = tl.sum(tl.load(v_ptrs, mask=v_mask, other=0.0), axis=0)  # all partials
+        b_off = tl.multiple_of(tl.load(b_table + j, mask=j_ok, other=0), ROW_ALIGN)
+        for n_tile in range(first_tile, last_tile):
+            cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = cols < n
+            y_ptrs = y_ptr + tok * stride_y_tok + (o + cols) * stride_y_n
+            y = tl.load(y_ptrs, mask=n_ok, other=0.0)
             b_mask = j_ok[:, None] & n_ok[None, :]
             b = tl.load(pool_ptr + b_off[:, None] + cols[None, :], mask=b_mask, other=0.0)
-            acc += vj[:, None] * b.to(tl.float32)
-        y = y.to(tl.float32) + scale * tl.sum(acc, axis=0)
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+            y = y.to(tl.float32) + scale * tl.sum(vj[:, None] * b.to(tl.float32), axis=0)
+            tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        for n_tile in range(first_tile, last_tile):
+            cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = cols < n
+            y_ptrs = y_ptr + tok * stride_y_tok + (o + cols) * stride_y_n
+            y = tl.load(y_ptrs, mask=n_ok, other=0.0)  # issued early: hides behind B's latency
+            acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)  # reduced over rank at the end
+            for r0 in range(0, rank, BLOCK_R):
+                j = r0 + tl.arange(0, BLOCK_R)
+                j_ok = j < rank
+                v_ptrs = v_row + splits[:, None] * stride_v_split + j[None, :]  # [S, BLOCK_R]
+                v_mask = (splits[:, None] < split_k) & j_ok[None, :]
+                vj = tl.sum(tl.load(v_ptrs, mask=v_mask, other=0.0), axis=0)  # all partials
+                b_off = tl.multiple_of(tl.load(b_table + j, mask=j_ok, other=0), ROW_ALIGN)
+                b_mask = j_ok[:, None] & n_ok[None, :]
+                b = tl.load(pool_ptr + b_off[:, None] + cols[None, :], mask=b_mask, other=0.0)
+                acc += vj[:, None] * b.to(tl.float32)
+            y = y.to(tl.float32) + scale * tl.sum(acc, axis=0)
+            tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
