@@ -22,6 +22,7 @@
 #   s2n2000_group  default (grouped decode LoRA) vs --no-group-lora-rows and base      (5)
 #   gpu_tests   tests/kernels/test_lora.py and the graph-path engine tests on CUDA     (2)
 #   profile128  profile_step.py at batch 128, with and without adapters           (2)
+#   profile224  the same at batch 224, context 420 (S2 n=2000's decode steps)      (3)
 #   lora_bf16   Triton vs torch LoRA tokens in bf16, bank adapters                (1)
 #   attention   split-KV vs one-pass decode attention                             (1)
 #   s2n100      S2 n=100 R=10 120 s with base and PEFT                            (7)
@@ -91,6 +92,10 @@ for part in "$@"; do
       timeout 200 python benchmarks/profile_step.py --model llama-7b --batches 128 \
         --context 256 --steps 20 --out-dir "$OUT/prof" 2>&1 | grep '^{'
       tar czf "$OUT/prof128.tgz" -C "$OUT" prof && rm -r "$OUT/prof" ;;
+    profile224)  # S2 n=2000's decode batch: 224 distinct adapters of ranks 64/32/16/8
+      timeout 300 python benchmarks/profile_step.py --model llama-7b --batches 224 \
+        --context 420 --steps 20 --out-dir "$OUT/prof" 2>&1 | grep '^{'
+      tar czf "$OUT/prof224.tgz" -C "$OUT" prof && rm -r "$OUT/prof" ;;
     lora_bf16)
       timeout 120 python benchmarks/lora_engine_check.py --model llama-7b -n 100 --batch 32 \
         --prompt-len 64 --new-tokens 16 --backends triton,torch,base \
