@@ -19,7 +19,7 @@
 #   s2n2000_nooverlap ... with --no-overlap-steps                                 (6)
 #   s2n2000_pg  default vs --prefill-graphs and base, one 50 s trace cut at 70 s     (6)
 #   s2n2000_oa  default vs --overlap-admission and base, the same way                 (6)
-#   s2n2000_group  default (grouped decode LoRA) vs --no-group-lora-rows and base      (5)
+#   s2n2000_group  default vs --no-group-lora-rows vs --lora-side-stream, and base     (7)
 #   gpu_tests   tests/kernels/test_lora.py and the graph-path engine tests on CUDA     (2)
 #   profile128  profile_step.py at batch 128, with and without adapters           (2)
 #   profile224  the same at batch 224, context 420 (S2 n=2000's decode steps)      (3)
@@ -66,10 +66,11 @@ for part in "$@"; do
       bench 560 --setting S2 -n 2000 --rate 40 --duration 50 --baselines base \
         --time-limit 70 --variant 'oa=--overlap-admission' \
         --out "$OUT/bench_S2_n2000_r40_oa.json" ;;
-    s2n2000_group)  # decode LoRA grouped by adapter (default) vs a segment per row, and base
-      bench 560 --setting S2 -n 2000 --rate 40 --duration 50 --baselines base \
+    s2n2000_group)  # the default (grouped decode LoRA where rows share adapters) vs always a
+      # segment per row, vs the LoRA shrink on a side stream, and base
+      bench 570 --setting S2 -n 2000 --rate 40 --duration 50 --baselines base \
         --time-limit 70 --variant 'rows=--no-group-lora-rows' \
-        --out "$OUT/bench_S2_n2000_r40_group.json" ;;
+        --variant 'side=--lora-side-stream' --out "$OUT/bench_S2_n2000_r40_group.json" ;;
     gpu_tests)  # the LoRA kernels (grouped, persistent grids) and the graph paths on CUDA
       LORASERVE_TEST_DEVICE=cuda timeout 300 python -m pytest -q tests/kernels/test_lora.py \
         tests/engine/test_graphs.py tests/engine/test_prefill_graphs.py \

@@ -350,6 +350,8 @@ class EngineConfig:
     prefill_graphs: bool = False
     # Decode graphs run each adapter's rows as one LoRA segment (engine/graphs.py).
     group_lora_rows: bool = True
+    # The LoRA shrink on a second CUDA stream beside the base GEMM (PackedLinear).
+    lora_side_stream: bool = False
     # In a step that also prefills, at least this many decode rows replay the decode graphs
     # apart from the prompt rows (ModelRunner._launch_split); 0: every row runs eagerly.
     mixed_decode_graphs: int = 0

@@ -241,3 +241,26 @@ def test_grouped_graphs_only_where_rows_share_adapters(setup):
         .runner.graphs
     )
     assert not off.group_lora and not off.groups_pay(rows(1, 1, 1, 1))
+
+
+def test_lora_side_stream_gives_the_same_tokens(setup):
+    """--lora-side-stream: each LoRA shrink on a second CUDA stream beside its base GEMM
+    (forked and joined inside the captured decode graphs, and in eager steps). The same
+    tokens and logprobs as on one stream; on the CPU there is no second stream."""
+    from loraserve.model.layers import PackedLinear
+
+    model_dir, adapters = setup
+    names = ["a", None, "b", "a", None]
+    prompts = [[5, 6, 7], [9] * 12, [30, 31], [44, 45, 46, 47], [8, 8]]
+    one, _ = run(model_dir, adapters, 8, names, prompts)
+    two, _ = run(model_dir, adapters, 8, names, prompts, lora_side_stream=True)
+    for a, b in zip(one, two, strict=True):
+        assert a.token_ids == b.token_ids
+        for la, lb in zip(a.logprobs, b.logprobs, strict=True):
+            assert max(abs(la[t] - lb[t]) for t in la) < 1e-5
+    engine = EngineArgs(
+        model=str(model_dir), dtype="float32", cuda_graph_max_batch=8, lora_side_stream=True
+    ).create_engine()
+    streams = {m.lora_stream for m in engine.model.modules() if isinstance(m, PackedLinear)}
+    assert len(streams) == 1
+    assert (streams.pop() is not None) == (engine.device.type == "cuda")

@@ -107,6 +107,11 @@ class EngineArgs:
         "step reads each adapter's weights once, not once per row; off: one segment per row "
         "(the matrix-vector kernels)",
     )
+    lora_side_stream: bool = _opt(
+        False,
+        "run each LoRA shrink on a second CUDA stream beside its base GEMM (experimental, "
+        "not yet measured on a GPU; Triton LoRA kernels only)",
+    )
     overlap_admission: bool = _opt(
         True,
         "also queue ahead a step that admits prompts: its decode rows read the tokens the "
@@ -245,6 +250,7 @@ class EngineArgs:
             overlap_steps=self.overlap_steps,
             overlap_admission=self.overlap_admission,
             group_lora_rows=self.group_lora_rows,
+            lora_side_stream=self.lora_side_stream,
             prefill_graphs=self._prefill_graphs(graph_batch),
             mixed_decode_graphs=int(
                 self._with_graphs(

@@ -97,6 +97,8 @@ class LLMEngine:
             mc.num_hidden_layers, config.cache.block_size, mc.num_key_value_heads, mc.head_dim
         )
         model.bind_kv_cache(kv, backend=config.attention_backend)
+        if config.lora_side_stream and self.device.type == "cuda":
+            model.set_lora_stream(torch.cuda.Stream(self.device))
         self.kv = KVCacheManager(self.pool, config.cache.block_size)
         self.adapter_store = AdapterStore(
             mc, config.dtype, config.lora.host_cache_bytes, pin_memory=self.device.type == "cuda"

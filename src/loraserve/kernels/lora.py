@@ -45,7 +45,7 @@ kernels use 16-byte loads of A and B^T rows.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -131,14 +131,26 @@ def _expect(t: Tensor, dtype: torch.dtype, shape: tuple[int, ...], name: str) ->
 def _check_call(
     x: Tensor, y: Tensor, pool: Tensor, first_target: int, out_slices: Sequence[tuple[int, int]]
 ) -> None:
+    _check_inputs(x, pool, first_target, out_slices)
+    _check_output(x, y, out_slices)
+
+
+def _check_inputs(
+    x: Tensor, pool: Tensor, first_target: int, out_slices: Sequence[tuple[int, int]]
+) -> None:
     if not 1 <= len(out_slices) <= MAX_CALL_TARGETS:
         raise ValueError(f"a call covers 1..{MAX_CALL_TARGETS} targets, got {len(out_slices)}")
     if first_target < 0 or first_target + len(out_slices) > NUM_TARGETS:
         raise ValueError(f"targets {first_target}..+{len(out_slices)} outside {LORA_TARGETS}")
-    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} need the same rows")
+    if x.dim() != 2:
+        raise ValueError(f"x must be [tokens, in_features], got {tuple(x.shape)}")
     if pool.dim() != 1 or x.dtype != pool.dtype:
         raise ValueError(f"pool must be flat and of x's dtype {x.dtype}, got {pool.dtype}")
+
+
+def _check_output(x: Tensor, y: Tensor, out_slices: Sequence[tuple[int, int]]) -> None:
+    if y.dim() != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} need the same rows")
     for o, n in out_slices:
         if o < 0 or n < 1 or o + n > y.shape[1]:
             raise ValueError(f"out slice ({o}, {n}) outside y's {y.shape[1]} columns")
@@ -952,13 +964,13 @@ def _shrink(
     first_target: int,
     n_targets: int,
     tiles: LoRATiles,
+    v: Tensor | None = None,  # _scratch(); None: made here
 ) -> Tensor:
     """v [split_k, T, n_targets * R_PAD] fp32: partial x @ A^T of every target."""
     r_pad = _r_pad(batch.max_rank)
     in_features = x.shape[1]
-    v = torch.empty(
-        tiles.split_k, x.shape[0], n_targets * r_pad, dtype=torch.float32, device=x.device
-    )
+    if v is None:
+        v = _scratch(x, batch, n_targets, tiles)
     k_blocks = cdiv(cdiv(in_features, tiles.split_k), tiles.block_k)
     m_tiles = cdiv(batch.max_seg_len, tiles.block_m)
     c_tiles = cdiv(n_targets * r_pad, tiles.block_c)
@@ -1014,6 +1026,12 @@ def _shrink(
             num_warps=tiles.shrink_warps,
         )
     return v
+
+
+def _scratch(x: Tensor, batch: LoRABatch, n_targets: int, tiles: LoRATiles) -> Tensor:
+    """The shrink's fp32 output [split_k, T, n_targets * R_PAD], on the current stream."""
+    width = n_targets * _r_pad(batch.max_rank)
+    return torch.empty(tiles.split_k, x.shape[0], width, dtype=torch.float32, device=x.device)
 
 
 def _expand(
@@ -1133,7 +1151,26 @@ def lora_apply_triton(
     """Shrink then expand, two launches, no device sync (CUDA-graph safe)."""
     if batch.num_segments == 0:
         return
-    _check_call(x, y, pool, first_target, out_slices)
+    _check_output(x, y, out_slices)
+    shrink, expand = lora_triton_launches(x, pool, batch, layer, first_target, out_slices, tiles)
+    shrink()
+    expand(y)
+
+
+def lora_triton_launches(
+    x: Tensor,  # [T, in_features]
+    pool: Tensor,  # [P] the page pool viewed flat
+    batch: LoRABatch,  # with segments
+    layer: int,
+    first_target: int,
+    out_slices: Sequence[tuple[int, int]],  # per target (output column offset, width)
+    tiles: LoRATiles | None = None,  # None: pick_tiles
+) -> tuple[Callable[[], None], Callable[[Tensor], None]]:
+    """lora_apply_triton's two launches apart: (shrink(), expand(y)). The fp32 scratch
+    between them is made now, on the current stream, so the caller may launch the shrink on
+    another stream (beside the base GEMM that makes y) and the expand back on this one after
+    waiting for it: the scratch is then freed on the stream that made it."""
+    _check_inputs(x, pool, first_target, out_slices)
     n_targets = len(out_slices)
     if tiles is None:
         max_out = max(n for _, n in out_slices)
@@ -1141,8 +1178,16 @@ def lora_apply_triton(
     if tiles.block_m == 1 and batch.max_seg_len > 1:
         raise ValueError("decode tiles (block_m=1) need max_seg_len == 1")
     _check_tiles(tiles, _r_pad(batch.max_rank))
-    v = _shrink(x, pool, batch, layer, first_target, n_targets, tiles)
-    _expand(y, v, pool, batch, layer, first_target, out_slices, tiles)
+    v = _scratch(x, batch, n_targets, tiles)
+
+    def shrink() -> None:
+        _shrink(x, pool, batch, layer, first_target, n_targets, tiles, v)
+
+    def expand(y: Tensor) -> None:
+        _check_output(x, y, out_slices)
+        _expand(y, v, pool, batch, layer, first_target, out_slices, tiles)
+
+    return shrink, expand
 
 
 def lora_apply(

@@ -21,7 +21,7 @@ from torch import nn
 
 from loraserve.config import LORA_TARGETS, target_mask
 from loraserve.kernels.fused import fused_add_rms_norm
-from loraserve.kernels.lora import lora_apply
+from loraserve.kernels.lora import lora_apply, lora_triton_launches
 
 if TYPE_CHECKING:
     from loraserve.model.batch import LoRAInputs
@@ -56,6 +56,8 @@ class PackedLinear(nn.Module):
         self.out_slices = [(self.offsets[n], self.sizes[n]) for n in projections]
         self.weight = nn.Parameter(torch.empty(total, in_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(total), requires_grad=False) if bias else None
+        # A second CUDA stream for the LoRA shrink beside the base GEMM (lora_side_stream).
+        self.lora_stream: torch.cuda.Stream | None = None
 
     def load(self, projection: str, param: str, tensor: torch.Tensor) -> None:
         """Copy a checkpoint tensor (``param`` = "weight" | "bias") into its slice."""
@@ -72,19 +74,44 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoRAInputs | None = None) -> torch.Tensor:
         # x [T, in_features] -> [T, out_features]
+        if lora is None or not lora.targets & self.target_mask:
+            return F.linear(x, self.weight, self.bias)
+        if self.lora_stream is not None and x.is_cuda and lora.backend in ("auto", "triton"):
+            return self._forward_side_stream(x, lora, self.lora_stream)
         y = F.linear(x, self.weight, self.bias)
-        if lora is not None and lora.targets & self.target_mask:
-            for meta in lora.metas:
-                lora_apply(
-                    x,
-                    y,
-                    lora.pool,
-                    meta,
-                    self.layer,
-                    self.first_target,
-                    self.out_slices,
-                    backend=lora.backend,
-                )
+        for meta in lora.metas:
+            lora_apply(
+                x,
+                y,
+                lora.pool,
+                meta,
+                self.layer,
+                self.first_target,
+                self.out_slices,
+                backend=lora.backend,
+            )
+        return y
+
+    def _forward_side_stream(
+        self, x: torch.Tensor, lora: LoRAInputs, side: torch.cuda.Stream
+    ) -> torch.Tensor:
+        """The LoRA shrink (it reads only x) on ``side`` while the base GEMM runs here; the
+        expand adds into y after both. Its scratch is made on this stream before the fork,
+        so freeing it here needs no record_stream; a CUDA graph captures the fork and join."""
+        launches = [
+            lora_triton_launches(x, lora.pool, meta, self.layer, self.first_target, self.out_slices)
+            for meta in lora.metas
+            if meta.num_segments
+        ]
+        main = torch.cuda.current_stream(x.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            for shrink, _ in launches:
+                shrink()
+        y = F.linear(x, self.weight, self.bias)
+        main.wait_stream(side)
+        for _, expand in launches:
+            expand(y)
         return y
 
 

@@ -169,6 +169,13 @@ class LlamaForCausalLM(nn.Module):
                 torch.empty(config.vocab_size, config.hidden_size), requires_grad=False
             )
 
+    def set_lora_stream(self, stream: torch.cuda.Stream | None) -> None:
+        """Run every packed linear layer's LoRA shrink on ``stream`` beside its base GEMM
+        (None: on the current stream, after it)."""
+        for module in self.modules():
+            if isinstance(module, PackedLinear):
+                module.lora_stream = stream
+
     def bind_kv_cache(self, kv: torch.Tensor, backend: str = "auto") -> None:
         """kv: the pool viewed as [num_pages, num_layers, 2, block_size, kv_heads, head_dim].
         backend: of attention and the fused kernels ("auto": Triton on CUDA)."""
