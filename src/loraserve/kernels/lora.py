@@ -33,6 +33,12 @@ each segment's rows by BLOCK_M and uses tl.dot (every operand dimension >= 16). 
 accumulate in fp32 and add to y in fp32 before storing in y's dtype. Triton's CPU
 interpreter gets bf16 wrong, so on the CPU the kernels are tested in fp32 and fp16.
 
+A decode batch whose rows are grouped by adapter (``grouped_rows``: the decode graphs'
+grouped form) runs the prefill form in 16-row tiles over a tile map; with ``tile_count``
+(the map's live entries, on the device) the grids are persistent: a fixed number of
+programs strides over the live entries, so a CUDA graph sized for the worst case does not
+launch a program per possible tile.
+
 ``lora_apply_bmm`` is S-LoRA's "padded" ablation, for benchmarks: each token row gathers its
 adapter's rows padded to the batch's max rank and two torch.bmm compute the delta.
 
