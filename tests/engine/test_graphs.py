@@ -25,12 +25,12 @@ def setup(graph_setup):
     return graph_setup
 
 
-def run(model_dir, adapters, graph_batch, names, prompts, group_min_rows=None, **engine_args):
+def run(model_dir, adapters, graph_batch, names, prompts, group_tile_cost=None, **engine_args):
     engine = EngineArgs(
         model=str(model_dir), dtype="float32", cuda_graph_max_batch=graph_batch, **engine_args
     ).create_engine()
-    if group_min_rows is not None:
-        engine.runner.graphs.group_min_rows = group_min_rows
+    if group_tile_cost is not None:
+        engine.runner.graphs.group_tile_cost = group_tile_cost
     for name, path in adapters.items():
         engine.add_adapter(name, path)
     for i, (p, a) in enumerate(zip(prompts, names, strict=True)):
@@ -45,7 +45,7 @@ def run(model_dir, adapters, graph_batch, names, prompts, group_min_rows=None, *
         engine.check_integrity()
     if graph_batch:
         assert engine.runner.graphs.steps > 0, "the padded decode path did not run"
-        if group_min_rows == 0:  # every step with adapter rows grouped
+        if group_tile_cost == 0:  # every step with adapter rows grouped
             assert engine.runner.graphs.grouped_steps > 0
     reserved = engine.pool.num_used(PageKind.RESERVED)
     adapter_pages = sum(len(a.pages) for a in engine.adapter_cache.resident())
@@ -54,12 +54,12 @@ def run(model_dir, adapters, graph_batch, names, prompts, group_min_rows=None, *
 
 
 @pytest.mark.parametrize(
-    ("graph_batch", "lora_backend", "group_min_rows"),
+    ("graph_batch", "lora_backend", "group_tile_cost"),
     [(2, "auto", None), (8, "auto", 0), (8, "triton", 0), (8, "triton", None)],
 )
-def test_padded_decode_matches_eager(setup, graph_batch, lora_backend, group_min_rows):
+def test_padded_decode_matches_eager(setup, graph_batch, lora_backend, group_tile_cost):
     """Also with the Triton kernels: rows of one adapter grouped into one segment (16-row
-    tiles over a persistent tile map; group_min_rows 0: every step) or, as this batch
+    tiles over a persistent tile map; group_tile_cost 0: every step) or, as this batch
     mostly chooses by default, one segment per row (matrix-vector kernels)."""
     model_dir, adapters = setup
     names = ["a", None, "b", "a", None]
@@ -71,7 +71,7 @@ def test_padded_decode_matches_eager(setup, graph_batch, lora_backend, group_min
         graph_batch,
         names,
         prompts,
-        group_min_rows,
+        group_tile_cost,
         lora_backend=lora_backend,
     )
     assert (reserved_eager, reserved) == (0, 1)
@@ -214,8 +214,8 @@ def test_grouped_lora_segments_and_tile_map(setup):
 
 
 def test_grouped_graphs_only_where_rows_share_adapters(setup):
-    """A step replays the grouped LoRA graphs when it has at least group_min_rows adapter
-    rows per distinct adapter; never with --no-group-lora-rows."""
+    """A step replays the grouped LoRA graphs when group_tile_cost x its 16-row tiles is less
+    than its adapter rows; never with --no-group-lora-rows."""
     from types import SimpleNamespace
 
     model_dir, _ = setup
@@ -228,10 +228,14 @@ def test_grouped_graphs_only_where_rows_share_adapters(setup):
     def rows(*slots):
         return [SimpleNamespace(adapter_slot=s) for s in slots]
 
-    assert graphs.groups_pay(rows(1, 1, 2, 2, None))  # 2 rows per adapter
-    assert not graphs.groups_pay(rows(1, 1, 2, None, None))  # 1.5
+    assert graphs.groups_pay(rows(1, 1, 2, 2, None))  # 2 tiles x 1.6 < 4 rows
+    assert not graphs.groups_pay(rows(1, 1, 2, None, None))  # 3.2 > 3
+    assert not graphs.groups_pay(rows(*range(8)))  # one row each
     assert not graphs.groups_pay(rows(None, None))  # no adapter rows
-    graphs.group_min_rows = 3
+    # 16 rows of one adapter and 15 of their own (1.94 rows per adapter): 25.6 < 31
+    assert graphs.groups_pay(rows(*[1] * 16, *range(2, 17)))
+    assert not graphs.groups_pay(rows(1, 1, *range(2, 12)))  # 11 tiles: 17.6 > 12 rows
+    graphs.group_tile_cost = 3
     assert not graphs.groups_pay(rows(1, 1, 2, 2))
     off = (
         EngineArgs(

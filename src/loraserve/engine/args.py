@@ -103,9 +103,9 @@ class EngineArgs:
     )
     group_lora_rows: bool = _opt(
         True,
-        "in decode graphs, run each adapter's rows as one LoRA segment in 16-row tiles, so a "
-        "step reads each adapter's weights once, not once per row; off: one segment per row "
-        "(the matrix-vector kernels)",
+        "decode graphs also in a form that runs each adapter's rows as one LoRA segment in "
+        "16-row tiles (its weights read once per step, not once per row), replayed by steps "
+        "whose rows share adapters enough; off: always one segment per row",
     )
     lora_side_stream: bool = _opt(
         False,

@@ -16,11 +16,12 @@ bmm ablation). With ``group_lora`` (the default with the Triton kernels) every s
 has graphs in which each run of one adapter's rows (the runner sorts rows by adapter) is
 one segment, taken in 16-row tiles (a host-built map of the live tiles and their count:
 persistent grids), so each adapter's weights are read once per step, not once per row. A
-step replays those when its rows share adapters (at least ``group_min_rows`` rows per
-adapter on average): on an H200, rank-64 q|k|v over 256 rows of 52 adapters took 85 us
-grouped against 181 us per row, but single-row adapters cost ~1.6x more in 16-row tiles
-(S2 n=2000, where nearly every row has its own adapter, ran 15.5 vs 21.2 req/s grouped
-always; docs/benchmarks.md, session 7).
+step replays those when its rows share adapters enough: when ``group_tile_cost`` times its
+16-row tiles is less than its adapter rows (a tile costs ~1.6 single-row programs: on an
+H200, rank-64 q|k|v over 256 rows of 52 adapters took 85 us grouped against 181 us per row,
+but rank-16 o over 32 single-row adapters 10.4 against 6.4 us; S2 n=2000, where nearly
+every row has its own adapter, ran 15.5 vs 21.2 req/s grouped always; docs/benchmarks.md,
+session 7).
 
 Inputs are copied into static buffers before each replay; the logits come out of a static
 buffer and are sampled outside the graph (per-request seeded generators cannot be captured).
@@ -34,6 +35,7 @@ import dataclasses
 import functools
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -73,10 +75,10 @@ def covering_targets(cache: AdapterCache, target_sets: list[int], requests: list
     return next(t for t in target_sets if needed & ~t == 0)
 
 
-# A step replays the grouped LoRA graphs when its adapter rows number at least this many per
-# distinct adapter (16-row tiles cost ~1.6x the matrix-vector kernels for a single row, and
-# save a read of the adapter for each further row).
-GROUP_MIN_ROWS = 2.0
+# A step replays the grouped LoRA graphs when this many times its 16-row tiles is less than
+# its adapter rows: a tile costs ~1.6 single-row programs of the matrix-vector kernels (rank
+# 16, session 7's sweep) and saves a read of its adapter for each further row in it.
+GROUP_TILE_COST = 1.6
 
 
 def capture(
@@ -167,7 +169,7 @@ class DecodeGraphs:
         # Graphs with one segment per run of one adapter's rows (grouped tiles) too, for
         # steps whose rows share adapters; the padded bmm ablation keeps per-row gathers.
         self.group_lora = group_lora and lora_backend != "bmm" and adapter_cache.max_loras > 0
-        self.group_min_rows = GROUP_MIN_ROWS
+        self.group_tile_cost = GROUP_TILE_COST
         self.grouped_steps = 0  # steps that replayed the grouped graphs
         self._rows = np.arange(max_batch, dtype=np.int64)
         self.steps = 0  # decode steps served by the padded path
@@ -221,12 +223,17 @@ class DecodeGraphs:
         return static.logits[: len(requests)]
 
     def groups_pay(self, requests: list[Request]) -> bool:
-        """Grouped LoRA rows for this step: its adapter rows share adapters, at least
-        ``group_min_rows`` rows per distinct adapter on average."""
+        """Grouped LoRA rows for this step: ``group_tile_cost`` x its 16-row tiles (one per
+        up to 16 rows of an adapter) is less than its adapter rows. 52 adapters over 256
+        rows: 83 < 256, grouped; one row per adapter: 1.6 n > n, per row; 16 rows of one
+        adapter and 15 of their own: 25.6 < 31, grouped."""
         if not self.group_lora:
             return False
-        slots = [r.adapter_slot for r in requests if r.adapter_slot is not None]
-        return bool(slots) and len(slots) >= self.group_min_rows * len(set(slots))
+        rows = Counter(r.adapter_slot for r in requests if r.adapter_slot is not None)
+        if not rows:
+            return False
+        tiles = sum(-(-n // GROUP_TILE_ROWS) for n in rows.values())
+        return self.group_tile_cost * tiles < sum(rows.values())
 
     @staticmethod
     def _select(static: _Static, targets: int, grouped: bool) -> None:
