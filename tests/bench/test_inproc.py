@@ -53,6 +53,7 @@ def test_driver_end_to_end(engine_args):
     assert decode["decode_steps"] > 0 and decode["avg_batch"] >= 1
     assert decode["floor_ms"] > 0 and decode["measured_ms"] > 0
     assert decode["avg_adapter_bytes"] > 0 and decode["avg_kv_bytes"] > 0
+    assert 1 <= decode["avg_distinct_adapters"] <= decode["avg_batch"]
     queue = result["queue"]
     assert queue["started"] == 20
     assert 0 <= queue["avg_s"] <= queue["p99_s"] <= queue["max_s"]

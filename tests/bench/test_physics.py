@@ -9,8 +9,8 @@ from loraserve.bench.physics import HBM_BYTES_PER_S, DecodeStats, lora_extra
 
 def _decode(ms: float, kv: float, adapters: float, weights: float = 10e9) -> dict:
     stats = DecodeStats(int(weights))
-    for _ in range(4):
-        stats.add(ms / 1e3, 32, int(kv), int(adapters))
+    for i in range(4):
+        stats.add(ms / 1e3, 32, int(kv), int(adapters), 10 + i)
     return stats.as_dict()
 
 
@@ -19,6 +19,7 @@ def test_floor_is_the_bytes_at_the_h200_rate():
     assert d["floor_ms"] == pytest.approx(1e3 * 13e9 / HBM_BYTES_PER_S)
     assert d["adapter_floor_ms"] == pytest.approx(1e3 * 1e9 / HBM_BYTES_PER_S)
     assert d["measured_over_floor"] == pytest.approx(5.0 / d["floor_ms"])
+    assert d["avg_distinct_adapters"] == pytest.approx(11.5)
 
 
 def test_lora_extra_models_the_run_without_adapters_at_base_rate():

@@ -48,13 +48,17 @@ class DecodeStats:
     sequences: int = 0
     kv_bytes: int = 0
     adapter_bytes: int = 0
+    adapters: int = 0  # distinct adapters, summed over the steps
 
-    def add(self, seconds: float, batch: int, kv_bytes: int, adapter_bytes: int) -> None:
+    def add(
+        self, seconds: float, batch: int, kv_bytes: int, adapter_bytes: int, adapters: int = 0
+    ) -> None:
         self.steps += 1
         self.seconds += seconds
         self.sequences += batch
         self.kv_bytes += kv_bytes
         self.adapter_bytes += adapter_bytes
+        self.adapters += adapters
 
     def as_dict(self) -> dict[str, Any]:
         n = max(self.steps, 1)
@@ -63,6 +67,8 @@ class DecodeStats:
         return {
             "decode_steps": self.steps,
             "avg_batch": self.sequences / n,
+            # rows per adapter: what the decode LoRA kernels can share (grouped graphs)
+            "avg_distinct_adapters": self.adapters / n,
             "measured_ms": 1e3 * measured if self.steps else None,
             "floor_ms": 1e3 * floor if self.steps else None,
             "measured_over_floor": measured / floor if self.steps else None,

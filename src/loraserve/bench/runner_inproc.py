@@ -305,14 +305,14 @@ class InprocDriver:
         if not outputs and not self.engine.scheduler.running:
             time.sleep(2e-4)  # only waiting for adapters: let the loader thread run
 
-    def _decode_bytes(self, running: list[Request]) -> tuple[int, int] | None:
-        """(KV bytes, distinct adapter bytes) a decode step of ``running`` reads; None if
-        some running request has more than one token to compute (a prefill)."""
+    def _decode_bytes(self, running: list[Request]) -> tuple[int, int, int] | None:
+        """(KV bytes, distinct adapter bytes, distinct adapters) a decode step of ``running``
+        reads; None if some running request has more than one token to compute (a prefill)."""
         if not running or any(r.num_tokens - r.num_computed_tokens != 1 for r in running):
             return None
         adapters = {r.adapter for r in running if r.adapter is not None}
         adapter_bytes = sum(self._nbytes(a) for a in adapters)
-        return sum(r.num_tokens for r in running) * self._kv_token, adapter_bytes
+        return sum(r.num_tokens for r in running) * self._kv_token, adapter_bytes, len(adapters)
 
     def _nbytes(self, adapter: str) -> int:
         """An adapter's bytes, looked up in the store once (its lock is shared with the I/O

@@ -472,7 +472,8 @@ def format_run(where: str, r: dict[str, Any]) -> str:
     if decode.get("decode_steps"):
         line += (
             f"\n    decode step (H200 byte floor model): measured {decode['measured_ms']:.2f} ms"
-            f" at batch {decode['avg_batch']:.1f}; floor (weights + KV + distinct adapters)"
+            f" at batch {decode['avg_batch']:.1f} of {decode.get('avg_distinct_adapters', 0):.1f}"
+            " distinct adapters; floor (weights + KV + distinct adapters)"
             f" / 4.26 TB/s = {decode['floor_ms']:.2f} ms; ratio {decode['measured_over_floor']:.2f}"
         )
     for k, v in (steps or {}).items():  # wait ~ 0: the host set the pace, not the device
