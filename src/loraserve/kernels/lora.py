@@ -62,7 +62,7 @@ from torch import Tensor
 
 from loraserve.config import LORA_TARGETS
 from loraserve.kernels.host import cdiv, next_power_of_2
-from loraserve.kernels.tile_map import program_tile
+from loraserve.kernels.tile_map import program_entries, tile_entry
 
 NUM_TARGETS = len(LORA_TARGETS)
 MAX_CALL_TARGETS = 3  # targets one call may cover (q|k|v is the widest packing)
@@ -470,20 +470,10 @@ def _shrink_prefill_kernel(
     BLOCK_C shrink columns x one K split."""
     c_tile = tl.program_id(2) // split_k
     split = tl.program_id(2) % split_k
-    if PERSISTENT:
-        for e in range(tl.program_id(0), tl.load(tile_count_ptr), tl.num_programs(0)):
-            seg = tl.load(tile_map_ptr + 2 * e)
-            m_tile = tl.load(tile_map_ptr + 2 * e + 1)
-            _shrink_tile(
-                x_ptr, v_ptr, pool_ptr, seg_start_ptr, seg_slot_ptr, row_offsets_ptr,
-                ranks_ptr, seg, m_tile, c_tile, split, layer, first_target, num_layers,
-                table_rank, in_features, k_blocks, stride_x_tok, stride_x_k, stride_v_split,
-                stride_v_tok, N_TARGETS, R_PAD, ROW_ALIGN, BLOCK_M, BLOCK_C, BLOCK_K,
-                DOT_PRECISION,
-            )  # fmt: skip
-    else:
-        seg, m_tile = program_tile(tile_map_ptr, TILE_MAP, 0)  # grid axes (segment, row tile)
-        if seg >= 0:
+    first, end, step = program_entries(tile_count_ptr, PERSISTENT)
+    for e in range(first, end, step):
+        seg, m_tile = tile_entry(tile_map_ptr, e, TILE_MAP, PERSISTENT, 0)
+        if seg >= 0:  # (segment, row tile) grid axes without a map
             _shrink_tile(
                 x_ptr, v_ptr, pool_ptr, seg_start_ptr, seg_slot_ptr, row_offsets_ptr,
                 ranks_ptr, seg, m_tile, c_tile, split, layer, first_target, num_layers,
@@ -707,20 +697,10 @@ def _expand_prefill_kernel(
     target x BLOCK_N output columns."""
     t = tl.program_id(2) // n_tiles
     n_tile = tl.program_id(2) % n_tiles
-    if PERSISTENT:
-        for e in range(tl.program_id(0), tl.load(tile_count_ptr), tl.num_programs(0)):
-            seg = tl.load(tile_map_ptr + 2 * e)
-            m_tile = tl.load(tile_map_ptr + 2 * e + 1)
-            _expand_tile(
-                y_ptr, v_ptr, pool_ptr, seg_start_ptr, seg_slot_ptr, row_offsets_ptr,
-                ranks_ptr, scalings_ptr, seg, m_tile, t, n_tile, layer, first_target,
-                num_layers, table_rank, split_k, o0, n0, o1, n1, o2, n2, stride_y_tok,
-                stride_y_n, stride_v_split, stride_v_tok, R_PAD, ROW_ALIGN, BLOCK_M, BLOCK_R,
-                BLOCK_N, DOT_PRECISION,
-            )  # fmt: skip
-    else:
-        seg, m_tile = program_tile(tile_map_ptr, TILE_MAP, 0)  # grid axes (segment, row tile)
-        if seg >= 0:
+    first, end, step = program_entries(tile_count_ptr, PERSISTENT)
+    for e in range(first, end, step):
+        seg, m_tile = tile_entry(tile_map_ptr, e, TILE_MAP, PERSISTENT, 0)
+        if seg >= 0:  # (segment, row tile) grid axes without a map
             _expand_tile(
                 y_ptr, v_ptr, pool_ptr, seg_start_ptr, seg_slot_ptr, row_offsets_ptr,
                 ranks_ptr, scalings_ptr, seg, m_tile, t, n_tile, layer, first_target,
@@ -1157,10 +1137,9 @@ def lora_apply_triton(
     """Shrink then expand, two launches, no device sync (CUDA-graph safe)."""
     if batch.num_segments == 0:
         return
-    _check_output(x, y, out_slices)
     shrink, expand = lora_triton_launches(x, pool, batch, layer, first_target, out_slices, tiles)
     shrink()
-    expand(y)
+    expand(y)  # (checks y against x and the slices)
 
 
 def lora_triton_launches(
