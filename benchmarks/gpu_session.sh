@@ -20,6 +20,8 @@
 #   s2n2000_pg  default vs --prefill-graphs and base, one 50 s trace cut at 70 s     (6)
 #   s2n2000_oa  default vs --overlap-admission and base, the same way                 (6)
 #   s2n2000_group  default vs --no-group-lora-rows vs --lora-side-stream, and base     (7)
+#   s2n2000_side   default vs --lora-side-stream, and base                        (6)
+#   overlap_tests  test_overlap.py and test_graphs.py on CUDA, output to a file      (2)
 #   gpu_tests   tests/kernels/test_lora.py and the graph-path engine tests on CUDA     (2)
 #   profile128  profile_step.py at batch 128, with and without adapters           (2)
 #   profile224  the same at batch 224, context 420 (S2 n=2000's decode steps)      (3)
@@ -71,6 +73,14 @@ for part in "$@"; do
       bench 570 --setting S2 -n 2000 --rate 40 --duration 50 --baselines base \
         --time-limit 70 --variant 'rows=--no-group-lora-rows' \
         --variant 'side=--lora-side-stream' --out "$OUT/bench_S2_n2000_r40_group.json" ;;
+    s2n2000_side)  # the default against the LoRA shrink on a side stream, and base
+      bench "${SIDE_TIMEOUT:-570}" --setting S2 -n 2000 --rate 40 --duration 50 --baselines base \
+        --time-limit 70 --variant 'side=--lora-side-stream' \
+        --out "$OUT/bench_S2_n2000_r40_side.json" ;;
+    overlap_tests)  # the overlapped-step and graph tests on CUDA, failures in full to a file
+      LORASERVE_TEST_DEVICE=cuda timeout "${TESTS_TIMEOUT:-200}" python -m pytest -q --tb=short \
+        tests/engine/test_overlap.py tests/engine/test_graphs.py > "$OUT/overlap_tests.txt" 2>&1
+      grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/overlap_tests.txt" | tail -8 ;;
     gpu_tests)  # the LoRA kernels (grouped, persistent grids) and the graph paths on CUDA
       LORASERVE_TEST_DEVICE=cuda timeout 300 python -m pytest -q tests/kernels/test_lora.py \
         tests/engine/test_graphs.py tests/engine/test_prefill_graphs.py \

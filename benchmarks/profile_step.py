@@ -122,7 +122,8 @@ def scenario(engine, args, batch: int, lora: bool, out_dir: Path) -> dict:
     size = next(s for s in graphs.sizes if s >= batch)
     static = graphs._static[size]
     replay_ms = None
-    graph = static.graphs.get(graphs.targets_for(list(engine.scheduler.running)))
+    # the per-row form (S2 n=2000's steps; the grouped form is replayed only when rows share)
+    graph = static.graphs.get((graphs.targets_for(list(engine.scheduler.running)), False))
     if graph is not None:
         ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
         ev[0].record()

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import logging
 import time
 from collections import Counter
@@ -86,17 +87,29 @@ def capture(
 ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
     """(graph, out): ``forward`` run once on a side stream (compiles kernels, sets up
     workspaces), then captured into a graph that copies its result into ``out`` (made
-    from the warm-up's result when None)."""
-    stream = torch.cuda.Stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(stream):
-        result = forward()
-    torch.cuda.current_stream(device).wait_stream(stream)
-    if out is None:
-        out = torch.empty_like(result)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out.copy_(forward())
+    from the warm-up's result when None).
+
+    Python's cyclic garbage collector is off while it runs: a collection inside the capture
+    that frees an earlier engine's graphs (cudaGraphExecDestroy) invalidates the capture
+    (the H200 saw this when one process built several engines). Errors are checked per
+    thread, so the adapter I/O threads' pinned-memory calls cannot break it either."""
+    enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            result = forward()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        if out is None:
+            out = torch.empty_like(result)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+            out.copy_(forward())
+    finally:
+        if enabled:
+            gc.enable()
     return graph, out
 
 

@@ -72,6 +72,9 @@ MAX_CALL_TARGETS = 3  # targets one call may cover (q|k|v is the widest packing)
 _RUNTIME_INTS = ("layer", "first_target", "k_blocks", "split_k", "n_tiles", "n_group")
 _DECODE_MAX_SPLIT_K = 32
 _EXPAND_PROGRAMS_PER_SM = 8  # decode-form expand grid: fewer, longer programs down to this
+# ... with at most this many output tiles each (session 8's sweep, q|k|v rank 64 over 256
+# rows: 106 us with 8 against 117 us with 16; o and mixed ranks within 1 us)
+_EXPAND_MAX_N_GROUP = 8
 _PERSISTENT_PROGRAMS_PER_SM = 8  # persistent grids (LoRABatch.tile_count): programs per SM
 GROUP_TILE_ROWS = 16  # rows per tile of a grouped decode batch (LoRABatch.grouped_rows)
 
@@ -848,12 +851,13 @@ def _split_k(programs: int, waves: int, cap: int, in_features: int, block_k: int
 def _decode_tiles(
     r_pad: int, num_segments: int, in_features: int, n_targets: int, max_out: int, num_sms: int
 ) -> LoRATiles:
-    """Matrix-vector tiles, 2 warps (measured best on an H200): A read as [32, 256] tiles
-    (with vector loads [16, 256] and [64, 256] were within 4%; session 6's sweep, which
-    favoured 16, ran on scalar loads), K split to about two waves; the whole rank (up to 64)
-    of B^T at once in tiles of about 8K elements, N narrowed (down to 64) until the expand
-    grid fills the GPU."""
-    block_c = min(r_pad, 32)
+    """Matrix-vector tiles, 2 warps (measured best on an H200): A read as [16, 256] tiles
+    (session 8's sweep: q|k|v rank 64 over 256 rows of 52 adapters 67 vs 90 us with 32
+    columns, 160 rows of 152 adapters of ranks 8-64 43 vs 65 us; o within 2 us either way),
+    K split to about two waves; the whole rank (up to 64) of B^T at once in tiles of about
+    8K elements, N narrowed (down to 64) until the expand grid fills the GPU, and up to
+    _EXPAND_MAX_N_GROUP tiles per expand program."""
+    block_c = min(r_pad, 16)
     block_k = min(256, next_power_of_2(in_features))
     c_tiles = cdiv(n_targets * r_pad, block_c)
     split_k = _split_k(
@@ -869,7 +873,10 @@ def _decode_tiles(
     n_tiles = cdiv(max_out, block_n)
     programs = num_segments * n_targets * n_tiles
     n_group = 1
-    while 2 * n_group <= n_tiles and programs // (2 * n_group) >= _EXPAND_PROGRAMS_PER_SM * num_sms:
+    while (
+        2 * n_group <= min(n_tiles, _EXPAND_MAX_N_GROUP)
+        and programs // (2 * n_group) >= _EXPAND_PROGRAMS_PER_SM * num_sms
+    ):
         n_group *= 2
     return LoRATiles(1, block_c, block_k, split_k, block_r, block_n, 2, 2, n_group=n_group)
 
