@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -53,7 +54,12 @@ def main() -> None:
         action="store_true",
         help="I/O threads' torch ops on every core (the engine runs them on one each)",
     )
+    parser.add_argument(
+        "--switch-interval", type=float, default=None, help="sys.setswitchinterval (s)"
+    )
     args = parser.parse_args()
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     # Scripts beside this one.

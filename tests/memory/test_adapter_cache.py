@@ -3,10 +3,11 @@ change nothing and give their staging buffer back."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from loraserve.adapters.peft import random_lora_weights
+from loraserve.adapters.peft import FlatEntry, FlatLoRA, LoRAWeights, random_lora_weights
 from loraserve.config import LORA_TARGETS, ModelConfig
 from loraserve.memory.adapter_cache import AdapterCache, _page_runs
 from loraserve.memory.pool import PageKind, PagePool
@@ -110,3 +111,51 @@ def test_page_runs():
     assert _page_runs([4, 5, 6, 9, 2, 3, 10]) == [(0, 4, 3), (3, 9, 1), (4, 2, 2), (6, 10, 1)]
     assert _page_runs([7]) == [(0, 7, 1)]
     assert _page_runs([]) == []
+
+
+def flat_copy(weights: LoRAWeights) -> LoRAWeights:
+    """The same adapter as a FlatLoRA (A's rows, then B^T's, per module; modules in reverse
+    order, so the packing must sort them)."""
+    values, entries, offset = [], [], 0
+    for (layer, target), m in reversed(list(weights.modules.items())):
+        rank, in_f = m.a.shape
+        entries.append(FlatEntry(layer, target, rank, in_f, m.b.shape[0], offset, m.scaling))
+        values += [m.a.reshape(-1), m.b.t().reshape(-1)]
+        offset += m.a.numel() + m.b.numel()
+    return LoRAWeights(weights.name, weights.config, flat=FlatLoRA(torch.cat(values), entries))
+
+
+def test_a_flat_adapter_packs_and_loads_as_its_modules_do():
+    weights = random_lora_weights("a", MODEL, 5, ["q_proj", "v_proj", "o_proj", "down_proj"], 3)
+    flat = flat_copy(weights)
+    assert flat.nbytes == weights.nbytes and flat.rank(1, "v_proj") == 5
+    assert flat.rank(1, "k_proj") == 0
+    for key, m in weights.modules.items():  # views made on first use
+        assert torch.equal(flat.modules[key].a, m.a) and torch.equal(flat.modules[key].b, m.b)
+    caches = [make_cache(), make_cache()]
+    packs = [cache.pack(w) for cache, w in zip(caches, (weights, flat), strict=True)]
+    assert packs[0].num_pages == packs[1].num_pages
+    for name in ("rel_page", "rel_mod"):
+        assert np.array_equal(getattr(packs[0], name), getattr(packs[1], name))
+    assert torch.equal(packs[0].ranks, packs[1].ranks)
+    assert torch.equal(packs[0].scalings, packs[1].scalings)
+    for cache, packed in zip(caches, packs, strict=True):
+        assert cache.load(packed)
+    assert torch.equal(caches[0].row_offsets, caches[1].row_offsets)
+    pools = [cache.pool.buffer.view(-1) for cache in caches]
+    slot = caches[0].get("a").slot
+    for (layer, target), m in weights.modules.items():
+        t = LORA_TARGETS.index(target)
+        for ab, rows in ((0, m.a), (1, m.b.t())):
+            for j in range(rows.shape[0]):
+                start = int(caches[0].row_offsets[slot, layer, t, ab, j])
+                for pool in pools:
+                    assert torch.equal(pool[start : start + rows.shape[1]], rows[j])
+
+
+def test_weights_take_modules_or_flat_rows():
+    weights = random_lora_weights("a", MODEL, 2, ["k_proj"], seed=4)
+    with pytest.raises(ValueError, match="exactly one"):
+        LoRAWeights("a", weights.config)
+    with pytest.raises(ValueError, match="exactly one"):
+        LoRAWeights("a", weights.config, weights.modules, flat_copy(weights).flat)

@@ -185,23 +185,84 @@ class LoRAModule:
         return self.a.shape[0]
 
 
+@dataclass(frozen=True)
+class FlatEntry:
+    """One adapted projection in a FlatLoRA: A's rows [rank, in_features] from ``offset``,
+    then B^T's rows [rank, out_features]."""
+
+    layer: int
+    target: str
+    rank: int
+    in_features: int
+    out_features: int
+    offset: int
+    scaling: float
+
+
+@dataclass
+class FlatLoRA:
+    """An adapter's A and B^T rows back to back in one 1-D tensor (generated adapters).
+
+    Packing reads it with 1-D slices alone: on a thread beside the busy engine thread every
+    torch call that gives up the GIL (``view``, ``t``, ``narrow``) waits up to the switch
+    interval to get it back, and the ~400 of them that 2-D views per matrix take made a
+    generated S2 adapter cost ~0.4 s of an I/O thread (H200 host, session 8)."""
+
+    values: torch.Tensor  # 1-D
+    entries: list[FlatEntry]
+
+
 @dataclass
 class LoRAWeights:
-    """One adapter in host memory: plain (unpinned) CPU tensors in the served dtype."""
+    """One adapter in host memory: plain (unpinned) CPU tensors in the served dtype, as one
+    LoRAModule per projection or as a FlatLoRA (its modules then made on first use)."""
 
     name: str
     config: AdapterConfig
-    modules: dict[tuple[int, str], LoRAModule]  # (layer, target in LORA_TARGETS) -> weights
+    _modules: dict[tuple[int, str], LoRAModule] | None = None  # (layer, target) -> weights
+    flat: FlatLoRA | None = None
+
+    def __post_init__(self) -> None:
+        if (self._modules is None) == (self.flat is None):
+            raise ValueError("LoRAWeights takes modules or flat weights, exactly one")
+
+    @property
+    def modules(self) -> dict[tuple[int, str], LoRAModule]:
+        """(layer, target in LORA_TARGETS) -> weights (views of the flat rows, if flat)."""
+        if self._modules is None:
+            assert self.flat is not None
+            modules = {}
+            for e in self.flat.entries:
+                a_end = e.offset + e.rank * e.in_features
+                a = self.flat.values[e.offset : a_end].view(e.rank, e.in_features)
+                b_t = self.flat.values[a_end : a_end + e.rank * e.out_features]
+                b = b_t.view(e.rank, e.out_features).t()
+                modules[(e.layer, e.target)] = LoRAModule(a, b, e.scaling)
+            self._modules = modules
+        return self._modules
+
+    def module_entries(self) -> list[tuple[int, str, int, float]]:
+        """(layer, target, rank, scaling) of every module, without making flat views."""
+        if self.flat is not None:
+            return [(e.layer, e.target, e.rank, e.scaling) for e in self.flat.entries]
+        return [(lay, t, m.rank, m.scaling) for (lay, t), m in self.modules.items()]
 
     @property
     def nbytes(self) -> int:
         """Bytes of all A and B tensors."""
+        if self.flat is not None:
+            return _nbytes(self.flat.values)
         return sum(_nbytes(m.a) + _nbytes(m.b) for m in self.modules.values())
 
     def rank(self, layer: int, target: str) -> int:
         """Rank at (layer, target); 0 where the adapter has no LoRA."""
-        module = self.modules.get((layer, target))
-        return 0 if module is None else module.rank
+        if self.flat is None:
+            module = self.modules.get((layer, target))
+            return 0 if module is None else module.rank
+        for lay, t, rank, _ in self.module_entries():
+            if (lay, t) == (layer, target):
+                return rank
+        return 0
 
 
 def _nbytes(t: torch.Tensor) -> int:

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from loraserve.adapters.peft import (
-    LoRAModule,
+    FlatEntry,
+    FlatLoRA,
     LoRAWeights,
     config_from_dict,
     random_lora_weights,
@@ -92,29 +93,24 @@ def banked_lora_weights(
 
     A and B are unscaled N(0, 1) slices of the bank; their standard deviations (1/sqrt(in)
     and 0.1/sqrt(rank)) go into the module's scaling, which gives the same delta. One
-    ``torch.cat`` copies every matrix into the adapter's own host memory: a handful of torch
-    calls per adapter, so generating on the engine's adapter I/O threads does not fight the
-    engine thread for the GIL. B is made as B^T (contiguous), the layout the pool keeps.
+    ``torch.cat`` copies every matrix into the adapter's own host memory, kept flat (A's
+    rows, then B^T's, per projection: FlatLoRA): 1-D slices and one call per adapter, so
+    generating on the engine's adapter I/O threads does not wait on the engine thread for
+    the GIL once per matrix.
     """
     raw = {"peft_type": "LORA", "r": rank, "lora_alpha": rank, "target_modules": list(targets)}
     config = config_from_dict(raw, Path(f"<generated {name}>"))
-    keys = [(layer, target) for layer in range(model.num_hidden_layers) for target in targets]
-    views = []
-    for layer, target in keys:
-        t = LORA_TARGETS.index(target)
-        for ab, width in enumerate(model.lora_shape(target)):
-            views.append(bank.slice((seed, layer, t, ab), rank * width))
-    flat = torch.cat(views)
-    modules, offset = {}, 0
-    for layer, target in keys:
-        in_f, out_f = model.lora_shape(target)
-        a = flat[offset : offset + rank * in_f].view(rank, in_f)
-        offset += rank * in_f
-        b_t = flat[offset : offset + rank * out_f].view(rank, out_f)
-        offset += rank * out_f
-        scaling = 0.1 / math.sqrt(in_f * rank)
-        modules[(layer, target)] = LoRAModule(a, b_t.t(), scaling)
-    return LoRAWeights(name, config, modules)
+    views, entries, offset = [], [], 0
+    for layer in range(model.num_hidden_layers):
+        for target in targets:
+            t = LORA_TARGETS.index(target)
+            in_f, out_f = model.lora_shape(target)
+            scaling = 0.1 / math.sqrt(in_f * rank)
+            entries.append(FlatEntry(layer, target, rank, in_f, out_f, offset, scaling))
+            for ab, width in enumerate((in_f, out_f)):
+                views.append(bank.slice((seed, layer, t, ab), rank * width))
+                offset += rank * width
+    return LoRAWeights(name, config, flat=FlatLoRA(torch.cat(views), entries))
 
 
 class AdapterGenerator:

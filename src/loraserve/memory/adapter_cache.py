@@ -219,14 +219,17 @@ class AdapterCache:
         rel, ranks, scalings = self._rel_tables(weights, matrices, runs)
         # Split the offsets here, on the I/O thread; pin here too: the engine thread's part
         # of a load (``_tables``) is then one gather of a few page ids.
-        rel = rel.numpy()
         rel_page = np.where(rel >= 0, rel // page, num_pages)
         rel_mod = np.where(rel >= 0, rel % page, 0)
         pin = self.device.type == "cuda"
         table = torch.empty(rel.shape, dtype=torch.int64, pin_memory=pin)
-        if pin:
-            ranks, scalings = ranks.pin_memory(), scalings.pin_memory()
-        return PackedAdapter(weights, staging, num_pages, rel_page, rel_mod, ranks, scalings, table)
+        ranks_t = torch.empty(ranks.shape, dtype=torch.int32, pin_memory=pin)
+        scalings_t = torch.empty(scalings.shape, dtype=torch.float32, pin_memory=pin)
+        ranks_t.numpy()[...] = ranks
+        scalings_t.numpy()[...] = scalings
+        return PackedAdapter(
+            weights, staging, num_pages, rel_page, rel_mod, ranks_t, scalings_t, table
+        )
 
     def discard(self, packed: PackedAdapter) -> None:
         """Give back the staging buffer of a packed adapter that will not be loaded."""
@@ -248,7 +251,7 @@ class AdapterCache:
             self.discard(packed)
             return False
         slot = self._free_slots.pop()
-        self.slot_targets[slot] = target_mask(t for _, t in packed.weights.modules)
+        self.slot_targets[slot] = target_mask(t for _, t, _, _ in packed.weights.module_entries())
         resident = ResidentAdapter(packed.name, slot, pages, packed.weights.nbytes)
         self._copy_to_device(resident, packed)
         self._resident[packed.name] = resident
@@ -290,10 +293,10 @@ class AdapterCache:
         return len(adapter.pages)
 
     def _check_ranks(self, weights: LoRAWeights) -> None:
-        for (layer, target), module in weights.modules.items():
-            if module.a.shape[0] > self.max_rank:
+        for layer, target, rank, _ in weights.module_entries():
+            if rank > self.max_rank:
                 raise ValueError(
-                    f"adapter {weights.name!r} has rank {module.a.shape[0]} at layer {layer} "
+                    f"adapter {weights.name!r} has rank {rank} at layer {layer} "
                     f"{target}; this engine serves ranks up to max_lora_rank={self.max_rank}"
                 )
 
@@ -301,23 +304,30 @@ class AdapterCache:
 
     @staticmethod
     def _fill(staging: torch.Tensor, matrices: list[_Matrix], runs: list[_Run]) -> None:
-        """Every run's rows to its place, in one call: few torch calls per adapter keep the
-        I/O threads from contending with the engine thread for the GIL."""
+        """Every run's rows to its place, in one call. Flat adapters (FlatLoRA) are read with
+        1-D slices alone (no torch call that gives up the GIL, see FlatLoRA); others with a
+        2-D view of the staging buffer per run."""
         dsts, srcs = [], []
         for run in runs:
-            mat = matrices[run.matrix].rows
-            n, width = run.row_end - run.row_start, mat.shape[1]
-            dsts.append(staging[run.pos : run.pos + n * width].view(n, width))
-            srcs.append(mat[run.row_start : run.row_end])
+            m = matrices[run.matrix]
+            n = run.row_end - run.row_start
+            dst = staging[run.pos : run.pos + n * m.width]
+            if m.rows is None:
+                start = m.offset + run.row_start * m.width
+                srcs.append(m.flat[start : start + n * m.width])
+            else:
+                dst = dst.view(n, m.width)
+                srcs.append(m.rows[run.row_start : run.row_end])
+            dsts.append(dst)
         torch._foreach_copy_(dsts, srcs)
 
     def _rel_tables(
         self, weights: LoRAWeights, matrices: list[_Matrix], runs: list[_Run]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Row positions in the adapter's own pages, ranks and scalings, on the host (a
-        fixed handful of vectorised torch calls)."""
-        shape = self.row_offsets.shape[1:]  # [layers, targets, 2, max_rank]
-        table = torch.full(shape, -1, dtype=torch.int64)
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Row positions in the adapter's own pages, ranks and scalings, on the host (numpy:
+        no torch call, so no wait for the GIL on a thread beside the engine's)."""
+        shape = tuple(self.row_offsets.shape[1:])  # [layers, targets, 2, max_rank]
+        table = np.full(shape, -1, dtype=np.int64)
         # Per run: flat table index of its first row, its length, position and row width.
         first, count, pos, width = [], [], [], []
         for run in runs:
@@ -325,25 +335,20 @@ class AdapterCache:
             first.append(((m.layer * shape[1] + m.target) * 2 + m.ab) * shape[3] + run.row_start)
             count.append(run.row_end - run.row_start)
             pos.append(run.pos)
-            width.append(m.rows.shape[1])
-        per_run = torch.tensor([first, count, pos, width], dtype=torch.int64)
-        counts = per_run[1]
-        run_of_row = torch.repeat_interleave(torch.arange(len(runs)), counts)
-        starts = torch.cumsum(counts, 0) - counts
-        j = torch.arange(int(counts.sum())) - starts[run_of_row]  # row index within its run
-        table.view(-1)[per_run[0][run_of_row] + j] = (
-            per_run[2][run_of_row] + j * per_run[3][run_of_row]
+            width.append(m.width)
+        first_a, counts, pos_a, width_a = (
+            np.array(v, dtype=np.int64) for v in (first, count, pos, width)
         )
-        index, rank, scale = [], [], []
-        for (layer, target), module in weights.modules.items():
-            index.append(layer * shape[1] + LORA_TARGETS.index(target))
-            rank.append(module.a.shape[0])
-            scale.append(module.scaling)
-        where = torch.tensor(index, dtype=torch.int64)
-        ranks = torch.zeros(shape[:2], dtype=torch.int32)
-        scalings = torch.zeros(shape[:2], dtype=torch.float32)
-        ranks.view(-1)[where] = torch.tensor(rank, dtype=torch.int32)
-        scalings.view(-1)[where] = torch.tensor(scale, dtype=torch.float32)
+        run_of_row = np.repeat(np.arange(len(runs)), counts)
+        starts = np.cumsum(counts) - counts
+        j = np.arange(int(counts.sum())) - starts[run_of_row]  # row index within its run
+        table.reshape(-1)[first_a[run_of_row] + j] = pos_a[run_of_row] + j * width_a[run_of_row]
+        ranks = np.zeros(shape[:2], dtype=np.int32)
+        scalings = np.zeros(shape[:2], dtype=np.float32)
+        for layer, target, r, scaling in weights.module_entries():
+            t = LORA_TARGETS.index(target)
+            ranks[layer, t] = r
+            scalings[layer, t] = scaling
         return table, ranks, scalings
 
     def _tables(
@@ -424,7 +429,11 @@ class _Matrix:
     layer: int
     target: int  # index into LORA_TARGETS
     ab: int  # 0 = A rows, 1 = B^T rows
-    rows: torch.Tensor  # [r, width]
+    num_rows: int  # r
+    width: int
+    rows: torch.Tensor | None  # [r, width]; None: ``flat[offset:]`` holds them
+    flat: torch.Tensor | None = None
+    offset: int = 0
 
 
 @dataclass
@@ -439,10 +448,26 @@ class _Run:
 
 def _matrices(weights: LoRAWeights) -> list[_Matrix]:
     out = []
+    if weights.flat is not None:
+        values = weights.flat.values
+        for e in sorted(
+            weights.flat.entries, key=lambda e: (e.layer, LORA_TARGETS.index(e.target))
+        ):
+            t = LORA_TARGETS.index(e.target)
+            b_offset = e.offset + e.rank * e.in_features
+            out += [
+                _Matrix(e.layer, t, 0, e.rank, e.in_features, None, values, e.offset),
+                _Matrix(e.layer, t, 1, e.rank, e.out_features, None, values, b_offset),
+            ]
+        return out
     for layer, target in sorted(weights.modules, key=lambda k: (k[0], LORA_TARGETS.index(k[1]))):
         module = weights.modules[(layer, target)]
         t = LORA_TARGETS.index(target)
-        out += [_Matrix(layer, t, 0, module.a), _Matrix(layer, t, 1, module.b.t())]
+        a, b_t = module.a, module.b.t()
+        out += [
+            _Matrix(layer, t, 0, a.shape[0], a.shape[1], a),
+            _Matrix(layer, t, 1, b_t.shape[0], b_t.shape[1], b_t),
+        ]
     return out
 
 
@@ -452,7 +477,7 @@ def _layout(matrices: list[_Matrix], page: int) -> tuple[list[_Run], int]:
     runs: list[_Run] = []
     pos = 0
     for i, m in enumerate(matrices):
-        r, width = m.rows.shape
+        r, width = m.num_rows, m.width
         j = 0
         while j < r:
             room = page - pos % page
