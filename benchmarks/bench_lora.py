@@ -396,6 +396,32 @@ def sweep(args: argparse.Namespace) -> list[dict]:
             )  # fmt: skip
             logger.info("%s", rows[-1])
         del case
+    rows += rank_classes(args, num_sms)
+    return rows
+
+
+def rank_classes(args: argparse.Namespace, num_sms: int) -> list[dict]:
+    """The mixed-rank case (160 rows, 152 adapters, ranks 8-64) as one launch per rank class,
+    each with the tiles pick_tiles gives its own rank (a rank-8 class: 16 rank rows per
+    expand step and wide N tiles, not 64 mostly masked ones): the time per-class launches
+    would take, summed over the classes, beside the one-launch "mixed" rows."""
+    rows = []
+    for call in ("qkv", "o"):
+        shrink = expand = floor = 0.0
+        tiles = []
+        for rank in (8, 16, 32, 64):
+            case = make_case([1] * 40, 38, rank, call, args.row_align, sorted_slots=True)
+            t = pick_tiles(case.batch, HIDDEN, len(case.out_slices), HIDDEN, num_sms)
+            s_us, e_us = _time_variant(case, t)
+            shrink, expand, floor = shrink + s_us, expand + e_us, floor + adapter_floor_us(case)
+            tiles.append(tuple(t))
+            del case
+        rows.append(
+            dict(phase="rank_classes", call=call, rank=64, tokens=160, distinct=152,
+                 default=True, tiles=tuple(tiles), shrink_us=shrink, expand_us=expand,
+                 a_bytes_us=floor)
+        )  # fmt: skip
+        logger.info("%s", rows[-1])
     return rows
 
 

@@ -8,6 +8,9 @@ adapters back to back, as at saturation:
 
     python benchmarks/io_contention.py [--adapters 16] [--threads N]
 
+``--source file`` reads PEFT safetensors directories (written once, then in the page cache)
+instead of generating adapters.
+
 Engine-side work, per "step": ``ModelRunner.prepare`` of a mixed batch (255 decode rows +
 2 x 400 prompt tokens) and 128 ``lora_apply`` wrapper calls with the kernels replaced by
 no-ops (32 layers x (q|k|v, o) x (decode, prefill) segments). No GPU is needed.
@@ -18,13 +21,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 
 import loraserve.kernels.lora as lora
+from loraserve.adapters.peft import make_random_adapter
 from loraserve.adapters.store import AdapterStore
 from loraserve.bench.adapters import AdapterGenerator
 from loraserve.engine.adapters import IO_THREADS, AdapterManager, _one_cpu_thread
@@ -57,6 +63,12 @@ def main() -> None:
     parser.add_argument(
         "--switch-interval", type=float, default=None, help="sys.setswitchinterval (s)"
     )
+    parser.add_argument(
+        "--source",
+        choices=("bank", "file"),
+        default="bank",
+        help="generated adapters (the bench's) or PEFT safetensors directories read from disk",
+    )
     args = parser.parse_args()
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
@@ -80,12 +92,20 @@ def main() -> None:
     calls = [qkv, o] * 32
 
     store = AdapterStore(model, dtype, host_budget_bytes=0)
-    generator = AdapterGenerator(model, dtype, 64, QKVO)
     names = [f"a{i}" for i in range(args.adapters)]
-    for i, name in enumerate(names):
-        generator.register_with_store(store, name, (64, 32, 16, 8)[i % 4], seed=i)
+    if args.source == "file":  # PEFT directories on disk (page cache), written once
+        tmp = tempfile.TemporaryDirectory()
+        for i, name in enumerate(names):
+            rank = (64, 32, 16, 8)[i % 4]
+            store.register(
+                name, make_random_adapter(Path(tmp.name, name), model, rank, QKVO, i, dtype=dtype)
+            )
+    else:
+        generator = AdapterGenerator(model, dtype, 64, QKVO)
+        for i, name in enumerate(names):
+            generator.register_with_store(store, name, (64, 32, 16, 8)[i % 4], seed=i)
+        generator.bank._get()  # made once per process: not part of the per-adapter cost
     manager = AdapterManager(store, cache, background=False)
-    generator.bank._get()  # made once per process: not part of the per-adapter cost
 
     def step_times(n: int) -> list[float]:
         times = []

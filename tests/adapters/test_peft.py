@@ -177,7 +177,34 @@ def test_converts_to_requested_dtype(tmp_path, base_dir, model):
     adapter, pm = make_peft(tmp_path / "a", base_dir, target_modules=["q_proj", "down_proj"])
     weights = load_adapter("x", adapter, model, torch.bfloat16)
     assert_same_as_peft(weights, pm, dtype=torch.bfloat16)
-    assert all(m.a.is_contiguous() and m.b.is_contiguous() for m in weights.modules.values())
+    assert weights.flat is not None and weights.flat.values.dtype == torch.bfloat16
+    assert all(m.a.is_contiguous() for m in weights.modules.values())
+
+
+@pytest.mark.parametrize(
+    ("stored", "served"),
+    [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float32, torch.bfloat16),
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.float16),
+    ],
+)
+def test_safetensors_weights_read_flat_match_the_file(tmp_path, model, stored, served):
+    """The safetensors reader (numpy views, one copy: no GIL hand-offs) gives exactly the
+    file's tensors in the served dtype; a .bin adapter takes the per-module path."""
+    targets = ["q_proj", "v_proj", "down_proj"]
+    path = make_random_adapter(tmp_path / "a", model, 4, targets, seed=3, dtype=stored)
+    weights = load_adapter("x", path, model, served)
+    assert weights.flat is not None and weights.flat.values.dtype == served
+    tensors = load_file(path / "adapter_model.safetensors")
+    assert len(weights.modules) == len(tensors) // 2
+    for (layer, target), m in weights.modules.items():
+        key = f"base_model.model.{module_name(layer, target)}"
+        assert torch.equal(m.a, tensors[f"{key}.lora_A.weight"].to(served))
+        assert torch.equal(m.b, tensors[f"{key}.lora_B.weight"].to(served))
+        assert m.scaling == 1.0
 
 
 def test_reads_bin_weights(tmp_path, base_dir, model):

@@ -17,8 +17,8 @@ MODEL = ModelConfig(100, 24, 40, 3, 4, 2, 6)
 PAGE = 100  # not a multiple of any width: rows must skip page ends
 
 
-def make_cache(num_pages: int = 40, max_loras: int = 4) -> AdapterCache:
-    pool = PagePool(num_pages, PAGE, torch.float32, "cpu")
+def make_cache(num_pages: int = 40, max_loras: int = 4, dtype=torch.float32) -> AdapterCache:
+    pool = PagePool(num_pages, PAGE, dtype, "cpu")
     pool.buffer.fill_(float("nan"))  # unwritten pool memory must never be read as a row
     return AdapterCache(pool, MODEL, max_loras, max_rank=8)
 
@@ -114,25 +114,32 @@ def test_page_runs():
 
 
 def flat_copy(weights: LoRAWeights) -> LoRAWeights:
-    """The same adapter as a FlatLoRA (A's rows, then B^T's, per module; modules in reverse
-    order, so the packing must sort them)."""
+    """The same adapter as a FlatLoRA (A's rows, then B^T's rows or B as stored, by turns;
+    modules in reverse order, so the packing must sort them)."""
     values, entries, offset = [], [], 0
-    for (layer, target), m in reversed(list(weights.modules.items())):
+    for k, ((layer, target), m) in enumerate(reversed(list(weights.modules.items()))):
         rank, in_f = m.a.shape
-        entries.append(FlatEntry(layer, target, rank, in_f, m.b.shape[0], offset, m.scaling))
-        values += [m.a.reshape(-1), m.b.t().reshape(-1)]
+        b_rows = k % 2 == 0  # B^T's rows (generated adapters) or B as stored (files)
+        b = m.b.t() if b_rows else m.b
+        entry = FlatEntry(
+            layer, target, rank, in_f, m.b.shape[0], offset, offset + m.a.numel(), b_rows, m.scaling
+        )
+        entries.append(entry)
+        values += [m.a.reshape(-1), b.reshape(-1)]
         offset += m.a.numel() + m.b.numel()
     return LoRAWeights(weights.name, weights.config, flat=FlatLoRA(torch.cat(values), entries))
 
 
-def test_a_flat_adapter_packs_and_loads_as_its_modules_do():
-    weights = random_lora_weights("a", MODEL, 5, ["q_proj", "v_proj", "o_proj", "down_proj"], 3)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_flat_adapter_packs_and_loads_as_its_modules_do(dtype):
+    targets = ["q_proj", "v_proj", "o_proj", "down_proj"]
+    weights = random_lora_weights("a", MODEL, 5, targets, 3, dtype=dtype)
     flat = flat_copy(weights)
     assert flat.nbytes == weights.nbytes and flat.rank(1, "v_proj") == 5
     assert flat.rank(1, "k_proj") == 0
     for key, m in weights.modules.items():  # views made on first use
         assert torch.equal(flat.modules[key].a, m.a) and torch.equal(flat.modules[key].b, m.b)
-    caches = [make_cache(), make_cache()]
+    caches = [make_cache(dtype=dtype), make_cache(dtype=dtype)]
     packs = [cache.pack(w) for cache, w in zip(caches, (weights, flat), strict=True)]
     assert packs[0].num_pages == packs[1].num_pages
     for name in ("rel_page", "rel_mod"):

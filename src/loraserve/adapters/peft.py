@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -187,28 +188,33 @@ class LoRAModule:
 
 @dataclass(frozen=True)
 class FlatEntry:
-    """One adapted projection in a FlatLoRA: A's rows [rank, in_features] from ``offset``,
-    then B^T's rows [rank, out_features]."""
+    """One adapted projection in a FlatLoRA: A's rows [rank, in_features] from ``a_offset``;
+    from ``b_offset`` B^T's rows [rank, out_features] (``b_rows``) or B as PEFT stores it,
+    [out_features, rank] (B^T's rows are then its columns)."""
 
     layer: int
     target: str
     rank: int
     in_features: int
     out_features: int
-    offset: int
+    a_offset: int
+    b_offset: int
+    b_rows: bool
     scaling: float
 
 
 @dataclass
 class FlatLoRA:
-    """An adapter's A and B^T rows back to back in one 1-D tensor (generated adapters).
+    """An adapter's A and B matrices in one 1-D tensor: a generated adapter (A's rows, then
+    B^T's, per projection) or a safetensors file's data as read (one dtype).
 
-    Packing reads it with 1-D slices alone: on a thread beside the busy engine thread every
-    torch call that gives up the GIL (``view``, ``t``, ``narrow``) waits up to the switch
-    interval to get it back, and the ~400 of them that 2-D views per matrix take made a
-    generated S2 adapter cost ~0.4 s of an I/O thread (H200 host, session 8)."""
+    Packing reads it through numpy views and ``torch.from_numpy``, which keep the GIL: on
+    a thread beside the busy engine thread every torch call that gives the GIL up (``view``,
+    ``t``, ``narrow``, ``to``) waits up to the switch interval to get it back, and the ~900
+    of them that per-matrix tensors took made a generated S2 adapter cost ~0.45 s of an I/O
+    thread (H200 host, session 8)."""
 
-    values: torch.Tensor  # 1-D
+    values: torch.Tensor  # 1-D, contiguous
     entries: list[FlatEntry]
 
 
@@ -232,11 +238,15 @@ class LoRAWeights:
         if self._modules is None:
             assert self.flat is not None
             modules = {}
+            values = self.flat.values
             for e in self.flat.entries:
-                a_end = e.offset + e.rank * e.in_features
-                a = self.flat.values[e.offset : a_end].view(e.rank, e.in_features)
-                b_t = self.flat.values[a_end : a_end + e.rank * e.out_features]
-                b = b_t.view(e.rank, e.out_features).t()
+                a = values[e.a_offset : e.a_offset + e.rank * e.in_features]
+                b = values[e.b_offset : e.b_offset + e.rank * e.out_features]
+                a = a.view(e.rank, e.in_features)
+                if e.b_rows:
+                    b = b.view(e.rank, e.out_features).t()
+                else:
+                    b = b.view(e.out_features, e.rank)
                 modules[(e.layer, e.target)] = LoRAModule(a, b, e.scaling)
             self._modules = modules
         return self._modules
@@ -500,6 +510,11 @@ def load_adapter(
     config = read_adapter_config(path)
     _warn_base_model(config, model)
     expected = expected_ranks(config, model)
+    stored = _read_stored(config.path / SAFETENSORS_FILE)
+    if stored is not None:
+        data, tensors = stored
+        pairs = _pair_tensors(tensors, config.path, model)
+        return _flat_weights(name, config, model, data, pairs, expected, dtype)
     pairs = _pair_tensors(_read_tensors(config.path), config.path, model)
     modules = {}
     for key in sorted(pairs, key=lambda k: (k[0], LORA_TARGETS.index(k[1]))):
@@ -507,7 +522,94 @@ def load_adapter(
         _check_module(config, model, key, a, b, expected)
         scaling = config.scaling(module_name(*key))
         modules[key] = LoRAModule(a.to(dtype).contiguous(), b.to(dtype).contiguous(), scaling)
-    missing = sorted(set(expected) - set(modules))
+    _warn_missing(config, expected, set(modules))
+    return LoRAWeights(name, config, modules)
+
+
+# safetensors dtype -> (torch dtype, numpy dtype of its bits)
+_STORED_DTYPES = {
+    "F32": (torch.float32, np.float32),
+    "F16": (torch.float16, np.float16),
+    "BF16": (torch.bfloat16, np.int16),
+}
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """A tensor of a safetensors file: its dtype, shape and element offset in the file's
+    data (all tensors of one dtype), for validation without making tensors."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+
+def _read_stored(file: Path) -> tuple[np.ndarray, dict[str, _Stored]] | None:
+    """A safetensors file's data as numpy elements (one read, no torch call) and its
+    tensors; None if the file is missing or malformed, or its tensors are not all of one
+    float dtype (``load_file`` then reads it, or says what is wrong with it)."""
+    try:
+        raw = np.fromfile(file, dtype=np.uint8)  # writable, as torch.from_numpy wants
+        n = int.from_bytes(raw[:8].tobytes(), "little")
+        header = json.loads(raw[8 : 8 + n].tobytes())
+        header.pop("__metadata__", None)
+        kinds = {info["dtype"] for info in header.values()}
+        if len(kinds) != 1 or next(iter(kinds)) not in _STORED_DTYPES:
+            return None
+        torch_dtype, np_dtype = _STORED_DTYPES[kinds.pop()]
+        size = np.dtype(np_dtype).itemsize
+        out, data_end = {}, 0
+        for key, info in header.items():
+            shape = tuple(int(d) for d in info["shape"])
+            start, end = (int(o) for o in info["data_offsets"])
+            if end - start != math.prod(shape) * size or start % size:
+                return None
+            out[key] = _Stored(torch_dtype, shape, start // size)
+            data_end = max(data_end, end)
+        if 8 + n + data_end > raw.size:
+            return None
+        return raw[8 + n : 8 + n + data_end].view(np_dtype), out
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _flat_weights(
+    name: str,
+    config: AdapterConfig,
+    model: ModelConfig,
+    data: np.ndarray,
+    pairs: dict[tuple[int, str], tuple[_Stored, _Stored]],
+    expected: dict[tuple[int, str], int],
+    dtype: torch.dtype,
+) -> LoRAWeights:
+    """Validated pairs as a FlatLoRA over the file's data as read (B as stored, [out, r]):
+    no per-matrix tensors; one more call converts to ``dtype`` if the file's differs."""
+    order = sorted(pairs, key=lambda k: (k[0], LORA_TARGETS.index(k[1])))
+    entries = []
+    for layer, target in order:
+        a, b = pairs[(layer, target)]
+        _check_module(config, model, (layer, target), a, b, expected)
+        (rank, in_f), out_f = a.shape, b.shape[0]
+        scaling = config.scaling(module_name(layer, target))
+        entries.append(
+            FlatEntry(layer, target, rank, in_f, out_f, a.offset, b.offset, False, scaling)
+        )
+    values = torch.from_numpy(data)
+    if data.dtype == np.int16:  # bfloat16's bits
+        values = values.view(torch.bfloat16)
+    if values.dtype != dtype:
+        values = values.to(dtype)
+    _warn_missing(config, expected, set(order))
+    return LoRAWeights(name, config, flat=FlatLoRA(values, entries))
+
+
+def _warn_missing(
+    config: AdapterConfig, expected: dict[tuple[int, str], int], have: set[tuple[int, str]]
+) -> None:
+    missing = sorted(set(expected) - have)
     if missing:
         logger.warning(
             "adapter %s: %d targeted modules have no weights (e.g. %s); they get no LoRA",
@@ -515,7 +617,6 @@ def load_adapter(
             len(missing),
             module_name(*missing[0]),
         )
-    return LoRAWeights(name, config, modules)
 
 
 def _warn_base_model(config: AdapterConfig, model: ModelConfig) -> None:

@@ -106,7 +106,9 @@ def banked_lora_weights(
             t = LORA_TARGETS.index(target)
             in_f, out_f = model.lora_shape(target)
             scaling = 0.1 / math.sqrt(in_f * rank)
-            entries.append(FlatEntry(layer, target, rank, in_f, out_f, offset, scaling))
+            b_offset = offset + rank * in_f
+            entry = FlatEntry(layer, target, rank, in_f, out_f, offset, b_offset, True, scaling)
+            entries.append(entry)
             for ab, width in enumerate((in_f, out_f)):
                 views.append(bank.slice((seed, layer, t, ab), rank * width))
                 offset += rank * width

@@ -304,21 +304,31 @@ class AdapterCache:
 
     @staticmethod
     def _fill(staging: torch.Tensor, matrices: list[_Matrix], runs: list[_Run]) -> None:
-        """Every run's rows to its place, in one call. Flat adapters (FlatLoRA) are read with
-        1-D slices alone (no torch call that gives up the GIL, see FlatLoRA); others with a
-        2-D view of the staging buffer per run."""
+        """Every run's rows to its place, in one call. A FlatLoRA's rows (and B^T's rows as
+        the columns of a stored B) are addressed through numpy views of the bits of its
+        values and of the staging buffer, so building the call's arguments gives up the GIL
+        not once (see FlatLoRA); other adapters' through a 2-D view of the buffer per run."""
+        flat = next((m.flat for m in matrices if m.rows is None), None)
+        if flat is not None:
+            stage, values = _bits(staging), _bits(flat)
         dsts, srcs = [], []
         for run in runs:
             m = matrices[run.matrix]
             n = run.row_end - run.row_start
-            dst = staging[run.pos : run.pos + n * m.width]
-            if m.rows is None:
-                start = m.offset + run.row_start * m.width
-                srcs.append(m.flat[start : start + n * m.width])
-            else:
-                dst = dst.view(n, m.width)
+            if m.rows is not None:
+                dsts.append(staging[run.pos : run.pos + n * m.width].view(n, m.width))
                 srcs.append(m.rows[run.row_start : run.row_end])
-            dsts.append(dst)
+                continue
+            dst = stage[run.pos : run.pos + n * m.width]
+            if m.transposed:  # B as stored, [width, num_rows]: B^T's rows are its columns
+                b = values[m.offset : m.offset + m.width * m.num_rows].reshape(m.width, m.num_rows)
+                src = b.T[run.row_start : run.row_end]
+                dst = dst.reshape(n, m.width)
+            else:
+                start = m.offset + run.row_start * m.width
+                src = values[start : start + n * m.width]
+            dsts.append(torch.from_numpy(dst))
+            srcs.append(torch.from_numpy(src))
         torch._foreach_copy_(dsts, srcs)
 
     def _rel_tables(
@@ -434,6 +444,12 @@ class _Matrix:
     rows: torch.Tensor | None  # [r, width]; None: ``flat[offset:]`` holds them
     flat: torch.Tensor | None = None
     offset: int = 0
+    transposed: bool = False  # flat: ``flat[offset:]`` holds [width, r] (B as stored)
+
+
+def _bits(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor's elements (2-byte floats as int16 bits)."""
+    return (t.view(torch.int16) if t.element_size() == 2 else t).numpy()
 
 
 @dataclass
@@ -454,10 +470,11 @@ def _matrices(weights: LoRAWeights) -> list[_Matrix]:
             weights.flat.entries, key=lambda e: (e.layer, LORA_TARGETS.index(e.target))
         ):
             t = LORA_TARGETS.index(e.target)
-            b_offset = e.offset + e.rank * e.in_features
             out += [
-                _Matrix(e.layer, t, 0, e.rank, e.in_features, None, values, e.offset),
-                _Matrix(e.layer, t, 1, e.rank, e.out_features, None, values, b_offset),
+                _Matrix(e.layer, t, 0, e.rank, e.in_features, None, values, e.a_offset),
+                _Matrix(
+                    e.layer, t, 1, e.rank, e.out_features, None, values, e.b_offset, not e.b_rows
+                ),
             ]
         return out
     for layer, target in sorted(weights.modules, key=lambda k: (k[0], LORA_TARGETS.index(k[1]))):
