@@ -318,6 +318,7 @@ DECODE_KNOBS = {
     "expand_warps": [2, 8],
     "n_group": [1, 2, 4, 8, 16, 32],
     "dense": [1],
+    "rank_pack": [1],
 }
 # knob pairs tried on top of DECODE_KNOBS for the mixed-rank case: wider expand N tiles with
 # fewer rank rows (the B^T tile of a small rank is tiny), dense shrink columns with wider tiles
@@ -329,6 +330,10 @@ MIXED_COMBOS = [
     dict(dense=1, block_c=64),
     dict(dense=1, split_k=2),
     dict(dense=1, split_k=4),
+    # small ranks' B^T rows of several output tiles per load, with more tiles per program
+    dict(rank_pack=1, n_group=16),
+    dict(rank_pack=1, n_group=32),
+    dict(rank_pack=1, block_c=16, dense=1),
 ]
 GROUPED_KNOBS = {
     "split_k": [1, 2, 4, 8],

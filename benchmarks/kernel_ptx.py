@@ -81,6 +81,11 @@ KERNELS = {
         dict(R_PAD=64, ROW_ALIGN=8, BLOCK_S=32, BLOCK_R=64, BLOCK_N=128),
         2,
     ),
+    "_expand_decode_packed": (
+        lora._expand_decode_kernel,
+        dict(R_PAD=64, ROW_ALIGN=8, BLOCK_S=32, BLOCK_R=64, BLOCK_N=128, RANK_PACK=True),
+        2,
+    ),
     "_expand_prefill_kernel": (
         lora._expand_prefill_kernel,
         dict(

@@ -292,6 +292,20 @@ TILES = {
     "decode_one_pass": (SMALL_DECODE, SMALL_RANKS, 0, LoRATiles(1, 16, 16, 2, 16, 16, n_group=2)),
     "decode_dense": (DECODE, MIXED_RANKS, 0, LoRATiles(1, 16, 16, 2, 16, 32, dense=1)),
     "decode_dense_wide": (SMALL_DECODE, SMALL_RANKS, 5, LoRATiles(1, 64, 32, 1, 8, 32, dense=1)),
+    # small ranks' B^T rows of several output tiles in one load (rank_pack): 8 tiles of a
+    # rank <= 16 row per [128, 16] load, groups that end inside a target and past its end
+    "decode_rank_pack": (
+        DECODE,
+        MIXED_RANKS,
+        0,
+        LoRATiles(1, 32, 16, 2, 128, 16, n_group=3, rank_pack=1),
+    ),
+    "decode_rank_pack_small": (
+        SMALL_DECODE,
+        SMALL_RANKS,
+        5,
+        LoRATiles(1, 16, 16, 1, 32, 8, n_group=2, rank_pack=1),
+    ),
     "prefill_split": (PREFILL, MIXED_RANKS, 0, LoRATiles(16, 32, 16, 3, 32, 32, 4, 4, 32)),
     "prefill_wide": (SMALL_PREFILL, SMALL_RANKS, 5, LoRATiles(32, 64, 32, 2, 16, 32, 4, 4, 16)),
 }

@@ -602,6 +602,7 @@ def _expand_decode_kernel(
     BLOCK_S: tl.constexpr,  # split_k padded to a power of two
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    RANK_PACK: tl.constexpr = False,  # with R_PAD <= BLOCK_R: see _expand_packed
 ):
     """One program: one single-token segment x one target x n_group tiles of BLOCK_N output
     columns, one after another (the segment's rank, scaling and B^T row offsets are looked
@@ -620,7 +621,35 @@ def _expand_decode_kernel(
     v_row = v_ptr + tok * stride_v_tok + t * R_PAD
     splits = tl.arange(0, BLOCK_S)
     last_tile = tl.minimum(first_tile + n_group, tl.cdiv(n, BLOCK_N))
-    if R_PAD <= BLOCK_R:
+    if RANK_PACK and R_PAD <= BLOCK_R:
+        # The segment's rank rounded up to a power of two picks how many output tiles share
+        # one [BLOCK_R, BLOCK_N] load: a rank-8 row reads 8 tiles' B^T at once, not one
+        # tile's with 56 of its 64 rows masked off.
+        if rank <= BLOCK_R // 8:
+            _expand_packed(
+                y_ptr, v_ptr, pool_ptr, b_table, v_row, tok, rank, scale, o, n, split_k,
+                first_tile, last_tile, stride_y_tok, stride_y_n, stride_v_split,
+                BLOCK_R // 8, ROW_ALIGN, BLOCK_S, BLOCK_R, BLOCK_N,
+            )  # fmt: skip
+        elif rank <= BLOCK_R // 4:
+            _expand_packed(
+                y_ptr, v_ptr, pool_ptr, b_table, v_row, tok, rank, scale, o, n, split_k,
+                first_tile, last_tile, stride_y_tok, stride_y_n, stride_v_split,
+                BLOCK_R // 4, ROW_ALIGN, BLOCK_S, BLOCK_R, BLOCK_N,
+            )  # fmt: skip
+        elif rank <= BLOCK_R // 2:
+            _expand_packed(
+                y_ptr, v_ptr, pool_ptr, b_table, v_row, tok, rank, scale, o, n, split_k,
+                first_tile, last_tile, stride_y_tok, stride_y_n, stride_v_split,
+                BLOCK_R // 2, ROW_ALIGN, BLOCK_S, BLOCK_R, BLOCK_N,
+            )  # fmt: skip
+        else:
+            _expand_packed(
+                y_ptr, v_ptr, pool_ptr, b_table, v_row, tok, rank, scale, o, n, split_k,
+                first_tile, last_tile, stride_y_tok, stride_y_n, stride_v_split,
+                BLOCK_R, ROW_ALIGN, BLOCK_S, BLOCK_R, BLOCK_N,
+            )  # fmt: skip
+    elif R_PAD <= BLOCK_R:
         # Every rank in one step: v and the B^T row offsets are looked up once for all the
         # program's tiles, so each tile waits for one load (B^T, y beside it), not a chain.
         j = tl.arange(0, BLOCK_R)
@@ -657,6 +686,57 @@ def _expand_decode_kernel(
                 acc += vj[:, None] * b.to(tl.float32)
             y = y.to(tl.float32) + scale * tl.sum(acc, axis=0)
             tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _expand_packed(
+    y_ptr,
+    v_ptr,
+    pool_ptr,
+    b_table,
+    v_row,
+    tok,
+    rank,
+    scale,
+    o,
+    n,
+    split_k,
+    first_tile,
+    last_tile,
+    stride_y_tok,
+    stride_y_n,
+    stride_v_split,
+    G: tl.constexpr,  # rank rows per output tile: a power of two >= rank
+    ROW_ALIGN: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """y[tok, o + cols] += scale * v . B^T[:, cols] for the program's tiles, BLOCK_R // G
+    tiles per step: slot s of the [BLOCK_R, BLOCK_N] B^T load holds rank row s % G of tile
+    s // G, and each tile's G rows are summed apart (a reshape to [tiles, G, BLOCK_N])."""
+    C: tl.constexpr = BLOCK_R // G
+    s = tl.arange(0, BLOCK_R)
+    j = s % G
+    j_ok = j < rank
+    splits = tl.arange(0, BLOCK_S)
+    v_ptrs = v_row + splits[:, None] * stride_v_split + j[None, :]  # [S, BLOCK_R]
+    v_mask = (splits[:, None] < split_k) & j_ok[None, :]
+    vj = tl.sum(tl.load(v_ptrs, mask=v_mask, other=0.0), axis=0)  # all partials
+    b_off = tl.multiple_of(tl.load(b_table + j, mask=j_ok, other=0), ROW_ALIGN)
+    col_end = tl.minimum(last_tile * BLOCK_N, n)
+    tile_cols = (s // G)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # [BLOCK_R, N]
+    out_cols = tl.arange(0, C)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # [C, N]
+    for start in range(first_tile * BLOCK_N, col_end, C * BLOCK_N):
+        cols = start + tile_cols
+        b_mask = j_ok[:, None] & (cols < col_end)
+        b = tl.load(pool_ptr + b_off[:, None] + cols, mask=b_mask, other=0.0)
+        part = tl.sum(tl.reshape(vj[:, None] * b.to(tl.float32), (C, G, BLOCK_N)), axis=1)
+        y_cols = start + out_cols
+        y_ok = y_cols < col_end
+        y_ptrs = y_ptr + tok * stride_y_tok + (o + y_cols) * stride_y_n
+        y = tl.load(y_ptrs, mask=y_ok, other=0.0).to(tl.float32) + scale * part
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=y_ok)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
@@ -795,6 +875,9 @@ class LoRATiles(NamedTuple):
     expand_block_m: int = 0  # token rows per expand program; 0 = block_m
     n_group: int = 1  # decode form: BLOCK_N output tiles per expand program, in turn
     dense: int = 0  # decode form: 1 = each segment's live A rows packed into the columns
+    # decode form, whole rank per expand step: 1 = a small rank's B^T rows of several output
+    # tiles in one [block_r, block_n] load (_expand_packed)
+    rank_pack: int = 0
 
     @property
     def expand_m(self) -> int:
@@ -1076,6 +1159,7 @@ def _expand(
             BLOCK_S=next_power_of_2(tiles.split_k),
             BLOCK_R=tiles.block_r,
             BLOCK_N=tiles.block_n,
+            RANK_PACK=bool(tiles.rank_pack),
             num_warps=tiles.expand_warps,
         )
     else:
