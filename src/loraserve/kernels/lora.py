@@ -625,30 +625,13 @@ def _expand_decode_kernel(
         # The segment's rank rounded up to a power of two picks how many output tiles share
         # one [BLOCK_R, BLOCK_N] load: a rank-8 row reads 8 tiles' B^T at once, not one
         # tile's with 56 of its 64 rows masked off.
-        if rank <= BLOCK_R // 8:
-            _expand_packed(
-                y_ptr, v_ptr, pool_ptr, b_table, v_row, tok, rank, scale, o, n, split_k,
-                first_tile, last_tile, stride_y_tok, stride_y_n, stride_v_split,
-                BLOCK_R // 8, ROW_ALIGN, BLOCK_S, BLOCK_R, BLOCK_N,
-            )  # fmt: skip
-        elif rank <= BLOCK_R // 4:
-            _expand_packed(
-                y_ptr, v_ptr, pool_ptr, b_table, v_row, tok, rank, scale, o, n, split_k,
-                first_tile, last_tile, stride_y_tok, stride_y_n, stride_v_split,
-                BLOCK_R // 4, ROW_ALIGN, BLOCK_S, BLOCK_R, BLOCK_N,
-            )  # fmt: skip
-        elif rank <= BLOCK_R // 2:
-            _expand_packed(
-                y_ptr, v_ptr, pool_ptr, b_table, v_row, tok, rank, scale, o, n, split_k,
-                first_tile, last_tile, stride_y_tok, stride_y_n, stride_v_split,
-                BLOCK_R // 2, ROW_ALIGN, BLOCK_S, BLOCK_R, BLOCK_N,
-            )  # fmt: skip
-        else:
-            _expand_packed(
-                y_ptr, v_ptr, pool_ptr, b_table, v_row, tok, rank, scale, o, n, split_k,
-                first_tile, last_tile, stride_y_tok, stride_y_n, stride_v_split,
-                BLOCK_R, ROW_ALIGN, BLOCK_S, BLOCK_R, BLOCK_N,
-            )  # fmt: skip
+        for k in tl.static_range(4):  # G = BLOCK_R / 8, / 4, / 2, / 1: the one that fits
+            if (rank > ((BLOCK_R >> (4 - k)) if k > 0 else 0)) & (rank <= (BLOCK_R >> (3 - k))):
+                _expand_packed(
+                    y_ptr, v_ptr, pool_ptr, b_table, v_row, tok, rank, scale, o, n, split_k,
+                    first_tile, last_tile, stride_y_tok, stride_y_n, stride_v_split,
+                    BLOCK_R >> (3 - k), ROW_ALIGN, BLOCK_S, BLOCK_R, BLOCK_N,
+                )  # fmt: skip
     elif R_PAD <= BLOCK_R:
         # Every rank in one step: v and the B^T row offsets are looked up once for all the
         # program's tiles, so each tile waits for one load (B^T, y beside it), not a chain.
