@@ -569,7 +569,7 @@ def _read_stored(file: Path) -> tuple[np.ndarray, dict[str, _Stored]] | None:
                 return None
             out[key] = _Stored(torch_dtype, shape, start // size)
             data_end = max(data_end, end)
-        if 8 + n + data_end > raw.size:
+        if 8 + n + data_end > raw.size or (8 + n) % 8:  # (the format aligns the data)
             return None
         return raw[8 + n : 8 + n + data_end].view(np_dtype), out
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
