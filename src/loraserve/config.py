@@ -315,6 +315,7 @@ class LoRAConfig:
     host_cache_bytes: int = 8 << 30
     prefetch: int = 16  # adapters of queued requests to prefetch per step
     adapter_pool_bytes: int | None = None
+    io_threads: int | None = None  # threads reading and packing adapters; None: by cores
 
     def __post_init__(self) -> None:
         if self.max_loras <= 0:
@@ -325,6 +326,8 @@ class LoRAConfig:
             raise ValueError(f"host_cache_bytes must be >= 0, got {self.host_cache_bytes}")
         if self.adapter_pool_bytes is not None and self.adapter_pool_bytes <= 0:
             raise ValueError(f"adapter_pool_bytes must be positive, got {self.adapter_pool_bytes}")
+        if self.io_threads is not None and self.io_threads <= 0:
+            raise ValueError(f"adapter_io_threads must be positive, got {self.io_threads}")
 
 
 @dataclass(frozen=True)

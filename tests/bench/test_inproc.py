@@ -93,7 +93,9 @@ def test_time_limit_cuts_the_run(engine_args):
     requests = bench_requests(long, engine.config.model.vocab_size, None)
     run = InprocDriver(engine, requests, RunOptions(time_limit=0.4, progress=False)).run()
     result = run.result()
-    assert run.wall_time == pytest.approx(0.4, abs=0.3)
+    # cut near 0.4 s (the step in flight finishes first; a loaded CI machine may take a
+    # while): uncut, 120 requests of 150+ tokens arriving over 3 s run far longer
+    assert 0.3 <= run.wall_time < 2.5
     assert result["not_issued"] > 0 and result["issued"] + result["not_issued"] == len(requests)
     assert result["unfinished"] > 0
     assert result["slo_attainment"] == result["completed"] / result["issued"]

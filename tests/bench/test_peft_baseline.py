@@ -45,7 +45,9 @@ def test_peft_time_limit(tiny_model):
     options = PeftOptions(batch=4, time_limit=0.5, progress=False)
     start = time.perf_counter()
     run = PeftBaseline(hf, (4,), QKVO, options).run(requests)
-    assert time.perf_counter() - start < 1.5  # the batch in flight stopped at the limit
+    # the batch in flight stopped at the limit (uncut: 20 batches of 200+ tokens; the
+    # bound leaves room for a loaded machine)
+    assert time.perf_counter() - start < 3.0
     result = run.result()
     assert run.wall_time <= 0.5
     assert result["unfinished"] > 0 and result["not_issued"] > 0

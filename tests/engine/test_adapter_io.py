@@ -32,3 +32,16 @@ def test_io_threads_use_one_cpu_thread_and_leave_the_others_alone():
     thread.join()
     assert torch.get_num_threads() == before
     assert seen == [before] or before == 1  # threads started later keep torch's default
+
+
+def test_adapter_io_threads_is_an_engine_option(tiny_model_factory):
+    from loraserve.engine.args import EngineArgs  # noqa: PLC0415
+
+    model_dir = tiny_model_factory()
+    engine = EngineArgs(model=str(model_dir), adapter_io_threads=3).create_engine()
+    try:
+        assert engine.adapters.threads == 3 and engine.adapters._executor._max_workers == 3
+    finally:
+        engine.shutdown()
+    with pytest.raises(ValueError, match="adapter_io_threads must be positive"):
+        EngineArgs(model=str(model_dir), adapter_io_threads=0).create_engine()

@@ -366,6 +366,7 @@ def _engine_info(engine: LLMEngine) -> dict[str, Any]:
         "max_num_batched_tokens": engine.config.scheduler.max_num_batched_tokens,
         "max_loras": engine.config.lora.max_loras,
         "max_lora_rank": engine.config.lora.max_lora_rank,
+        "adapter_io_threads": engine.adapters.threads,
     }
 
 

@@ -56,11 +56,18 @@ class AdapterLoadError(RuntimeError):
 
 
 class AdapterManager:
-    def __init__(self, store: AdapterStore, cache: AdapterCache, background: bool = True) -> None:
+    def __init__(
+        self,
+        store: AdapterStore,
+        cache: AdapterCache,
+        background: bool = True,
+        threads: int | None = None,  # None: IO_THREADS
+    ) -> None:
         self.store = store
         self.cache = cache
+        self.threads = (threads or IO_THREADS) if background else 0
         self._executor = (
-            ThreadPoolExecutor(IO_THREADS, "adapter-io", initializer=_one_cpu_thread)
+            ThreadPoolExecutor(self.threads, "adapter-io", initializer=_one_cpu_thread)
             if background
             else None
         )

@@ -141,6 +141,11 @@ class EngineArgs:
         "give adapters a pool of their own of this many bytes, cut from the page pool's "
         "budget (S-LoRA's 'separate buffers' ablation); default: one unified pool",
     )
+    adapter_io_threads: int | None = _opt(
+        None,
+        "threads that read (or generate) and pack adapters in the background; default: "
+        "half the CPU cores, 2 to 8",
+    )
     seed: int = _opt(
         0, "seed of the sampler for requests without their own seed", flag="engine-seed"
     )
@@ -244,6 +249,7 @@ class EngineArgs:
                 self.max_lora_rank,
                 self.adapter_host_cache_bytes,
                 adapter_pool_bytes=self.adapter_pool_bytes,
+                io_threads=self.adapter_io_threads,
             ),
             lora_backend=self.lora_backend,
             cuda_graph_max_batch=graph_batch,

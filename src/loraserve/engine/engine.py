@@ -106,7 +106,9 @@ class LLMEngine:
         self.adapter_cache = AdapterCache(
             self._adapter_pool(page_elems), mc, config.lora.max_loras, config.lora.max_lora_rank
         )
-        self.adapters = AdapterManager(self.adapter_store, self.adapter_cache)
+        self.adapters = AdapterManager(
+            self.adapter_store, self.adapter_cache, threads=config.lora.io_threads
+        )
         self.scheduler = Scheduler(config.scheduler, self.kv, self.adapters)
         self.last_step = StepTiming(0.0, 0.0, 0.0, 0.0, 0.0)  # of the latest step()
         # A decode step launched behind the one the latest step() returned (overlap_steps).
