@@ -334,6 +334,11 @@ MIXED_COMBOS = [
     dict(rank_pack=1, n_group=16),
     dict(rank_pack=1, n_group=32),
     dict(rank_pack=1, block_c=16, dense=1),
+    # the shrink's K split counts every column tile, live or not: with mixed ranks most are
+    # dead (rank 8 of r_pad 64), so the live programs may want more splits than it gives
+    dict(split_k=2),
+    dict(split_k=2, dense=1),
+    dict(split_k=4, dense=1, block_c=32),
 ]
 GROUPED_KNOBS = {
     "split_k": [1, 2, 4, 8],
