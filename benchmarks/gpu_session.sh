@@ -79,7 +79,8 @@ for part in "$@"; do
         --out "$OUT/bench_S2_n2000_r40_side.json" ;;
     overlap_tests)  # the overlapped-step and graph tests on CUDA, failures in full to a file
       LORASERVE_TEST_DEVICE=cuda timeout "${TESTS_TIMEOUT:-200}" python -m pytest -q --tb=short \
-        tests/engine/test_overlap.py tests/engine/test_graphs.py > "$OUT/overlap_tests.txt" 2>&1
+        --durations=15 tests/engine/test_overlap.py tests/engine/test_graphs.py \
+        > "$OUT/overlap_tests.txt" 2>&1
       grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/overlap_tests.txt" | tail -8 ;;
     gpu_tests)  # the LoRA kernels (grouped, persistent grids) and the graph paths on CUDA
       LORASERVE_TEST_DEVICE=cuda timeout 300 python -m pytest -q tests/kernels/test_lora.py \
