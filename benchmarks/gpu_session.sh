@@ -78,7 +78,7 @@ for part in "$@"; do
         --time-limit 70 --variant 'side=--lora-side-stream' \
         --out "$OUT/bench_S2_n2000_r40_side.json" ;;
     overlap_tests)  # the overlapped-step and graph tests on CUDA, failures in full to a file
-      LORASERVE_TEST_DEVICE=cuda timeout "${TESTS_TIMEOUT:-200}" python -m pytest -q --tb=short \
+      LORASERVE_TEST_DEVICE=cuda timeout "${TESTS_TIMEOUT:-200}" python -m pytest -v --tb=short \
         --durations=15 tests/engine/test_overlap.py tests/engine/test_graphs.py \
         > "$OUT/overlap_tests.txt" 2>&1
       grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/overlap_tests.txt" | tail -8 ;;
