@@ -311,8 +311,9 @@ SWEEP_CASES = [  # (phase, segment lengths, distinct adapters, rank, call)
 ]
 DECODE_KNOBS = {
     "block_c": [16, 32, 64],
+    "block_k": [128, 512],  # bytes in flight per K step: 16 x 512 is session 7's 32 x 256
     "split_k": [1, 4, 16],
-    "shrink_warps": [2, 8],
+    "shrink_warps": [2, 4, 8],
     "block_r": [16, 32, 64],
     "block_n": [64, 128, 256, 512],
     "expand_warps": [2, 8],
