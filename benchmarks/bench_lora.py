@@ -335,6 +335,8 @@ MIXED_COMBOS = [
     dict(rank_pack=1, n_group=16),
     dict(rank_pack=1, n_group=32),
     dict(rank_pack=1, block_c=16, dense=1),
+    dict(rank_pack=1, expand_warps=4),
+    dict(rank_pack=1, block_n=256, expand_warps=4),
     # the shrink's K split counts every column tile, live or not: with mixed ranks most are
     # dead (rank 8 of r_pad 64), so the live programs may want more splits than it gives
     dict(split_k=2),
