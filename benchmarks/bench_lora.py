@@ -401,7 +401,11 @@ def sweep(args: argparse.Namespace) -> list[dict]:
             knobs = GROUPED_KNOBS
         combos = MIXED_COMBOS if phase == "mixed" else []
         for tiles in _variants(default, knobs, rank, combos):
-            shrink_us, expand_us = _time_variant(case, tiles)
+            try:
+                shrink_us, expand_us = _time_variant(case, tiles)
+            except Exception as e:  # noqa: BLE001 - a variant that fails to compile or run
+                logger.warning("%s %s %s: %s", phase, call, tuple(tiles), e)
+                shrink_us = expand_us = float("nan")
             rows.append(
                 dict(phase=phase, call=call, rank=rank, tokens=sum(seg_lens), distinct=distinct,
                      default=tiles == default, tiles=tuple(tiles),
