@@ -130,7 +130,8 @@ for part in "$@"; do
       tar czf "$OUT/profile_io.tgz" -C "$OUT" prof && rm -r "$OUT/prof" ;;
     lora_sweep)
       timeout 400 python benchmarks/bench_lora.py --sweep --out "$OUT/bench_lora_sweep.json" \
-        2>&1 | grep -v Warning | grep -E "^(gdecode|sorted|mixed|rank_cl|decode  qkv  *64)" | grep -F "*" ;;
+        2>&1 | grep -v Warning | grep -E "^rank_cl" ;
+      python benchmarks/sweep_best.py "$OUT/bench_lora_sweep.json" ;;
     lora_tlb)
       for gb in 0 100; do
         pool=(); if [ "$gb" != 0 ]; then pool=(--pool-gb "$gb"); fi

@@ -1,0 +1,37 @@
+"""The fastest tile variants per case of a ``bench_lora.py --sweep`` report, beside the
+default's times and the case's byte floor.
+
+    python benchmarks/sweep_best.py bench_lora_sweep.json [--top 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("report")
+    parser.add_argument("--top", type=int, default=3)
+    args = parser.parse_args()
+    with open(args.report) as f:
+        rows = json.load(f)["sweep"]
+    cases = defaultdict(list)
+    for r in rows:
+        cases[(r["phase"], r["call"], r["rank"], r["tokens"], r["distinct"])].append(r)
+    for key, variants in cases.items():
+        default = next((r for r in variants if r["default"]), variants[0])
+        floor = default.get("a_bytes_us", 0.0)
+        print(f"{' '.join(map(str, key))}: default {default['shrink_us']:.1f} / "
+              f"{default['expand_us']:.1f} us, A bytes {floor:.1f} us")  # fmt: skip
+        for part in ("shrink_us", "expand_us"):
+            ok = [r for r in variants if not math.isnan(r[part])]
+            for r in sorted(ok, key=lambda r: r[part])[: args.top]:
+                print(f"    best {part[:-3]:6} {r[part]:7.1f}  {r['tiles']}")
+
+
+if __name__ == "__main__":
+    main()
