@@ -7,6 +7,7 @@ add_request ──> Scheduler.waiting ──schedule()──> ModelRunner.step �
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import time
@@ -133,6 +134,7 @@ class LLMEngine:
         self._ids = itertools.count()
         if self.device.type == "cuda":
             self._precompile()
+            gc.collect()  # earlier engines' graphs and pools, freed before the captures
         if self.runner.graphs is not None:
             self.runner.graphs.capture_all()
         if self.runner.prefill_graphs is not None:

@@ -91,10 +91,10 @@ def capture(
 
     Python's cyclic garbage collector is off while it runs: a collection inside the capture
     that frees an earlier engine's graphs (cudaGraphExecDestroy) invalidates the capture
-    (the H200 saw this when one process built several engines). Errors are checked per
-    thread, so the adapter I/O threads' pinned-memory calls cannot break it either."""
+    (the H200 saw this when one process built several engines; the engine collects once
+    before it captures, not here: a collection per capture is slow). Errors are checked
+    per thread, so the adapter I/O threads' pinned-memory calls cannot break it either."""
     enabled = gc.isenabled()
-    gc.collect()
     gc.disable()
     try:
         stream = torch.cuda.Stream(device)
