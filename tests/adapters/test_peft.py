@@ -462,6 +462,22 @@ def test_missing_files(tmp_path, base_dir, model):
         load_adapter("x", adapter, model, torch.float32)
 
 
+def test_safetensors_of_mixed_dtypes_load_per_module(tmp_path, model):
+    """A file whose tensors are not all of one dtype takes the per-module path, and gives
+    the same weights."""
+    path = make_random_adapter(tmp_path / "a", model, 4, ["q_proj", "o_proj"], seed=5)
+    file = path / "adapter_model.safetensors"
+    tensors = load_file(file)
+    mixed = {k: t.to(torch.bfloat16) if "lora_B" in k else t for k, t in tensors.items()}
+    save_file(mixed, file)
+    weights = load_adapter("x", path, model, torch.float32)
+    assert weights.flat is None
+    for (layer, target), m in weights.modules.items():
+        key = f"base_model.model.{module_name(layer, target)}"
+        assert torch.equal(m.a, mixed[f"{key}.lora_A.weight"])
+        assert torch.equal(m.b, mixed[f"{key}.lora_B.weight"].float())
+
+
 def test_corrupt_files(tmp_path, base_dir, model):
     adapter, _ = make_peft(tmp_path / "a", base_dir, target_modules=["q_proj"])
     file = adapter / "adapter_model.safetensors"
