@@ -21,6 +21,7 @@
 #   s2n2000_oa  default vs --overlap-admission and base, the same way                 (6)
 #   s2n2000_group  default vs --no-group-lora-rows vs --lora-side-stream, and base     (7)
 #   s2n2000_side   default vs --lora-side-stream, and base                        (6)
+#   s2n2000_pack   default vs --lora-rank-pack vs --lora-side-stream, and base     (8)
 #   overlap_tests  test_overlap.py and test_graphs.py on CUDA, output to a file      (2)
 #   gpu_tests   tests/kernels/test_lora.py and the graph-path engine tests on CUDA     (2)
 #   profile128  profile_step.py at batch 128, with and without adapters           (2)
@@ -77,6 +78,10 @@ for part in "$@"; do
       bench "${SIDE_TIMEOUT:-570}" --setting S2 -n 2000 --rate 40 --duration 50 --baselines base \
         --time-limit 70 --variant 'side=--lora-side-stream' \
         --out "$OUT/bench_S2_n2000_r40_side.json" ;;
+    s2n2000_pack)  # the default against --lora-rank-pack and --lora-side-stream, and base
+      bench "${PACK_TIMEOUT:-580}" --setting S2 -n 2000 --rate 40 --duration 50 --baselines base \
+        --time-limit 70 --variant 'pack=--lora-rank-pack' --variant 'side=--lora-side-stream' \
+        --out "$OUT/bench_S2_n2000_r40_pack.json" ;;
     overlap_tests)  # the overlapped-step and graph tests on CUDA, failures in full to a file
       LORASERVE_TEST_DEVICE=cuda timeout "${TESTS_TIMEOUT:-200}" python -m pytest -v --tb=short \
         --durations=15 tests/engine/test_overlap.py tests/engine/test_graphs.py \

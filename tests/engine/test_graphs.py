@@ -268,3 +268,32 @@ def test_lora_side_stream_gives_the_same_tokens(setup):
     streams = {m.lora_stream for m in engine.model.modules() if isinstance(m, PackedLinear)}
     assert len(streams) == 1
     assert (streams.pop() is not None) == (engine.device.type == "cuda")
+
+
+def test_lora_rank_pack_gives_the_same_tokens(setup, monkeypatch):
+    """--lora-rank-pack: the decode expand reads several output tiles' B^T rows of a small
+    rank in one load. The same tokens and logprobs as without it (Triton kernels, one
+    segment per row), and the decode expands did run packed."""
+    import loraserve.kernels.lora as lora
+
+    model_dir, adapters = setup
+    names = ["a", None, "b", "a", None]
+    prompts = [[5, 6, 7], [9] * 12, [30, 31], [44, 45, 46, 47], [8, 8]]
+    packed = []
+    real = lora._expand
+
+    def expand(*args):
+        packed.append(args[-1].rank_pack)
+        return real(*args)
+
+    monkeypatch.setattr(lora, "_expand", expand)
+    common = dict(group_tile_cost=1e9, lora_backend="triton")
+    plain, _ = run(model_dir, adapters, 8, names, prompts, **common)
+    assert packed and not any(packed)
+    packed.clear()
+    rows, _ = run(model_dir, adapters, 8, names, prompts, lora_rank_pack=True, **common)
+    assert any(packed)
+    for a, b in zip(plain, rows, strict=True):
+        assert a.token_ids == b.token_ids
+        for la, lb in zip(a.logprobs, b.logprobs, strict=True):
+            assert max(abs(la[t] - lb[t]) for t in la) < 1e-5

@@ -112,6 +112,11 @@ class EngineArgs:
         "run each LoRA shrink on a second CUDA stream beside its base GEMM (experimental, "
         "not yet measured on a GPU; Triton LoRA kernels only)",
     )
+    lora_rank_pack: bool = _opt(
+        False,
+        "decode LoRA expand: a small rank's B^T rows of several output tiles in one load "
+        "(experimental, not yet measured on a GPU; Triton LoRA kernels only)",
+    )
     overlap_admission: bool = _opt(
         True,
         "also queue ahead a step that admits prompts: its decode rows read the tokens the "
@@ -257,6 +262,7 @@ class EngineArgs:
             overlap_admission=self.overlap_admission,
             group_lora_rows=self.group_lora_rows,
             lora_side_stream=self.lora_side_stream,
+            lora_rank_pack=self.lora_rank_pack,
             prefill_graphs=self._prefill_graphs(graph_batch),
             mixed_decode_graphs=int(
                 self._with_graphs(

@@ -106,6 +106,9 @@ class LoRABatch:
     # sorted rows, engine/graphs.py): prefill-form tiles of 16 rows, so each segment reads
     # its adapter once however many rows use it. 0 = not grouped.
     grouped_rows: int = 0
+    # Decode form: the expand reads several output tiles' B^T rows of a small rank in one
+    # load (LoRATiles.rank_pack).
+    rank_pack: bool = False
 
     def __post_init__(self) -> None:
         num_slots, num_layers = self.ranks.shape[:2]
@@ -888,7 +891,10 @@ def pick_tiles(
         shape = (batch.grouped_rows, in_features, n_targets, max_out, num_sms)
         return _grouped_tiles(r_pad, *shape)
     shape = (batch.max_rank, batch.max_seg_len, batch.num_segments)
-    return _pick_tiles(*shape, in_features, n_targets, max_out, num_sms)
+    tiles = _pick_tiles(*shape, in_features, n_targets, max_out, num_sms)
+    if batch.rank_pack and tiles.block_m == 1:
+        tiles = tiles._replace(rank_pack=1)
+    return tiles
 
 
 @functools.lru_cache(maxsize=4096)
