@@ -305,6 +305,10 @@ SWEEP_CASES = [  # (phase, segment lengths, distinct adapters, rank, call)
     ("mixed", [1] * 160, 152, 64, "o"),
     ("decode", [1] * 32, 32, 16, "o"),
     ("decode", [1], 1, 16, "qkv"),
+    # S1 n=2000 at saturation (rank 8, ~240 rows of nearly as many adapters), and rank 32
+    ("decode", [1] * 240, 230, 8, "qkv"),
+    ("decode", [1] * 240, 230, 8, "o"),
+    ("decode", [1] * 240, 200, 32, "qkv"),
     ("prefill", [512] * 4, 4, 16, "qkv"),
     ("prefill", [512] * 4, 4, 64, "qkv"),
     ("grouped", [32] * 8, 8, 16, "qkv"),
@@ -340,6 +344,9 @@ MIXED_COMBOS = [
     # the shrink's K split counts every column tile, live or not: with mixed ranks most are
     # dead (rank 8 of r_pad 64), so the live programs may want more splits than it gives
     dict(split_k=2),
+    dict(split_k=2, block_k=256),  # session 9's best mixed q|k|v shrink
+    dict(block_n=128, n_group=4),  # the expand before session 9
+    dict(block_n=128, n_group=8),
     dict(split_k=2, dense=1),
     dict(split_k=4, dense=1, block_c=32),
 ]

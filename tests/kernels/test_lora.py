@@ -306,6 +306,14 @@ TILES = {
         5,
         LoRATiles(1, 16, 16, 1, 32, 8, n_group=2, rank_pack=1),
     ),
+    # the H200 decode defaults (session 9): K and N blocks wider than the layer (masked),
+    # the whole rank in one step, 8 output tiles per program
+    "decode_wide_blocks": (
+        DECODE,
+        MIXED_RANKS,
+        0,
+        LoRATiles(1, 16, 512, 1, 64, 512, 2, 2, n_group=8),
+    ),
     "prefill_split": (PREFILL, MIXED_RANKS, 0, LoRATiles(16, 32, 16, 3, 32, 32, 4, 4, 32)),
     "prefill_wide": (SMALL_PREFILL, SMALL_RANKS, 5, LoRATiles(32, 64, 32, 2, 16, 32, 4, 4, 16)),
 }
@@ -386,6 +394,8 @@ def test_pick_tiles() -> None:
     assert d.block_m == 1 and d.split_k > 1
     wide = pick_tiles(make_case(DECODE * 64, "qkv", torch.float32).batch, 4096, 3, 4096, 132)
     assert wide.n_group > 1  # a big decode batch: several output tiles per expand program
+    assert (wide.block_k, wide.block_n) == (512, 512)  # session 9's sweep
+    assert d.block_n != 256  # narrowing for a small grid skips 256 columns (slow on an H200)
     assert min(p.block_m, p.block_c, p.block_k, p.block_r, p.block_n) >= 16  # tl.dot's minimum
     assert p.block_c >= 3 * 16  # all three targets' columns in one tile: x is read once
 

@@ -71,10 +71,12 @@ MAX_CALL_TARGETS = 3  # targets one call may cover (q|k|v is the widest packing)
 # in the middle of serving. warm_up_lora_kernels compiles the rest at start-up.
 _RUNTIME_INTS = ("layer", "first_target", "k_blocks", "split_k", "n_tiles", "n_group")
 _DECODE_MAX_SPLIT_K = 32
-_EXPAND_PROGRAMS_PER_SM = 8  # decode-form expand grid: fewer, longer programs down to this
-# ... with at most this many output tiles each (session 8's sweep, q|k|v rank 64 over 256
-# rows: 106 us with 8 against 117 us with 16; o and mixed ranks within 1 us)
+# Decode-form expand grid: fewer, longer programs down to this many per SM, with at most
+# _EXPAND_MAX_N_GROUP output tiles each. With 512-column tiles (session 9's sweep) the
+# measured winners ran 2.4-3.6 programs per SM: 8 N tiles per program for q|k|v, 4 for o.
+_EXPAND_PROGRAMS_PER_SM = 2
 _EXPAND_MAX_N_GROUP = 8
+_DECODE_BLOCK_N = 512
 _PERSISTENT_PROGRAMS_PER_SM = 8  # persistent grids (LoRABatch.tile_count): programs per SM
 GROUP_TILE_ROWS = 16  # rows per tile of a grouped decode batch (LoRABatch.grouped_rows)
 
@@ -923,25 +925,31 @@ def _split_k(programs: int, waves: int, cap: int, in_features: int, block_k: int
 def _decode_tiles(
     r_pad: int, num_segments: int, in_features: int, n_targets: int, max_out: int, num_sms: int
 ) -> LoRATiles:
-    """Matrix-vector tiles, 2 warps (measured best on an H200): A read as [16, 256] tiles
-    (session 8's sweep: q|k|v rank 64 over 256 rows of 52 adapters 67 vs 90 us with 32
-    columns, 160 rows of 152 adapters of ranks 8-64 43 vs 65 us; o within 2 us either way),
-    K split to about two waves; the whole rank (up to 64) of B^T at once in tiles of about
-    8K elements, N narrowed (down to 64) until the expand grid fills the GPU, and up to
-    _EXPAND_MAX_N_GROUP tiles per expand program."""
+    """Matrix-vector tiles, 2 warps (measured best on an H200).
+
+    Shrink: A read as [16, block_k] tiles, K split to about two waves. block_k is 512 when
+    the grid fills the GPU without a split (session 9's sweep: 160 rows of 152 adapters of
+    ranks 8-64, q|k|v 39 vs 43 us and o 12 vs 18 us against 256; 256 rows of 52 rank-64
+    adapters 61 vs 67 and 21 vs 30 us), else 256 (more, shorter programs to split over).
+
+    Expand: the whole rank (up to 64) of B^T at once in [block_r, 512] tiles (session 9:
+    mixed q|k|v 42 vs 46 us and o 16 vs 18 us against 128 columns; 256 columns ran 2-3x
+    slower at every block_r tried, so the narrowing for small grids skips it), up to
+    _EXPAND_MAX_N_GROUP tiles per program while about _EXPAND_PROGRAMS_PER_SM programs
+    per SM remain."""
     block_c = min(r_pad, 16)
-    block_k = min(256, next_power_of_2(in_features))
     c_tiles = cdiv(n_targets * r_pad, block_c)
+    block_k = 512 if num_segments * c_tiles >= num_sms else 256
+    block_k = min(block_k, next_power_of_2(in_features))
     split_k = _split_k(
         num_segments * c_tiles, 2, _DECODE_MAX_SPLIT_K, in_features, block_k, num_sms
     )
     block_r = min(r_pad, 64)
-    block_n = min(max(64, 8192 // block_r), next_power_of_2(max_out))
+    block_n = min(_DECODE_BLOCK_N, next_power_of_2(max_out))
     while block_n > 64 and num_segments * n_targets * cdiv(max_out, block_n) < num_sms:
-        block_n //= 2
-    # Several N tiles per expand program while the grid keeps _EXPAND_PROGRAMS_PER_SM
-    # programs per SM: each program looks its segment's rank, scaling and B^T row offsets up
-    # once (dependent loads, about a memory latency each) instead of once per tile.
+        block_n //= 4 if block_n == 512 else 2
+    # Several N tiles per expand program: each program looks its segment's rank, scaling and
+    # B^T row offsets up once (dependent loads, about a memory latency each), not per tile.
     n_tiles = cdiv(max_out, block_n)
     programs = num_segments * n_targets * n_tiles
     n_group = 1
@@ -967,7 +975,9 @@ def _grouped_tiles(
     programs = cdiv(rows, 4) * cdiv(n_targets * r_pad, block_c)
     split_k = _split_k(programs, 2, 4, in_features, block_k, num_sms)
     block_r = min(r_pad, 64)  # the whole rank at once: 47 vs 59 us at rank 64 (session 7)
-    block_n = min(128, max(16, next_power_of_2(max_out)))
+    # 256 output columns per expand program: session 9's sweep, S2's 256 rows in 52 groups,
+    # q|k|v 42 vs 48 us and o 14 vs 18 us against 128; rank 16 19 vs 21 us
+    block_n = min(256, max(16, next_power_of_2(max_out)))
     return LoRATiles(GROUP_TILE_ROWS, block_c, block_k, split_k, block_r, block_n, 4, 4)
 
 
