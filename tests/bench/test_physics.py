@@ -30,5 +30,8 @@ def test_lora_extra_models_the_run_without_adapters_at_base_rate():
     assert extra["modelled_without_lora_ms"] == pytest.approx(7.0)
     assert extra["extra_ms"] == pytest.approx(3.0)
     assert extra["extra_over_adapter_floor"] == pytest.approx(3.0 / run["adapter_floor_ms"])
+    assert extra["decode_ratio"] == pytest.approx(0.7)
+    floor = run["adapter_floor_ms"]
+    assert extra["decode_ratio_at_adapter_floor"] == pytest.approx(7.0 / (7.0 + floor))
     assert lora_extra(base, base) is None  # no adapter bytes
     assert lora_extra(run, DecodeStats(1).as_dict()) is None  # base had no decode steps

@@ -9,6 +9,7 @@ its output. The expected output is computed densely in float64 from the original
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -314,6 +315,14 @@ TILES = {
         0,
         LoRATiles(1, 16, 512, 1, 64, 512, 2, 2, n_group=8),
     ),
+    # ... and for ranks <= 16: dense shrink columns with the rank-packed expand, 16-wide
+    # N tiles so a program's 4 tiles cross a target's end (Q = 48)
+    "decode_small_defaults": (
+        SMALL_DECODE,
+        SMALL_RANKS,
+        0,
+        LoRATiles(1, 16, 512, 2, 16, 16, 2, 2, n_group=4, dense=1, rank_pack=1),
+    ),
     "prefill_split": (PREFILL, MIXED_RANKS, 0, LoRATiles(16, 32, 16, 3, 32, 32, 4, 4, 32)),
     "prefill_wide": (SMALL_PREFILL, SMALL_RANKS, 5, LoRATiles(32, 64, 32, 2, 16, 32, 4, 4, 16)),
 }
@@ -395,6 +404,10 @@ def test_pick_tiles() -> None:
     wide = pick_tiles(make_case(DECODE * 64, "qkv", torch.float32).batch, 4096, 3, 4096, 132)
     assert wide.n_group > 1  # a big decode batch: several output tiles per expand program
     assert (wide.block_k, wide.block_n) == (512, 512)  # session 9's sweep
+    assert not (wide.dense or wide.rank_pack)  # ranks up to 128 in the batch
+    small_batch = make_case(SMALL_DECODE * 64, "qkv", torch.float32, SMALL_RANKS).batch
+    small = pick_tiles(dataclasses.replace(small_batch, max_rank=8), 4096, 3, 4096, 132)
+    assert small.dense and small.rank_pack and small.n_group > 1  # ranks <= 16: packed
     assert d.block_n != 256  # narrowing for a small grid skips 256 columns (slow on an H200)
     assert min(p.block_m, p.block_c, p.block_k, p.block_r, p.block_n) >= 16  # tl.dot's minimum
     assert p.block_c >= 3 * 16  # all three targets' columns in one tile: x is read once

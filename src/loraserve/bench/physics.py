@@ -86,7 +86,13 @@ def lora_extra(decode: dict[str, Any], base: dict[str, Any]) -> dict[str, Any] |
     of the same trace give its rate for weights + KV (bytes per ms); the run's steps without
     adapters are modelled at that rate for their own batch's bytes (the batches differ:
     with adapters the engine is slower, so more requests are in flight). None unless both
-    runs have decode steps and the run read adapter bytes."""
+    runs have decode steps and the run read adapter bytes.
+
+    Also the step-time ratio without / with LoRA at the run's batch: as measured, and its
+    ceiling if LoRA cost only its adapter bytes (``decode_ratio_at_adapter_floor``). With
+    every row on its own adapter (alpha = 1 over n = 2000) adapter bytes grow with the batch
+    like KV bytes, so this ceiling falls as the batch grows: it bounds what a throughput
+    ratio at that operating point can reach from the decode steps."""
     if not decode.get("decode_steps") or not base.get("decode_steps"):
         return None
     if not decode["avg_adapter_bytes"]:
@@ -100,4 +106,6 @@ def lora_extra(decode: dict[str, Any], base: dict[str, Any]) -> dict[str, Any] |
         "extra_ms": extra,
         "adapter_floor_ms": decode["adapter_floor_ms"],
         "extra_over_adapter_floor": extra / decode["adapter_floor_ms"],
+        "decode_ratio": without / decode["measured_ms"],
+        "decode_ratio_at_adapter_floor": without / (without + decode["adapter_floor_ms"]),
     }

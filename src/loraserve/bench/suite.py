@@ -211,7 +211,9 @@ def _add_lora_extra(runs: dict[str, dict[str, Any]], where: str, report: Report)
             f"{where} {label}: LoRA adds {extra['extra_ms']:.2f} ms to a decode step (against "
             f"base's bytes/ms: {extra['modelled_without_lora_ms']:.2f} ms without adapters); "
             f"its distinct adapters' bytes need {extra['adapter_floor_ms']:.2f} ms; ratio "
-            f"{extra['extra_over_adapter_floor']:.2f}"
+            f"{extra['extra_over_adapter_floor']:.2f}; decode step time without / with LoRA "
+            f"at this batch {extra['decode_ratio']:.3f}, at LoRA's byte floor "
+            f"{extra['decode_ratio_at_adapter_floor']:.3f}"
         )
 
 

@@ -72,9 +72,15 @@ MAX_CALL_TARGETS = 3  # targets one call may cover (q|k|v is the widest packing)
 _RUNTIME_INTS = ("layer", "first_target", "k_blocks", "split_k", "n_tiles", "n_group")
 _DECODE_MAX_SPLIT_K = 32
 # Decode-form expand grid: fewer, longer programs down to this many per SM, with at most
-# _EXPAND_MAX_N_GROUP output tiles each. With 512-column tiles (session 9's sweep) the
-# measured winners ran 2.4-3.6 programs per SM: 8 N tiles per program for q|k|v, 4 for o.
-_EXPAND_PROGRAMS_PER_SM = 2
+# _EXPAND_MAX_N_GROUP output tiles each. Session 9's second sweep, 512-column tiles: with
+# ranks above 16, 1-2 tiles per program (16 programs per SM and more) were best, within
+# 1 us of each other (mixed ranks q|k|v 40.5 us with 2 against 42.4 with 8, o 13.9 with 1
+# against 15.6 with 4; rank 32 48.3 against 49.8). Ranks <= 16 pack the B^T rows of
+# several tiles into one load (rank_pack), which needs several tiles per program: there 8
+# for q|k|v and 4 for o (2 programs per SM) were measured (rank 8 over 240 rows: q|k|v
+# 13.0 us against 32.0 unpacked, o 4.6 against 7.6).
+_EXPAND_PROGRAMS_PER_SM = 16
+_EXPAND_PROGRAMS_PER_SM_PACKED = 2
 _EXPAND_MAX_N_GROUP = 8
 _DECODE_BLOCK_N = 512
 _PERSISTENT_PROGRAMS_PER_SM = 8  # persistent grids (LoRABatch.tile_count): programs per SM
@@ -935,8 +941,14 @@ def _decode_tiles(
     Expand: the whole rank (up to 64) of B^T at once in [block_r, 512] tiles (session 9:
     mixed q|k|v 42 vs 46 us and o 16 vs 18 us against 128 columns; 256 columns ran 2-3x
     slower at every block_r tried, so the narrowing for small grids skips it), up to
-    _EXPAND_MAX_N_GROUP tiles per program while about _EXPAND_PROGRAMS_PER_SM programs
-    per SM remain."""
+    _EXPAND_MAX_N_GROUP tiles per program while enough programs per SM remain.
+
+    Ranks <= 16 (r_pad 16): a rank-8 row fills half the padded columns, so the shrink packs
+    each segment's live A rows into the columns (``dense``: rank 8 over 240 rows, q|k|v 14.1
+    against 20.6 us) and the expand packs several tiles' B^T rows per load (``rank_pack``).
+    Neither paid with larger ranks in the batch (the mixed-rank case: 39.8 vs 39.0 and 48.0
+    vs 42.4 us)."""
+    small = r_pad <= 16
     block_c = min(r_pad, 16)
     c_tiles = cdiv(n_targets * r_pad, block_c)
     block_k = 512 if num_segments * c_tiles >= num_sms else 256
@@ -955,10 +967,14 @@ def _decode_tiles(
     n_group = 1
     while (
         2 * n_group <= min(n_tiles, _EXPAND_MAX_N_GROUP)
-        and programs // (2 * n_group) >= _EXPAND_PROGRAMS_PER_SM * num_sms
+        and programs // (2 * n_group)
+        >= (_EXPAND_PROGRAMS_PER_SM_PACKED if small else _EXPAND_PROGRAMS_PER_SM) * num_sms
     ):
         n_group *= 2
-    return LoRATiles(1, block_c, block_k, split_k, block_r, block_n, 2, 2, n_group=n_group)
+    return LoRATiles(
+        1, block_c, block_k, split_k, block_r, block_n, 2, 2,
+        n_group=n_group, dense=int(small), rank_pack=int(small),
+    )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=4096)
