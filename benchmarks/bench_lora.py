@@ -324,6 +324,7 @@ DECODE_KNOBS = {
     "n_group": [1, 2, 4, 8, 16, 32],
     "dense": [1],
     "rank_pack": [1],
+    "shrink_stages": [2, 3, 4],  # the shrink's K loop pipelined (tl.range(num_stages=))
 }
 # knob pairs tried on top of DECODE_KNOBS for the mixed-rank case: wider expand N tiles with
 # fewer rank rows (the B^T tile of a small rank is tiny), dense shrink columns with wider tiles

@@ -323,6 +323,13 @@ TILES = {
         0,
         LoRATiles(1, 16, 512, 2, 16, 16, 2, 2, n_group=4, dense=1, rank_pack=1),
     ),
+    # the shrink's K loop as tl.range(num_stages=3): several K steps and a split
+    "decode_shrink_stages": (
+        DECODE,
+        MIXED_RANKS,
+        0,
+        LoRATiles(1, 16, 16, 2, 16, 32, n_group=2, shrink_stages=3),
+    ),
     "prefill_split": (PREFILL, MIXED_RANKS, 0, LoRATiles(16, 32, 16, 3, 32, 32, 4, 4, 32)),
     "prefill_wide": (SMALL_PREFILL, SMALL_RANKS, 5, LoRATiles(32, 64, 32, 2, 16, 32, 4, 4, 16)),
 }
@@ -443,6 +450,8 @@ def test_bad_inputs_raise() -> None:
         lora_apply_triton(*case.args(), tiles=LoRATiles(16, 16, 16, 1, 16, 16, dense=1))
     with pytest.raises(ValueError, match="n_group"):
         lora_apply_triton(*case.args(), tiles=LoRATiles(16, 16, 16, 1, 16, 16, n_group=2))
+    with pytest.raises(ValueError, match="shrink_stages"):
+        lora_apply_triton(*case.args(), tiles=LoRATiles(16, 16, 16, 1, 16, 16, shrink_stages=2))
 
 
 def _tile_map(batch: LoRABatch, rows: int, pad: int) -> Tensor:

@@ -115,9 +115,9 @@ class EngineArgs:
     lora_rank_pack: bool = _opt(
         False,
         "decode LoRA expand: a small rank's B^T rows of several output tiles in one load, "
-        "also in batches with ranks above 16 (batches whose ranks are all <= 16 do it "
-        "anyway; above that it lost on an H200: S2's mixed ranks 48 vs 42 us per q|k|v "
-        "call; Triton LoRA kernels only)",
+        "also with --max-lora-rank above 16 (up to 16 it is the default; above, it lost "
+        "on an H200: S2's mixed ranks 48 vs 42 us per q|k|v call; Triton LoRA kernels "
+        "only)",
     )
     overlap_admission: bool = _opt(
         True,

@@ -385,6 +385,17 @@ def _a_columns(
     return t * R_PAD + j, live, tl.multiple_of(a_off, ROW_ALIGN)
 
 
+@triton.jit
+def _shrink_step(acc, x_row, pool_ptr, a_off, live, k0, k_hi, stride_x_k, BLOCK_K: tl.constexpr):
+    """acc [BLOCK_C, BLOCK_K] += A[:, k0 : k0 + BLOCK_K] * x[k0 : k0 + BLOCK_K]."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = k < k_hi
+    xk = tl.load(x_row + k * stride_x_k, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
+    a_mask = live[:, None] & k_ok[None, :]
+    a = tl.load(pool_ptr + a_off[:, None] + k[None, :], mask=a_mask, other=0.0)
+    return acc + a.to(tl.float32) * xk[None, :]
+
+
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _shrink_decode_kernel(
     x_ptr,
@@ -411,6 +422,7 @@ def _shrink_decode_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DENSE: tl.constexpr,  # the segment's live A rows packed into the columns (_a_columns)
+    STAGES: tl.constexpr = 0,  # > 1: the K loop as tl.range(num_stages=STAGES)
 ):
     """One program: one single-token segment x BLOCK_C shrink columns x one K split."""
     seg = tl.program_id(0)
@@ -437,13 +449,12 @@ def _shrink_decode_kernel(
     k_hi = tl.minimum(in_features, k_lo + k_blocks * BLOCK_K)
     x_row = x_ptr + tok * stride_x_tok
     acc = tl.zeros([BLOCK_C, BLOCK_K], dtype=tl.float32)  # reduced over K once, at the end
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = k < k_hi
-        xk = tl.load(x_row + k * stride_x_k, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
-        a_mask = live[:, None] & k_ok[None, :]
-        a = tl.load(pool_ptr + a_off[:, None] + k[None, :], mask=a_mask, other=0.0)
-        acc += a.to(tl.float32) * xk[None, :]
+    if STAGES > 1:  # the compiler pipelines the loop's loads, STAGES iterations in flight
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
+            acc = _shrink_step(acc, x_row, pool_ptr, a_off, live, k0, k_hi, stride_x_k, BLOCK_K)
+    else:
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            acc = _shrink_step(acc, x_row, pool_ptr, a_off, live, k0, k_hi, stride_x_k, BLOCK_K)
     v_row = v_ptr + split * stride_v_split + tok * stride_v_tok
     tl.store(v_row + cols, tl.sum(acc, axis=1), mask=live)
 
@@ -872,6 +883,8 @@ class LoRATiles(NamedTuple):
     # decode form, whole rank per expand step: 1 = a small rank's B^T rows of several output
     # tiles in one [block_r, block_n] load (_expand_packed)
     rank_pack: int = 0
+    # decode form: > 1 = the shrink's K loop pipelined over this many stages (tl.range)
+    shrink_stages: int = 0
 
     @property
     def expand_m(self) -> int:
@@ -943,7 +956,8 @@ def _decode_tiles(
     slower at every block_r tried, so the narrowing for small grids skips it), up to
     _EXPAND_MAX_N_GROUP tiles per program while enough programs per SM remain.
 
-    Ranks <= 16 (r_pad 16): a rank-8 row fills half the padded columns, so the shrink packs
+    Ranks <= 16 (r_pad 16, from the engine's max_lora_rank, which the page tables are laid
+    out for): a rank-8 row fills half the padded columns, so the shrink packs
     each segment's live A rows into the columns (``dense``: rank 8 over 240 rows, q|k|v 14.1
     against 20.6 us) and the expand packs several tiles' B^T rows per load (``rank_pack``).
     Neither paid with larger ranks in the batch (the mixed-rank case: 39.8 vs 39.0 and 48.0
@@ -1039,6 +1053,8 @@ def _check_tiles(tiles: LoRATiles, r_pad: int) -> None:
         raise ValueError(f"n_group must be >= 1, and 1 in the prefill form: {tiles}")
     if tiles.dense not in (0, 1) or (tiles.dense and tiles.block_m > 1):
         raise ValueError(f"dense must be 0 or 1, and 0 in the prefill form: {tiles}")
+    if tiles.shrink_stages < 0 or (tiles.shrink_stages > 1 and tiles.block_m > 1):
+        raise ValueError(f"shrink_stages must be >= 0, and <= 1 in the prefill form: {tiles}")
 
 
 def _padded_slices(out_slices: Sequence[tuple[int, int]]) -> list[int]:
@@ -1098,6 +1114,7 @@ def _shrink(
             BLOCK_C=tiles.block_c,
             BLOCK_K=tiles.block_k,
             DENSE=bool(tiles.dense),
+            STAGES=tiles.shrink_stages,
             num_warps=tiles.shrink_warps,
         )
     else:
