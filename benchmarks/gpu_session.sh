@@ -10,8 +10,8 @@
 # the parts of a call under ~9. Parts and their rough device minutes:
 #   parity      fused kernels + Triton paths against HF/PEFT in fp32 on the GPU, CUDA
 #               graphs, overlapped decode steps, pinned input upload              (5)
-#   s2n2000     S2, n=2000, R=40, loraserve and base on the same trace            (5)
-#   s1n2000     the same for S1                                                   (5)
+#   s2n2000     S2, n=2000, R=40, loraserve and base on one 50 s trace cut at 70 s  (4.5)
+#   s1n2000     the same for S1                                                   (4.5)
 #   s2n2000_ai  S2 n=2000 with --admission-interval 0.5 (loraserve and base)       (6)
 #   s2n2000_split     ... with --mixed-decode-graphs 64                           (6)
 #   s2n2000_ab  default, --mixed-decode-graphs 64, --no-overlap-steps and base, one
@@ -35,7 +35,7 @@
 #               packing S2 adapters back to back: engine-thread contention?  (4; give
 #               the device call a limit above 300 s: session 6's 300 s call ended empty)
 #   peft_s2n100 S2 n=100 R=10, PEFT for 300 s (its first batches need minutes)     (6)
-#   lora_sweep  bench_lora.py --sweep: block sizes one at a time, incl. n_group     (4)
+#   lora_sweep  bench_lora.py --sweep: block sizes one at a time, incl. n_group     (3)
 #   lora_tlb    LoRA kernels with rows in a compact pool vs spread over 100 GB, and a
 #               batch-128 step with a 0.2 vs 0.8 memory pool: does reach cost?     (4)
 #   overlap_ab  offline decode, batch 64 and 256, graphs with and without overlapped
@@ -103,8 +103,9 @@ for part in "$@"; do
         *_split) extra=(--mixed-decode-graphs 64) ;;  # decode rows of mixed steps graphed
         *_nooverlap) extra=(--no-overlap-steps) ;;
       esac
-      bench 400 --setting "$s" -n 2000 --rate 40 --duration 60 --baselines base \
-        --time-limit 90 "${extra[@]}" --out "$OUT/bench_${s}_n2000_r40${part:7}.json" ;;
+      # the trace and cut of the documented S2/S1 n=2000 runs (sessions 8-9)
+      bench 330 --setting "$s" -n 2000 --rate 40 --duration 50 --baselines base \
+        --time-limit 70 "${extra[@]}" --out "$OUT/bench_${s}_n2000_r40${part:7}.json" ;;
     profile128)
       timeout 200 python benchmarks/profile_step.py --model llama-7b --batches 128 \
         --context 256 --steps 20 --out-dir "$OUT/prof" 2>&1 | grep '^{'
