@@ -137,6 +137,45 @@ def test_mixed_batch_matches_peft(base_dir, adapter_dirs, lora_backend):
     assert all(t != base_tokens for t in want_tokens[:-1])
 
 
+def test_small_max_rank_packed_kernels_match_peft(base_dir, adapter_dirs, monkeypatch):
+    """With max_lora_rank <= 16 the decode LoRA kernels pack (dense shrink columns, several
+    output tiles' B^T rows per expand load): PEFT's tokens and logprobs still, and the
+    decode calls did run packed."""
+    import loraserve.kernels.lora as lora
+
+    names = [n for n, kw in ADAPTERS.items() if kw["r"] <= 16] + [None]
+    prompts = equal_length_prompts(len(names), seed=6)
+    want_tokens, want_logprobs = peft_mixed_batch(base_dir, adapter_dirs, prompts, names)
+    decode_tiles = []
+    real = lora._expand
+
+    def expand(*args):
+        if args[-1].block_m == 1:
+            decode_tiles.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(lora, "_expand", expand)
+    engine = EngineArgs(
+        model=str(base_dir), dtype="float32", device=DEVICE, max_lora_rank=16,
+        lora_backend="triton",
+    ).create_engine()  # fmt: skip
+    for name in names[:-1]:
+        engine.add_adapter(name, adapter_dirs[name])
+    params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, logprobs=2, ignore_eos=True)
+    for i, name in enumerate(names):
+        engine.add_request(prompts[i], params, request_id=str(i), adapter=name)
+    results = {}
+    while engine.has_unfinished():
+        results.update({o.request_id: o for o in engine.step()})
+    assert decode_tiles and all(t.dense and t.rank_pack for t in decode_tiles)
+    for i, name in enumerate(names):
+        ours = results[str(i)]
+        assert ours.token_ids == want_tokens[i], f"adapter {name}"
+        for step, lp in enumerate(ours.logprobs):
+            for tok, value in lp.items():
+                assert abs(value - want_logprobs[i, step, tok].item()) < 1e-4, (name, step)
+
+
 def test_small_pool_evicts_and_reloads_adapters(base_dir, adapter_dirs):
     names = ["all-r128", "up-r64", "down-r16", "all-linear-rslora", "o-r16", None]
     prompts = equal_length_prompts(len(names), seed=9)
