@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from loraserve.bench.physics import HBM_BYTES_PER_S, DecodeStats, lora_extra
+from loraserve.bench.physics import (
+    HBM_BYTES_PER_S,
+    DecodeStats,
+    lora_extra,
+    throughput_at_adapter_floor,
+)
 
 
 def _decode(ms: float, kv: float, adapters: float, weights: float = 10e9) -> dict:
@@ -35,3 +40,13 @@ def test_lora_extra_models_the_run_without_adapters_at_base_rate():
     assert extra["decode_ratio_at_adapter_floor"] == pytest.approx(7.0 / (7.0 + floor))
     assert lora_extra(base, base) is None  # no adapter bytes
     assert lora_extra(run, DecodeStats(1).as_dict()) is None  # base had no decode steps
+
+
+def test_throughput_at_adapter_floor_takes_the_excess_off_every_step_with_decode_rows():
+    extra = {"extra_ms": 3.0, "adapter_floor_ms": 1.0}  # 2 ms too slow per step
+    steps = {"decode": {"steps": 1000}, "mixed": {"steps": 500}, "empty": {"steps": 99}}
+    run = {"completed": 100, "wall_time_s": 10.0, "steps": steps}
+    assert throughput_at_adapter_floor(run, extra) == pytest.approx(100 / (10.0 - 3.0))
+    faster = {"extra_ms": 0.5, "adapter_floor_ms": 1.0}  # already under its floor: as run
+    assert throughput_at_adapter_floor(run, faster) == pytest.approx(10.0)
+    assert throughput_at_adapter_floor({"completed": 1, "wall_time_s": 1.0}, extra) is None

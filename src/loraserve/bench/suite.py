@@ -30,7 +30,7 @@ import torch
 from loraserve.bench.adapters import AdapterGenerator
 from loraserve.bench.hostprof import format_profile
 from loraserve.bench.options import BenchConfig, config_from_cli
-from loraserve.bench.physics import lora_extra
+from loraserve.bench.physics import lora_extra, throughput_at_adapter_floor
 from loraserve.bench.runner_inproc import BenchRequest, InprocDriver, RunOptions, warm_up
 from loraserve.bench.workload import (
     WorkloadConfig,
@@ -206,6 +206,12 @@ def _add_lora_extra(runs: dict[str, dict[str, Any]], where: str, report: Report)
         extra = lora_extra(run.get("decode") or {}, base)
         if extra is None:
             continue
+        at_floor = throughput_at_adapter_floor(run, extra)
+        base_req_s = (runs.get("base") or {}).get("throughput_req_s")
+        if at_floor is not None:
+            extra["req_s_at_adapter_floor"] = at_floor
+            if base_req_s:
+                extra["req_s_at_adapter_floor_over_base"] = at_floor / base_req_s
         run["lora_extra"] = extra
         report(
             f"{where} {label}: LoRA adds {extra['extra_ms']:.2f} ms to a decode step (against "
@@ -215,6 +221,12 @@ def _add_lora_extra(runs: dict[str, dict[str, Any]], where: str, report: Report)
             f"at this batch {extra['decode_ratio']:.3f}, at LoRA's byte floor "
             f"{extra['decode_ratio_at_adapter_floor']:.3f}"
         )
+        if "req_s_at_adapter_floor_over_base" in extra:
+            report(
+                f"{where} {label}: with LoRA at its byte floor this run would do "
+                f"{extra['req_s_at_adapter_floor']:.2f} req/s, "
+                f"{extra['req_s_at_adapter_floor_over_base']:.3f} of base's"
+            )
 
 
 def _ratios(runs: dict[str, dict[str, Any]]) -> dict[str, float | None]:
