@@ -320,7 +320,7 @@ DECODE_KNOBS = {
     "shrink_warps": [2, 4, 8],
     "block_r": [16, 32, 64],
     "block_n": [64, 128, 256, 512],
-    "expand_warps": [2, 8],
+    "expand_warps": [2, 4, 8],
     "n_group": [1, 2, 4, 8, 16, 32],
     "dense": [1],
     "rank_pack": [1],
@@ -348,6 +348,10 @@ MIXED_COMBOS = [
     dict(split_k=2, block_k=256),  # session 9's best mixed q|k|v shrink
     dict(block_n=128, n_group=4),  # the expand before session 9
     dict(block_n=128, n_group=8),
+    # wider expand tiles over more warps (512 columns at 2 warps won session 9's sweep)
+    dict(block_n=1024, expand_warps=4),
+    dict(block_n=1024, expand_warps=8),
+    dict(block_n=512, expand_warps=4, n_group=2),
     dict(split_k=2, dense=1),
     dict(split_k=4, dense=1, block_c=32),
 ]
