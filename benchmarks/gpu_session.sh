@@ -26,6 +26,7 @@
 #   gpu_tests   tests/kernels/test_lora.py and the graph-path engine tests on CUDA     (2)
 #   profile128  profile_step.py at batch 128, with and without adapters           (2)
 #   profile224  the same at batch 224, context 420 (S2 n=2000's decode steps)      (3)
+#   profile_s1  batch 195, context 420, rank 8 only (S1 n=2000's decode steps)      (3)
 #   lora_bf16   Triton vs torch LoRA tokens in bf16, bank adapters                (1)
 #   attention   split-KV vs one-pass decode attention                             (1)
 #   s2n100      S2 n=100 R=10 120 s with base and PEFT                            (7)
@@ -110,6 +111,10 @@ for part in "$@"; do
       timeout 200 python benchmarks/profile_step.py --model llama-7b --batches 128 \
         --context 256 --steps 20 --out-dir "$OUT/prof" 2>&1 | grep '^{'
       tar czf "$OUT/prof128.tgz" -C "$OUT" prof && rm -r "$OUT/prof" ;;
+    profile_s1)  # S1 n=2000's decode batch: ~195 rows, one rank-8 adapter each (max rank 8)
+      timeout 300 python benchmarks/profile_step.py --model llama-7b --batches 195 \
+        --context 420 --steps 20 --ranks 8 --out-dir "$OUT/prof" 2>&1 | grep '^{'
+      tar czf "$OUT/prof_s1.tgz" -C "$OUT" prof && rm -r "$OUT/prof" ;;
     profile224)  # S2 n=2000's decode batch: 224 distinct adapters of ranks 64/32/16/8
       timeout 300 python benchmarks/profile_step.py --model llama-7b --batches 224 \
         --context 420 --steps 20 --out-dir "$OUT/prof" 2>&1 | grep '^{'
