@@ -104,10 +104,12 @@ def make_case(
     row_align: int = 8,
     sorted_slots: bool = False,
     rank_mix: tuple[int, ...] = (),
+    rank_order: bool = False,
 ) -> Case:
     """Segment s uses slot s % num_distinct (``sorted_slots``: s * num_distinct // S, one
     adapter's segments side by side, as the engine orders decode rows); every target has
     rank ``rank`` (``rank_mix``: slot i rank_mix[i % len], each <= rank), scaling 0.5.
+    ``rank_order``: the segments' slots in descending rank (largest programs first).
 
     Rows are HIDDEN apart (or spread over POOL_BYTES), offsets multiples of any row_align up
     to HIDDEN.
@@ -129,6 +131,9 @@ def make_case(
     slots = torch.arange(len(seg_lens)) % num_distinct
     if sorted_slots:
         slots = torch.arange(len(seg_lens)) * num_distinct // len(seg_lens)
+    if rank_order and rank_mix:
+        by_rank = sorted(range(num_slots), key=lambda i: -rank_mix[i % len(rank_mix)])
+        slots = torch.tensor(by_rank)[slots]
     starts = torch.tensor([0, *seg_lens]).cumsum(0)
     batch = LoRABatch(
         seg_start=starts.to(torch.int32).cuda(),
@@ -303,6 +308,9 @@ SWEEP_CASES = [  # (phase, segment lengths, distinct adapters, rank, call)
     # S2 n=2000 as session 7 measured it: ~152 distinct adapters over ~158 rows, ranks 8-64
     ("mixed", [1] * 160, 152, 64, "qkv"),
     ("mixed", [1] * 160, 152, 64, "o"),
+    # the same rows ordered by rank, largest first: does the order of programs matter?
+    ("mixed_ranksort", [1] * 160, 152, 64, "qkv"),
+    ("mixed_ranksort", [1] * 160, 152, 64, "o"),
     ("decode", [1] * 32, 32, 16, "o"),
     ("decode", [1], 1, 16, "qkv"),
     # S1 n=2000 at saturation (rank 8, ~240 rows of nearly as many adapters), and rank 32
@@ -401,9 +409,12 @@ def sweep(args: argparse.Namespace) -> list[dict]:
     rows = []
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     for phase, seg_lens, distinct, rank, call in SWEEP_CASES:
-        sort = phase in ("sorted", "gdecode", "mixed")
-        mix = (8, 16, 32, 64) if phase == "mixed" else ()
-        case = make_case(seg_lens, distinct, rank, call, args.row_align, sort, mix)
+        mixed = phase.startswith("mixed")
+        sort = phase in ("sorted", "gdecode") or mixed
+        mix = (8, 16, 32, 64) if mixed else ()
+        case = make_case(
+            seg_lens, distinct, rank, call, args.row_align, sort, mix, phase == "mixed_ranksort"
+        )
         floor_us = adapter_floor_us(case)
         if phase == "gdecode":
             group_rows(case)
