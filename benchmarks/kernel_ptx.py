@@ -33,16 +33,23 @@ _BF16_PTRS |= {"sum_ptr", "gate_up_ptr"}
 _UNIT_STRIDES = {"stride_x_k", "stride_y_n"}
 _FLOATS = {"scale_log2", "eps"}
 
-# (kernel, constexprs, num_warps): a 7B q|k|v LoRA call at rank 64 and paged attention.
+# (kernel, constexprs, num_warps): a 7B q|k|v LoRA call at rank 64 (rank 16 for the dense
+# shrink and the packed expand, as the engine picks them) with the decode defaults of GPU
+# session 9, and paged attention.
 KERNELS = {
     "_shrink_decode_kernel": (
         lora._shrink_decode_kernel,
-        dict(N_TARGETS=3, R_PAD=64, ROW_ALIGN=8, BLOCK_C=16, BLOCK_K=256, DENSE=False),
+        dict(N_TARGETS=3, R_PAD=64, ROW_ALIGN=8, BLOCK_C=16, BLOCK_K=512, DENSE=False),
+        2,
+    ),
+    "_shrink_decode_staged": (  # the K loop pipelined by the compiler (shrink_stages)
+        lora._shrink_decode_kernel,
+        dict(N_TARGETS=3, R_PAD=64, ROW_ALIGN=8, BLOCK_C=16, BLOCK_K=512, DENSE=False, STAGES=3),
         2,
     ),
     "_shrink_decode_dense": (
         lora._shrink_decode_kernel,
-        dict(N_TARGETS=3, R_PAD=64, ROW_ALIGN=8, BLOCK_C=32, BLOCK_K=256, DENSE=True),
+        dict(N_TARGETS=3, R_PAD=16, ROW_ALIGN=8, BLOCK_C=16, BLOCK_K=512, DENSE=True),
         2,
     ),
     "_shrink_prefill_kernel": (
@@ -78,12 +85,12 @@ KERNELS = {
     ),
     "_expand_decode_kernel": (
         lora._expand_decode_kernel,
-        dict(R_PAD=64, ROW_ALIGN=8, BLOCK_S=32, BLOCK_R=64, BLOCK_N=128),
+        dict(R_PAD=64, ROW_ALIGN=8, BLOCK_S=32, BLOCK_R=64, BLOCK_N=512),
         2,
     ),
-    "_expand_decode_packed": (
+    "_expand_decode_packed": (  # the default with max_lora_rank <= 16
         lora._expand_decode_kernel,
-        dict(R_PAD=64, ROW_ALIGN=8, BLOCK_S=32, BLOCK_R=64, BLOCK_N=128, RANK_PACK=True),
+        dict(R_PAD=16, ROW_ALIGN=8, BLOCK_S=32, BLOCK_R=16, BLOCK_N=512, RANK_PACK=True),
         2,
     ),
     "_expand_prefill_kernel": (
@@ -158,9 +165,10 @@ def _signature(fn, constexprs: dict) -> tuple[dict, dict, dict]:
     sig, consts, attrs = {}, {}, {}
     skip = {fn.arg_names[i] if isinstance(i, int) else i for i in fn.do_not_specialize}
     for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            sig[name] = "constexpr"
-            consts[(i,)] = constexprs[name]
+        param = fn.params[i]
+        if name in constexprs or (param.is_constexpr and param.has_default):
+            sig[name] = "constexpr"  # a constexpr left out takes its default
+            consts[(i,)] = constexprs.get(name, param.default)
         elif name in _UNIT_STRIDES:
             sig[name] = "constexpr"
             consts[(i,)] = 1

@@ -36,9 +36,11 @@ def memory_ops():
     "name",
     [
         "_shrink_decode_kernel",
+        "_shrink_decode_staged",
         "_shrink_decode_dense",
         "_shrink_prefill_kernel",
         "_expand_decode_kernel",
+        "_expand_decode_packed",
         "_expand_prefill_kernel",
         "_shrink_grouped",
         "_expand_grouped",
