@@ -93,6 +93,16 @@ def peft_mixed_batch(base_dir, adapter_dirs, prompts, names):
     return tokens, logprobs
 
 
+def assert_matches_peft(results, names, want_tokens, want_logprobs):
+    """Request str(i) (adapter names[i]) has PEFT's tokens, and its logprobs within 1e-4."""
+    for i, name in enumerate(names):
+        ours = results[str(i)]
+        assert ours.token_ids == want_tokens[i], f"adapter {name}"
+        for step, lp in enumerate(ours.logprobs):
+            for tok, value in lp.items():
+                assert abs(value - want_logprobs[i, step, tok].item()) < 1e-4, (name, step)
+
+
 def equal_length_prompts(n, length=11, seed=5):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, 200, (n, length), generator=g).tolist()
@@ -126,12 +136,7 @@ def test_mixed_batch_matches_peft(base_dir, adapter_dirs, lora_backend):
         results.update({o.request_id: o for o in engine.step()})
         engine.check_integrity()
 
-    for i, name in enumerate(names):
-        ours = results[str(i)]
-        assert ours.token_ids == want_tokens[i], f"adapter {name}"
-        for step, lp in enumerate(ours.logprobs):
-            for tok, value in lp.items():
-                assert abs(value - want_logprobs[i, step, tok].item()) < 1e-4, (name, step)
+    assert_matches_peft(results, names, want_tokens, want_logprobs)
     # Every adapter changed the output relative to the base model.
     base_tokens = want_tokens[-1]
     assert all(t != base_tokens for t in want_tokens[:-1])
@@ -168,12 +173,7 @@ def test_small_max_rank_packed_kernels_match_peft(base_dir, adapter_dirs, monkey
     while engine.has_unfinished():
         results.update({o.request_id: o for o in engine.step()})
     assert decode_tiles and all(t.dense and t.rank_pack for t in decode_tiles)
-    for i, name in enumerate(names):
-        ours = results[str(i)]
-        assert ours.token_ids == want_tokens[i], f"adapter {name}"
-        for step, lp in enumerate(ours.logprobs):
-            for tok, value in lp.items():
-                assert abs(value - want_logprobs[i, step, tok].item()) < 1e-4, (name, step)
+    assert_matches_peft(results, names, want_tokens, want_logprobs)
 
 
 def test_small_pool_evicts_and_reloads_adapters(base_dir, adapter_dirs):

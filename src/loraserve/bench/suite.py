@@ -200,6 +200,7 @@ def _add_peft_run(
 def _add_lora_extra(runs: dict[str, dict[str, Any]], where: str, report: Report) -> None:
     """Each loraserve run's decode step time over base's, against its adapter bytes."""
     base = (runs.get("base") or {}).get("decode") or {}
+    base_req_s = (runs.get("base") or {}).get("throughput_req_s")
     for label, run in runs.items():
         if not label.startswith("loraserve"):
             continue
@@ -207,7 +208,6 @@ def _add_lora_extra(runs: dict[str, dict[str, Any]], where: str, report: Report)
         if extra is None:
             continue
         at_floor = throughput_at_adapter_floor(run, extra)
-        base_req_s = (runs.get("base") or {}).get("throughput_req_s")
         if at_floor is not None:
             extra["req_s_at_adapter_floor"] = at_floor
             if base_req_s:

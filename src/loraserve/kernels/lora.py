@@ -978,11 +978,11 @@ def _decode_tiles(
     # B^T row offsets up once (dependent loads, about a memory latency each), not per tile.
     n_tiles = cdiv(max_out, block_n)
     programs = num_segments * n_targets * n_tiles
+    min_programs = (_EXPAND_PROGRAMS_PER_SM_PACKED if small else _EXPAND_PROGRAMS_PER_SM) * num_sms
     n_group = 1
     while (
         2 * n_group <= min(n_tiles, _EXPAND_MAX_N_GROUP)
-        and programs // (2 * n_group)
-        >= (_EXPAND_PROGRAMS_PER_SM_PACKED if small else _EXPAND_PROGRAMS_PER_SM) * num_sms
+        and programs // (2 * n_group) >= min_programs
     ):
         n_group *= 2
     return LoRATiles(
