@@ -405,7 +405,9 @@ def _time_variant(case: Case, tiles: LoRATiles) -> tuple[float, float]:
     return shrink_ms * 1e3, expand_ms * 1e3
 
 
-def sweep(args: argparse.Namespace) -> list[dict]:
+def sweep(args: argparse.Namespace, save=lambda rows: None) -> list[dict]:
+    """Every tile variant of every case; ``save(rows)`` after each case, so a run cut short
+    by a time limit still leaves the cases it finished."""
     rows = []
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     for phase, seg_lens, distinct, rank, call in SWEEP_CASES:
@@ -436,6 +438,7 @@ def sweep(args: argparse.Namespace) -> list[dict]:
             )  # fmt: skip
             logger.info("%s", rows[-1])
         del case
+        save(rows)
     rows += rank_classes(args, num_sms)
     return rows
 
@@ -576,7 +579,13 @@ def main() -> None:
     global POOL_BYTES
     POOL_BYTES = None if args.pool_gb is None else int(args.pool_gb * 2**30)
     if args.sweep:
-        report = {"host_us": host_overhead(args), "sweep": sweep(args)}
+        host_us = host_overhead(args)
+
+        def save(rows: list[dict]) -> None:
+            with open(args.out, "w") as f:
+                json.dump({"host_us": host_us, "sweep": rows, "partial": True}, f, indent=2)
+
+        report = {"host_us": host_us, "sweep": sweep(args, save)}
         print_sweep(report)
     else:
         report = run(args)

@@ -140,7 +140,7 @@ for part in "$@"; do
         --out-dir "$OUT/prof" 2>&1 | grep '^{'
       tar czf "$OUT/profile_io.tgz" -C "$OUT" prof && rm -r "$OUT/prof" ;;
     lora_sweep)
-      timeout 400 python benchmarks/bench_lora.py --sweep --out "$OUT/bench_lora_sweep.json" \
+      timeout "${SWEEP_TIMEOUT:-400}" python benchmarks/bench_lora.py --sweep --out "$OUT/bench_lora_sweep.json" \
         2>&1 | grep -v Warning | grep -E "^rank_cl" ;
       python benchmarks/sweep_best.py "$OUT/bench_lora_sweep.json" ;;
     lora_tlb)
