@@ -12,6 +12,8 @@
 #               graphs, overlapped decode steps, pinned input upload              (5)
 #   s2n2000     S2, n=2000, R=40, loraserve and base on one 50 s trace cut at 70 s  (4.5)
 #   s1n2000     the same for S1                                                   (4.5)
+#   s2n2000_sat, s1n2000_sat  the same at R=60 for 60 s, cut at 60 s: arrivals outrun both
+#               engines (base's saturated req/s is ~36), so req/s is throughput  (4.5)
 #   s2n2000_ai  S2 n=2000 with --admission-interval 0.5 (loraserve and base)       (6)
 #   s2n2000_split     ... with --mixed-decode-graphs 64                           (6)
 #   s2n2000_ab  default, --mixed-decode-graphs 64, --no-overlap-steps and base, one
@@ -99,14 +101,16 @@ for part in "$@"; do
     s2n2000*|s1n2000*)
       s=$(echo "${part:0:2}" | tr a-z A-Z)
       extra=()  # variants (both runs), against the default:
+      trace=(--rate 40 --duration 50 --time-limit 70)
       case $part in
+        *_sat) trace=(--rate 60 --duration 60 --time-limit 60) ;;  # both engines saturated
         *_ai) extra=(--admission-interval 0.5) ;;  # admission interval 0.5 s
         *_split) extra=(--mixed-decode-graphs 64) ;;  # decode rows of mixed steps graphed
         *_nooverlap) extra=(--no-overlap-steps) ;;
       esac
-      # the trace and cut of the documented S2/S1 n=2000 runs (sessions 8-9)
-      bench 330 --setting "$s" -n 2000 --rate 40 --duration 50 --baselines base \
-        --time-limit 70 "${extra[@]}" --out "$OUT/bench_${s}_n2000_r40${part:7}.json" ;;
+      # the trace and cut of the documented S2/S1 n=2000 runs (sessions 8-10)
+      bench 330 --setting "$s" -n 2000 "${trace[@]}" --baselines base \
+        ${extra[@]+"${extra[@]}"} --out "$OUT/bench_${s}_n2000_r${trace[1]}${part:7}.json" ;;
     profile128)
       timeout 200 python benchmarks/profile_step.py --model llama-7b --batches 128 \
         --context 256 --steps 20 --out-dir "$OUT/prof" 2>&1 | grep '^{'
