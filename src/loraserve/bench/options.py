@@ -57,6 +57,8 @@ class BenchConfig:
     progress: bool = True
     warmup: bool = True
     host_profile: bool = False  # sample the engine thread's stack in in-process runs
+    # after each in-process loraserve run: its average decode step, with and without LoRA
+    decode_probe: bool = True
     # (name, engine args): loraserve again with other engine options, on the same trace;
     # results as run "loraserve:NAME" (A/B of engine options in one call).
     variants: tuple[tuple[str, EngineArgs], ...] = ()
@@ -148,6 +150,12 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
         help="how generated adapters are made (see loraserve.bench.adapters; default: bank)",
     )
     r.add_argument("--no-warmup", action="store_true", help="skip the warm-up requests")
+    r.add_argument(
+        "--no-decode-probe",
+        action="store_true",
+        help="skip the decode probe after each in-process loraserve run (the run's average "
+        "decode batch timed with and without LoRA on the same engine, ~10-20 s on a GPU)",
+    )
     r.add_argument(
         "--host-profile",
         action="store_true",
@@ -264,6 +272,7 @@ def config_from_cli(ns: argparse.Namespace) -> BenchConfig:
         progress=not ns.no_progress,
         warmup=not ns.no_warmup,
         host_profile=ns.host_profile,
+        decode_probe=not ns.no_decode_probe,
         variants=tuple(_variant(text, engine) for text in ns.variant),
     )
 

@@ -30,7 +30,8 @@ import torch
 from loraserve.bench.adapters import AdapterGenerator
 from loraserve.bench.hostprof import format_profile
 from loraserve.bench.options import BenchConfig, config_from_cli
-from loraserve.bench.physics import lora_extra, throughput_at_adapter_floor
+from loraserve.bench.physics import kv_bytes_per_token, lora_extra, throughput_at_adapter_floor
+from loraserve.bench.probe import decode_probe
 from loraserve.bench.runner_inproc import BenchRequest, InprocDriver, RunOptions, warm_up
 from loraserve.bench.workload import (
     WorkloadConfig,
@@ -351,7 +352,26 @@ def _drive_engine(
     )
     run = InprocDriver(engine, requests, options).run()
     engine.check_integrity()
-    return {**run.result(config.slo_s), "engine": _engine_info(engine)}
+    result = {**run.result(config.slo_s), "engine": _engine_info(engine)}
+    if uses_adapters and config.decode_probe and label.startswith("loraserve"):
+        result["decode_probe"] = _probe(engine, requests, result["decode"])
+        engine.check_integrity()
+    return result
+
+
+def _probe(
+    engine: LLMEngine, requests: list[BenchRequest], decode: dict[str, Any]
+) -> dict[str, Any]:
+    """The run's average decode step (rows, context per row, distinct adapters from the
+    trace) timed with and without LoRA on this engine (bench/probe.py)."""
+    if not decode.get("decode_steps"):
+        return {"skipped": "no decode steps in the run"}
+    batch = round(decode["avg_batch"])
+    kv_token = kv_bytes_per_token(engine.config.model, engine.config.dtype)
+    context = round(decode["avg_kv_bytes"] / kv_token / decode["avg_batch"])
+    distinct = max(1, round(decode["avg_distinct_adapters"]))
+    adapters = list(dict.fromkeys(r.adapter for r in requests if r.adapter is not None))
+    return decode_probe(engine, adapters[:distinct], batch, context)
 
 
 def _warm_up(engine: LLMEngine, generator: AdapterGenerator | None, rank: int) -> None:
@@ -497,9 +517,26 @@ def format_run(where: str, r: dict[str, Any]) -> str:
             split = ", ".join(f"{p} {ms:.2f}" for p, ms in phases.items())
             share = 100 * v["host_bound_share"]
             line += f"\n    {k} step phases (ms): {split}; {share:.0f}% waited < 1 ms"
+    probe = r.get("decode_probe")
+    if probe:
+        line += "\n    " + format_probe(probe)
     if r.get("host_profile"):
         line += "\n" + format_profile(r["host_profile"])
     return line
+
+
+def format_probe(p: dict[str, Any]) -> str:
+    if "skipped" in p:
+        return f"decode probe skipped: {p['skipped']}"
+    ratio = p["extra_over_adapter_floor"]
+    return (
+        f"decode probe (this engine, batch {p['batch']}, context {p['context']}, "
+        f"{p['distinct_adapters']} distinct adapters): {p['with_lora_ms']:.2f} ms with LoRA, "
+        f"{p['without_lora_ms']:.2f} ms without; LoRA adds {p['extra_ms']:.2f} ms, its "
+        f"adapters' bytes need {p['adapter_floor_ms']:.2f} ms (ratio "
+        f"{'-' if ratio is None else f'{ratio:.2f}'}); step time without / with LoRA "
+        f"{p['decode_ratio']:.3f}, at LoRA's byte floor {p['decode_ratio_at_adapter_floor']:.3f}"
+    )
 
 
 def _s(value: float | None) -> str:

@@ -1,0 +1,135 @@
+"""The decode step at a run's operating point, with and without LoRA, on the same engine.
+
+A run's own decode steps say what a step with adapters costs at the batch the run reached;
+what the same step costs without them has to come from elsewhere. ``physics.lora_extra``
+models it from the base run's bytes per ms, at that run's (smaller) batch, and the bytes
+rate of a step is not constant in the batch. The probe measures it instead: after the run,
+the engine decodes a synthetic batch shaped like the run's average decode step (rows,
+context per row, distinct adapters, taken from the trace's own adapters), then the same
+batch with every row on the base model, and reports the difference beside the adapters'
+byte floor.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Any
+
+import torch
+
+from loraserve.bench.physics import HBM_BYTES_PER_S
+from loraserve.engine.engine import LLMEngine
+from loraserve.request import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+PROBE_STEPS = 20  # timed decode steps per half
+PROBE_WARMUP = 3  # decode steps before the clock starts (graph capture, compiles)
+PROBE_TIMEOUT_S = 300.0  # to reach a full decode batch (prefill, adapter loads)
+
+
+def decode_probe(
+    engine: LLMEngine,
+    adapters: list[str],
+    batch: int,
+    context: int,
+    steps: int = PROBE_STEPS,
+    timeout_s: float = PROBE_TIMEOUT_S,
+) -> dict[str, Any]:
+    """Time ``steps`` decode steps of ``batch`` rows of ``context`` tokens, the rows on
+    ``adapters`` in turn (each distinct adapter once per step), then the same rows on the
+    base model. Returns the two step times, LoRA's extra time and its adapters' byte floor
+    (at 4.26 TB/s); or ``{"skipped": reason}`` when the batch cannot be formed (no room in
+    the pool for it, more rows than the engine runs at once, no adapters)."""
+    if batch < 1 or not adapters:
+        return {"skipped": "no decode steps with adapters in the run"}
+    max_seqs = engine.config.scheduler.max_num_seqs
+    if batch > max_seqs:
+        return {"skipped": f"batch {batch} > max_num_seqs {max_seqs}"}
+    adapters = list(dict.fromkeys(adapters))[:batch]
+    max_tokens = PROBE_WARMUP + steps + 8
+    context = max(1, min(context, engine.max_model_len - max_tokens - 1))
+    rows = list(itertools.islice(itertools.cycle(adapters), batch))
+    with_lora = _time_decode(engine, rows, context, max_tokens, steps, timeout_s, "lora")
+    if isinstance(with_lora, str):
+        return {"skipped": with_lora}
+    without = _time_decode(engine, [None] * batch, context, max_tokens, steps, timeout_s, "base")
+    if isinstance(without, str):
+        return {"skipped": without}
+    nbytes = sum(engine.adapter_store.nbytes(a) for a in adapters)
+    floor_ms = 1e3 * nbytes / HBM_BYTES_PER_S
+    extra = with_lora - without
+    return {
+        "batch": batch,
+        "context": context,
+        "distinct_adapters": len(adapters),
+        "steps": steps,
+        "with_lora_ms": with_lora,
+        "without_lora_ms": without,
+        "extra_ms": extra,
+        "adapter_bytes": nbytes,
+        "adapter_floor_ms": floor_ms,
+        "extra_over_adapter_floor": extra / floor_ms if floor_ms > 0 else None,
+        "decode_ratio": without / with_lora,
+        "decode_ratio_at_adapter_floor": without / (without + floor_ms),
+    }
+
+
+def _time_decode(
+    engine: LLMEngine,
+    rows: list[str | None],
+    context: int,
+    max_tokens: int,
+    steps: int,
+    timeout_s: float,
+    tag: str,
+) -> float | str:
+    """Milliseconds per decode step of ``rows`` (an adapter name or None each), or why
+    the batch never formed. Every request is aborted and drained afterwards."""
+    vocab = engine.config.model.vocab_size
+    g = torch.Generator().manual_seed(len(rows) * 1000 + context)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    ids = [f"probe-{tag}-{i}" for i in range(len(rows))]
+    try:
+        for rid, adapter in zip(ids, rows, strict=True):
+            prompt = torch.randint(0, vocab, (context,), generator=g).tolist()
+            engine.add_request(prompt, params, request_id=rid, adapter=adapter)
+        deadline = time.monotonic() + timeout_s
+        while not _decoding(engine, len(rows)):
+            if time.monotonic() > deadline:
+                return (
+                    f"{tag}: {len(engine.scheduler.running)} of {len(rows)} rows decoding "
+                    f"after {timeout_s:.0f} s (no room in the pool for {context} tokens each?)"
+                )
+            engine.step()
+        for _ in range(PROBE_WARMUP):
+            engine.step()
+        _sync(engine)
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        _sync(engine)
+        return 1e3 * (time.perf_counter() - start) / steps
+    finally:
+        for rid in ids:
+            engine.abort(rid)
+        while engine.has_unfinished():
+            engine.step()
+        engine.drain()
+
+
+def _decoding(engine: LLMEngine, batch: int) -> bool:
+    """Every row admitted and the next step a decode step (one token each)."""
+    running = engine.scheduler.running
+    return (
+        len(running) == batch
+        and not engine.scheduler.waiting
+        and all(r.num_tokens - r.num_computed_tokens == 1 for r in running)
+    )
+
+
+def _sync(engine: LLMEngine) -> None:
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize(engine.device)

@@ -1,0 +1,67 @@
+"""The decode probe: a run's average decode step timed with and without LoRA."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loraserve.bench.adapters import register_adapters
+from loraserve.bench.physics import HBM_BYTES_PER_S
+from loraserve.bench.probe import decode_probe
+from loraserve.bench.workload import QKVO, adapter_name
+from loraserve.cli import main
+from loraserve.memory.pool import PageKind
+
+from .test_cli import TINY
+
+
+def test_probe_times_the_batch_with_and_without_its_adapters(engine_args):
+    engine = engine_args.create_engine()
+    register_adapters(engine, 4, (8, 4), QKVO)
+    names = [adapter_name(i) for i in range(4)]
+    loads = engine.adapter_cache.stats.gpu_loads
+    # 5 rows over 3 distinct adapters (a name given twice counts once)
+    p = decode_probe(engine, [names[0], names[1], names[0], names[2]], 5, 12, steps=3)
+    assert (p["batch"], p["context"], p["distinct_adapters"], p["steps"]) == (5, 12, 3, 3)
+    assert engine.adapter_cache.stats.gpu_loads - loads == 3  # the LoRA half used them
+    nbytes = sum(engine.adapter_store.nbytes(n) for n in names[:3])
+    assert p["adapter_bytes"] == nbytes
+    assert p["adapter_floor_ms"] == pytest.approx(1e3 * nbytes / HBM_BYTES_PER_S)
+    assert p["with_lora_ms"] > 0 and p["without_lora_ms"] > 0
+    assert p["extra_ms"] == pytest.approx(p["with_lora_ms"] - p["without_lora_ms"])
+    assert p["extra_over_adapter_floor"] == pytest.approx(p["extra_ms"] / p["adapter_floor_ms"])
+    assert p["decode_ratio"] == pytest.approx(p["without_lora_ms"] / p["with_lora_ms"])
+    # every probe request is gone, and with it its KV pages
+    assert not engine.has_unfinished()
+    assert engine.pool.num_used(PageKind.KV) == 0
+    engine.check_integrity()
+
+
+def test_probe_says_why_it_skipped(engine_args):
+    engine = engine_args.create_engine()
+    register_adapters(engine, 2, (8,), QKVO)
+    names = [adapter_name(0), adapter_name(1)]
+    assert "no decode steps" in decode_probe(engine, [], 4, 8)["skipped"]
+    too_many = engine.config.scheduler.max_num_seqs + 1
+    assert "max_num_seqs" in decode_probe(engine, names, too_many, 8)["skipped"]
+    # 256 pages of 16 tokens: 40 rows of 200 tokens cannot all be in the pool at once
+    skipped = decode_probe(engine, names, 40, 200, steps=2, timeout_s=3)["skipped"]
+    assert "of 40 rows decoding" in skipped and "pool" in skipped
+    assert not engine.has_unfinished() and engine.pool.num_used(PageKind.KV) == 0
+    engine.check_integrity()
+
+
+def test_bench_reports_the_probe_of_its_loraserve_runs(tiny_model, tmp_path, capsys):
+    out = tmp_path / "probe.json"
+    args = ["bench", "--model", str(tiny_model), "--ranks", "8", "-n", "3", *TINY]
+    assert main([*args, "--baselines", "base", "--out", str(out)]) == 0
+    runs = json.loads(out.read_text())["points"][0]["runs"]
+    decode, probe = runs["loraserve"]["decode"], runs["loraserve"]["decode_probe"]
+    assert probe["batch"] == round(decode["avg_batch"])
+    assert probe["distinct_adapters"] == round(decode["avg_distinct_adapters"])
+    assert probe["with_lora_ms"] > 0 and probe["adapter_bytes"] > 0
+    assert "decode_probe" not in runs["base"]
+    assert "decode probe (this engine, batch" in capsys.readouterr().err
+    assert main([*args, "--no-decode-probe", "--out", str(out)]) == 0
+    assert "decode_probe" not in json.loads(out.read_text())["points"][0]["runs"]["loraserve"]
