@@ -10,8 +10,11 @@
 # the parts of a call under ~9. Parts and their rough device minutes:
 #   parity      fused kernels + Triton paths against HF/PEFT in fp32 on the GPU, CUDA
 #               graphs, overlapped decode steps, pinned input upload              (5)
-#   s2n2000     S2, n=2000, R=40, loraserve and base on one 50 s trace cut at 70 s  (4.5)
+#   s2n2000     S2, n=2000, R=40, loraserve and base on one 50 s trace cut at 70 s, with
+#               the decode probe after loraserve's run                           (5)
 #   s1n2000     the same for S1                                                   (4.5)
+#   probe       bench/probe.py at S2's and S1's n=2000 decode batches: LoRA's extra step
+#               time with and without adapters on one engine                    (3)
 #   s2n2000_sat, s1n2000_sat  the same at R=60 for 60 s, cut at 60 s: arrivals outrun both
 #               engines (base's saturated req/s is ~36), so req/s is throughput  (4.5)
 #   s2n2000_ai  S2 n=2000 with --admission-interval 0.5 (loraserve and base)       (6)
@@ -109,8 +112,13 @@ for part in "$@"; do
         *_nooverlap) extra=(--no-overlap-steps) ;;
       esac
       # the trace and cut of the documented S2/S1 n=2000 runs (sessions 8-10)
-      bench 330 --setting "$s" -n 2000 "${trace[@]}" --baselines base \
+      bench 400 --setting "$s" -n 2000 "${trace[@]}" --baselines base --decode-probe \
         ${extra[@]+"${extra[@]}"} --out "$OUT/bench_${s}_n2000_r${trace[1]}${part:7}.json" ;;
+    probe)  # LoRA's extra decode step time at S2's and S1's n=2000 batches, same engine
+      timeout 200 python benchmarks/decode_probe.py --points 247x420x232,224x420x224 \
+        --ranks 64,32,16,8 --out "$OUT/probe_s2.json" 2>&1 | grep -E '^(\{|engine)'
+      timeout 200 python benchmarks/decode_probe.py --points 194x420x184 --ranks 8 \
+        --out "$OUT/probe_s1.json" 2>&1 | grep -E '^(\{|engine)' ;;
     profile128)
       timeout 200 python benchmarks/profile_step.py --model llama-7b --batches 128 \
         --context 256 --steps 20 --out-dir "$OUT/prof" 2>&1 | grep '^{'

@@ -45,9 +45,11 @@ def test_probe_says_why_it_skipped(engine_args):
     assert "no decode steps" in decode_probe(engine, [], 4, 8)["skipped"]
     too_many = engine.config.scheduler.max_num_seqs + 1
     assert "max_num_seqs" in decode_probe(engine, names, too_many, 8)["skipped"]
-    # 256 pages of 16 tokens: 40 rows of 200 tokens cannot all be in the pool at once
-    skipped = decode_probe(engine, names, 40, 200, steps=2, timeout_s=3)["skipped"]
-    assert "of 40 rows decoding" in skipped and "pool" in skipped
+    # 256 pages of 16 tokens: 40 rows of 200 tokens cannot all be in the pool at once; the
+    # first ones admitted run to their last token while the rest wait for pages
+    skipped = decode_probe(engine, names, 40, 200, steps=2, timeout_s=30)["skipped"]
+    assert "of 40 rows running" in skipped and "ended before decoding" in skipped
+    assert ": length)" in skipped
     assert not engine.has_unfinished() and engine.pool.num_used(PageKind.KV) == 0
     engine.check_integrity()
 
@@ -55,7 +57,7 @@ def test_probe_says_why_it_skipped(engine_args):
 def test_bench_reports_the_probe_of_its_loraserve_runs(tiny_model, tmp_path, capsys):
     out = tmp_path / "probe.json"
     args = ["bench", "--model", str(tiny_model), "--ranks", "8", "-n", "3", *TINY]
-    assert main([*args, "--baselines", "base", "--out", str(out)]) == 0
+    assert main([*args, "--baselines", "base", "--decode-probe", "--out", str(out)]) == 0
     runs = json.loads(out.read_text())["points"][0]["runs"]
     decode, probe = runs["loraserve"]["decode"], runs["loraserve"]["decode_probe"]
     assert probe["batch"] == round(decode["avg_batch"])
@@ -63,5 +65,5 @@ def test_bench_reports_the_probe_of_its_loraserve_runs(tiny_model, tmp_path, cap
     assert probe["with_lora_ms"] > 0 and probe["adapter_bytes"] > 0
     assert "decode_probe" not in runs["base"]
     assert "decode probe (this engine, batch" in capsys.readouterr().err
-    assert main([*args, "--no-decode-probe", "--out", str(out)]) == 0
+    assert main([*args, "--out", str(out)]) == 0  # off by default
     assert "decode_probe" not in json.loads(out.read_text())["points"][0]["runs"]["loraserve"]

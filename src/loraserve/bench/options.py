@@ -58,7 +58,7 @@ class BenchConfig:
     warmup: bool = True
     host_profile: bool = False  # sample the engine thread's stack in in-process runs
     # after each in-process loraserve run: its average decode step, with and without LoRA
-    decode_probe: bool = True
+    decode_probe: bool = False
     # (name, engine args): loraserve again with other engine options, on the same trace;
     # results as run "loraserve:NAME" (A/B of engine options in one call).
     variants: tuple[tuple[str, EngineArgs], ...] = ()
@@ -151,10 +151,11 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     )
     r.add_argument("--no-warmup", action="store_true", help="skip the warm-up requests")
     r.add_argument(
-        "--no-decode-probe",
+        "--decode-probe",
         action="store_true",
-        help="skip the decode probe after each in-process loraserve run (the run's average "
-        "decode batch timed with and without LoRA on the same engine, ~10-20 s on a GPU)",
+        help="after each in-process loraserve run, time its average decode batch (rows, "
+        "context, distinct adapters of its trace) with and without LoRA on the same engine: "
+        "LoRA's extra step time measured at the run's operating point (~10-20 s on a GPU)",
     )
     r.add_argument(
         "--host-profile",
@@ -272,7 +273,7 @@ def config_from_cli(ns: argparse.Namespace) -> BenchConfig:
         progress=not ns.no_progress,
         warmup=not ns.no_warmup,
         host_profile=ns.host_profile,
-        decode_probe=not ns.no_decode_probe,
+        decode_probe=ns.decode_probe,
         variants=tuple(_variant(text, engine) for text in ns.variant),
     )
 

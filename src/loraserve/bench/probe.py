@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 PROBE_STEPS = 20  # timed decode steps per half
 PROBE_WARMUP = 3  # decode steps before the clock starts (graph capture, compiles)
-PROBE_TIMEOUT_S = 300.0  # to reach a full decode batch (prefill, adapter loads)
+PROBE_TIMEOUT_S = 60.0  # to reach a full decode batch (prefill, adapter loads)
 
 
 def decode_probe(
@@ -97,13 +97,19 @@ def _time_decode(
             prompt = torch.randint(0, vocab, (context,), generator=g).tolist()
             engine.add_request(prompt, params, request_id=rid, adapter=adapter)
         deadline = time.monotonic() + timeout_s
+        ended: dict[str, str] = {}  # probe requests that finished before the timing began
         while not _decoding(engine, len(rows)):
-            if time.monotonic() > deadline:
-                return (
-                    f"{tag}: {len(engine.scheduler.running)} of {len(rows)} rows decoding "
-                    f"after {timeout_s:.0f} s (no room in the pool for {context} tokens each?)"
-                )
-            engine.step()
+            if ended or time.monotonic() > deadline:
+                return _why(engine, len(rows), context, timeout_s, ended, tag)
+            outputs = engine.step()
+            for out in outputs:
+                if out.finished:
+                    ended[out.request_id] = out.error or out.finish_reason or "finished"
+            if not outputs and not engine.scheduler.running:
+                # Only waiting for adapters: a busy loop here would hold the GIL that the
+                # adapter I/O threads need between their torch calls (on a GPU, 64 S2
+                # adapters did not load in 90 s that way).
+                time.sleep(2e-4)
         for _ in range(PROBE_WARMUP):
             engine.step()
         _sync(engine)
@@ -118,6 +124,21 @@ def _time_decode(
         while engine.has_unfinished():
             engine.step()
         engine.drain()
+
+
+def _why(
+    engine: LLMEngine, batch: int, context: int, timeout_s: float, ended: dict[str, str], tag: str
+) -> str:
+    """Why the batch never formed: rows that ended early (and how), or where the rest are."""
+    sched = engine.scheduler
+    where = f"{tag}: {len(sched.running)} of {batch} rows running, {len(sched.waiting)} waiting"
+    if ended:
+        first = next(iter(ended.items()))
+        return f"{where}; {len(ended)} ended before decoding (request {first[0]}: {first[1]})"
+    return (
+        f"{where} after {timeout_s:.0f} s (no room in the pool for {context} tokens each, or "
+        "adapters still loading?)"
+    )
 
 
 def _decoding(engine: LLMEngine, batch: int) -> bool:

@@ -371,7 +371,11 @@ def _probe(
     context = round(decode["avg_kv_bytes"] / kv_token / decode["avg_batch"])
     distinct = max(1, round(decode["avg_distinct_adapters"]))
     adapters = list(dict.fromkeys(r.adapter for r in requests if r.adapter is not None))
-    return decode_probe(engine, adapters[:distinct], batch, context)
+    try:
+        return decode_probe(engine, adapters[:distinct], batch, context)
+    except Exception as e:  # noqa: BLE001 - a measurement after the run: never lose the run
+        logger.exception("decode probe failed")
+        return {"skipped": f"failed: {type(e).__name__}: {e}"}
 
 
 def _warm_up(engine: LLMEngine, generator: AdapterGenerator | None, rank: int) -> None:
