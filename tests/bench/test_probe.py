@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -21,10 +22,17 @@ def test_probe_times_the_batch_with_and_without_its_adapters(engine_args):
     register_adapters(engine, 4, (8, 4), QKVO)
     names = [adapter_name(i) for i in range(4)]
     loads = engine.adapter_cache.stats.gpu_loads
+    batches = []  # the adapters of each step's rows
+    launch = engine.runner.launch
+    engine.runner.launch = lambda b: batches.append([r.adapter for r in b.requests]) or launch(b)
     # 5 rows over 3 distinct adapters (a name given twice counts once)
     p = decode_probe(engine, [names[0], names[1], names[0], names[2]], 5, 12, steps=3)
     assert (p["batch"], p["context"], p["distinct_adapters"], p["steps"]) == (5, 12, 3, 3)
-    assert engine.adapter_cache.stats.gpu_loads - loads == 3  # the LoRA half used them
+    assert engine.adapter_cache.stats.gpu_loads - loads == 3
+    # decode steps of the 5 rows on the 3 adapters in turn, then of 5 rows on none
+    lora = [names[0], names[1], names[2], names[0], names[1]]
+    assert batches.count(lora) >= 3 and batches.count([None] * 5) >= 3
+    assert all(b in (lora, [None] * 5) for b in batches)
     nbytes = sum(engine.adapter_store.nbytes(n) for n in names[:3])
     assert p["adapter_bytes"] == nbytes
     assert p["adapter_floor_ms"] == pytest.approx(1e3 * nbytes / HBM_BYTES_PER_S)
@@ -40,9 +48,11 @@ def test_probe_times_the_batch_with_and_without_its_adapters(engine_args):
 
 def test_probe_says_why_it_skipped(engine_args):
     engine = engine_args.create_engine()
-    register_adapters(engine, 2, (8,), QKVO)
+    register_adapters(engine, 130, (8,), QKVO)
     names = [adapter_name(0), adapter_name(1)]
     assert "no decode steps" in decode_probe(engine, [], 4, 8)["skipped"]
+    many = [adapter_name(i) for i in range(130)]
+    assert "130 adapters > max_loras 128" in decode_probe(engine, many, 130, 8)["skipped"]
     too_many = engine.config.scheduler.max_num_seqs + 1
     assert "max_num_seqs" in decode_probe(engine, names, too_many, 8)["skipped"]
     # 256 pages of 16 tokens: 40 rows of 200 tokens cannot all be in the pool at once; the
@@ -67,3 +77,22 @@ def test_bench_reports_the_probe_of_its_loraserve_runs(tiny_model, tmp_path, cap
     assert "decode probe (this engine, batch" in capsys.readouterr().err
     assert main([*args, "--out", str(out)]) == 0  # off by default
     assert "decode_probe" not in json.loads(out.read_text())["points"][0]["runs"]["loraserve"]
+
+
+def test_probe_waits_for_slow_adapters_before_queueing_rows(engine_args):
+    """Adapters that take a while to read (the I/O threads on a GPU): rows queued at once
+    would start apart, and the first would reach their last token before the batch formed."""
+    engine = engine_args.create_engine()
+    register_adapters(engine, 3, (8,), QKVO)
+    names = [adapter_name(i) for i in range(3)]
+    pack = engine.adapters._pack
+
+    def slow_pack(name):
+        if name != names[0]:
+            time.sleep(0.5)
+        return pack(name)
+
+    engine.adapters._pack = slow_pack
+    p = decode_probe(engine, names, 3, 8, steps=2)
+    assert "skipped" not in p, p
+    assert p["distinct_adapters"] == 3 and p["with_lora_ms"] > 0

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from loraserve.bench.physics import HBM_BYTES_PER_S
+from loraserve.engine.adapters import AdapterLoadError
 from loraserve.engine.engine import LLMEngine
 from loraserve.request import SamplingParams
 
@@ -49,9 +50,12 @@ def decode_probe(
     if batch > max_seqs:
         return {"skipped": f"batch {batch} > max_num_seqs {max_seqs}"}
     adapters = list(dict.fromkeys(adapters))[:batch]
-    max_tokens = PROBE_WARMUP + steps + 8
+    max_tokens = PROBE_WARMUP + steps + 32  # slack: rows admitted a few steps apart
     context = max(1, min(context, engine.max_model_len - max_tokens - 1))
     rows = list(itertools.islice(itertools.cycle(adapters), batch))
+    missing = _load_adapters(engine, adapters, timeout_s)
+    if missing:
+        return {"skipped": missing}
     with_lora = _time_decode(engine, rows, context, max_tokens, steps, timeout_s, "lora")
     if isinstance(with_lora, str):
         return {"skipped": with_lora}
@@ -75,6 +79,26 @@ def decode_probe(
         "decode_ratio": without / with_lora,
         "decode_ratio_at_adapter_floor": without / (without + floor_ms),
     }
+
+
+def _load_adapters(engine: LLMEngine, names: list[str], timeout_s: float) -> str | None:
+    """Bring every adapter into the pool before the rows are queued: rows whose adapters
+    came late would still be waiting when the first ones reached their last token, and
+    the batch would never form. Returns why not, if they cannot all be resident."""
+    deadline = time.monotonic() + timeout_s
+    if len(names) > engine.adapter_cache.max_loras:
+        return f"{len(names)} adapters > max_loras {engine.adapter_cache.max_loras}"
+    pending = list(names)
+    while pending:
+        try:
+            pending = [n for n in pending if not engine.adapters.ensure(n)]
+        except AdapterLoadError as e:
+            return str(e)
+        if pending and time.monotonic() > deadline:
+            return f"{len(pending)} of {len(names)} adapters not resident after {timeout_s:.0f} s"
+        if pending:
+            time.sleep(1e-3)  # the I/O threads read and pack them (they need the GIL)
+    return None
 
 
 def _time_decode(
