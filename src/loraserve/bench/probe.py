@@ -136,12 +136,15 @@ def _time_decode(
                 time.sleep(2e-4)
         for _ in range(PROBE_WARMUP):
             engine.step()
-        _sync(engine)
+        # Timed between two returns of step(), each of which leaves one step queued on the
+        # device (overlapped steps): the window holds ``steps`` steps' device time. A sync
+        # at either end would drain or refill that queue and count one step too many.
         start = time.perf_counter()
         for _ in range(steps):
             engine.step()
+        elapsed = time.perf_counter() - start
         _sync(engine)
-        return 1e3 * (time.perf_counter() - start) / steps
+        return 1e3 * elapsed / steps
     finally:
         for rid in ids:
             engine.abort(rid)
