@@ -96,3 +96,16 @@ def test_probe_waits_for_slow_adapters_before_queueing_rows(engine_args):
     p = decode_probe(engine, names, 3, 8, steps=2)
     assert "skipped" not in p, p
     assert p["distinct_adapters"] == 3 and p["with_lora_ms"] > 0
+
+
+def test_probe_flag_conflicts_are_named():
+    from loraserve.bench.options import config_from_cli
+    from loraserve.cli import build_parser
+
+    parser = build_parser()
+    base = ["bench", "--setting", "S1", "--decode-probe"]
+    assert config_from_cli(parser.parse_args(base)).decode_probe
+    with pytest.raises(ValueError, match="--decode-probe .* not with --url"):
+        config_from_cli(parser.parse_args([*base, "--url", "http://localhost:8000"]))
+    with pytest.raises(ValueError, match="--decode-probe and --host-profile"):
+        config_from_cli(parser.parse_args([*base, "--host-profile"]))

@@ -85,6 +85,15 @@ class BenchConfig:
             raise ValueError(f"--variant names must differ, got {names}")
         if self.variants and self.url:
             raise ValueError("--variant runs engines in this process: not with --url")
+        if self.decode_probe and self.url:
+            raise ValueError(
+                "--decode-probe times the engine in this process: not with --url (drop one)"
+            )
+        if self.decode_probe and self.host_profile:
+            raise ValueError(
+                "--decode-probe and --host-profile: the sampler would slow the probe's steps "
+                "(drop one)"
+            )
 
     def _check_baselines(self) -> None:
         self._check_variants()
