@@ -50,7 +50,9 @@ def decode_probe(
     if batch > max_seqs:
         return {"skipped": f"batch {batch} > max_num_seqs {max_seqs}"}
     adapters = list(dict.fromkeys(adapters))[:batch]
-    max_tokens = PROBE_WARMUP + steps + 32  # slack: rows admitted a few steps apart
+    # slack: the first rows decode while later prompts prefill (8192 tokens a step) and
+    # while a nearly full batch holds admissions (--admission-interval)
+    max_tokens = PROBE_WARMUP + steps + 128
     context = max(1, min(context, engine.max_model_len - max_tokens - 1))
     rows = list(itertools.islice(itertools.cycle(adapters), batch))
     missing = _load_adapters(engine, adapters, timeout_s)
@@ -144,6 +146,8 @@ def _time_decode(
             engine.step()
         elapsed = time.perf_counter() - start
         _sync(engine)
+        if len(engine.scheduler.running) != len(rows):  # a row reached its last token
+            return f"{tag}: {len(engine.scheduler.running)} of {len(rows)} rows left after timing"
         return 1e3 * elapsed / steps
     finally:
         for rid in ids:
