@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from loraserve.bench.physics import HBM_BYTES_PER_S
+from loraserve.bench.runner_inproc import all_decoding
 from loraserve.engine.adapters import AdapterLoadError
 from loraserve.engine.engine import LLMEngine
 from loraserve.request import SamplingParams
@@ -175,11 +176,7 @@ def _why(
 def _decoding(engine: LLMEngine, batch: int) -> bool:
     """Every row admitted and the next step a decode step (one token each)."""
     running = engine.scheduler.running
-    return (
-        len(running) == batch
-        and not engine.scheduler.waiting
-        and all(r.num_tokens - r.num_computed_tokens == 1 for r in running)
-    )
+    return len(running) == batch and not engine.scheduler.waiting and all_decoding(running)
 
 
 def _sync(engine: LLMEngine) -> None:

@@ -175,6 +175,11 @@ class StepKind:
         }
 
 
+def all_decoding(requests: list[Request]) -> bool:
+    """Every request's next step is one token (a decode row, no prompt left to prefill)."""
+    return all(r.num_tokens - r.num_computed_tokens == 1 for r in requests)
+
+
 class InprocDriver:
     def __init__(
         self, engine: LLMEngine, requests: list[BenchRequest], options: RunOptions
@@ -308,7 +313,7 @@ class InprocDriver:
     def _decode_bytes(self, running: list[Request]) -> tuple[int, int, int] | None:
         """(KV bytes, distinct adapter bytes, distinct adapters) a decode step of ``running``
         reads; None if some running request has more than one token to compute (a prefill)."""
-        if not running or any(r.num_tokens - r.num_computed_tokens != 1 for r in running):
+        if not running or not all_decoding(running):
             return None
         adapters = {r.adapter for r in running if r.adapter is not None}
         adapter_bytes = sum(self._nbytes(a) for a in adapters)

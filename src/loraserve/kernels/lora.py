@@ -595,6 +595,39 @@ def _expand_target(
     return rank, scale, o, n, (rank == 0) | (n_tile * BLOCK_N >= n)
 
 
+@triton.jit
+def _decode_expand_program(
+    seg_start_ptr,
+    seg_slot_ptr,
+    ranks_ptr,
+    scalings_ptr,
+    layer,
+    first_target,
+    num_layers,
+    n_tiles,
+    n_group,
+    o0,
+    n0,
+    o1,
+    n1,
+    o2,
+    n2,
+    BLOCK_N: tl.constexpr,
+):
+    """A decode-form expand program's work (grid: segment x 1 x target * tile groups):
+    (token row, ranks entry, target, first tile, rank, scaling, first output column, width,
+    skip: nothing to add)."""
+    seg = tl.program_id(0)
+    groups = tl.cdiv(n_tiles, n_group)
+    t = tl.program_id(2) // groups
+    first_tile = (tl.program_id(2) % groups) * n_group
+    tok, rows, entry = _segment(seg_start_ptr, seg_slot_ptr, seg, layer, first_target, num_layers)
+    rank, scale, o, n, skip = _expand_target(
+        ranks_ptr, scalings_ptr, entry, t, first_tile, o0, n0, o1, n1, o2, n2, BLOCK_N
+    )
+    return tok, entry, t, first_tile, rank, scale, o, n, skip | (rows == 0)
+
+
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _expand_decode_kernel(
     y_ptr,
@@ -632,15 +665,11 @@ def _expand_decode_kernel(
     """One program: one single-token segment x one target x n_group tiles of BLOCK_N output
     columns, one after another (the segment's rank, scaling and B^T row offsets are looked
     up once for all of them: a program per tile spends most of its time on those lookups)."""
-    seg = tl.program_id(0)
-    groups = tl.cdiv(n_tiles, n_group)
-    t = tl.program_id(2) // groups
-    first_tile = (tl.program_id(2) % groups) * n_group
-    tok, rows, entry = _segment(seg_start_ptr, seg_slot_ptr, seg, layer, first_target, num_layers)
-    rank, scale, o, n, skip = _expand_target(
-        ranks_ptr, scalings_ptr, entry, t, first_tile, o0, n0, o1, n1, o2, n2, BLOCK_N
-    )
-    if skip | (rows == 0):
+    tok, entry, t, first_tile, rank, scale, o, n, skip = _decode_expand_program(
+        seg_start_ptr, seg_slot_ptr, ranks_ptr, scalings_ptr, layer, first_target, num_layers,
+        n_tiles, n_group, o0, n0, o1, n1, o2, n2, BLOCK_N,
+    )  # fmt: skip
+    if skip:
         return
     b_table = row_offsets_ptr + ((entry + t) * 2 + 1) * table_rank
     v_row = v_ptr + tok * stride_v_tok + t * R_PAD
@@ -810,15 +839,11 @@ def _fused_decode_kernel(
     scale * v . B^T[:, tile] to y for each of its tiles: no scratch, no second launch, at the
     price of the A rows read once per program instead of once per row. For small batches
     (latency-bound launches) with small ranks (A rows are few)."""
-    seg = tl.program_id(0)
-    groups = tl.cdiv(n_tiles, n_group)
-    t = tl.program_id(2) // groups
-    first_tile = (tl.program_id(2) % groups) * n_group
-    tok, rows, entry = _segment(seg_start_ptr, seg_slot_ptr, seg, layer, first_target, num_layers)
-    rank, scale, o, n, skip = _expand_target(
-        ranks_ptr, scalings_ptr, entry, t, first_tile, o0, n0, o1, n1, o2, n2, BLOCK_N
-    )
-    if skip | (rows == 0):
+    tok, entry, t, first_tile, rank, scale, o, n, skip = _decode_expand_program(
+        seg_start_ptr, seg_slot_ptr, ranks_ptr, scalings_ptr, layer, first_target, num_layers,
+        n_tiles, n_group, o0, n0, o1, n1, o2, n2, BLOCK_N,
+    )  # fmt: skip
+    if skip:
         return
     j = tl.arange(0, BLOCK_R)
     j_ok = j < rank
