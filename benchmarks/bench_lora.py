@@ -314,9 +314,11 @@ SWEEP_CASES = [  # (phase, segment lengths, distinct adapters, rank, call)
     ("mixed_ranksort", [1] * 160, 152, 64, "o"),
     ("decode", [1] * 32, 32, 16, "o"),
     ("decode", [1], 1, 16, "qkv"),
-    # S1 n=2000 at saturation (rank 8, ~240 rows of nearly as many adapters), and rank 32
-    ("decode", [1] * 240, 230, 8, "qkv"),
-    ("decode", [1] * 240, 230, 8, "o"),
+    # S1 n=2000 at saturation (rank 8, ~240 rows of nearly as many adapters): the decode
+    # probe measured LoRA's extra step time at 1.85x its bytes there (session 11), so the
+    # fused kernel (one launch per call) is tried too; and rank 32
+    ("s1", [1] * 240, 230, 8, "qkv"),
+    ("s1", [1] * 240, 230, 8, "o"),
     ("decode", [1] * 240, 200, 32, "qkv"),
     # small batches (R = 10 in S-LoRA's table: ~15-30 rows), where the launches' fixed
     # costs dominate: also shrink and expand in one launch (fused)
@@ -438,6 +440,8 @@ def sweep(args: argparse.Namespace, save=lambda rows: None) -> list[dict]:
     rows = []
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     for phase, seg_lens, distinct, rank, call in SWEEP_CASES:
+        if args.phases and phase not in args.phases:
+            continue
         mixed = phase.startswith("mixed")
         sort = phase in ("sorted", "gdecode") or mixed
         mix = (8, 16, 32, 64) if mixed else ()
@@ -451,7 +455,9 @@ def sweep(args: argparse.Namespace, save=lambda rows: None) -> list[dict]:
         knobs = DECODE_KNOBS if default.block_m == 1 else PREFILL_KNOBS
         if phase == "gdecode":
             knobs = GROUPED_KNOBS
-        combos = MIXED_COMBOS if phase == "mixed" else FUSED_COMBOS if phase == "small" else []
+        combos = (
+            MIXED_COMBOS if phase == "mixed" else FUSED_COMBOS if phase in ("small", "s1") else []
+        )
         for tiles in _variants(default, knobs, rank, combos):
             try:
                 shrink_us, expand_us = _time_variant(case, tiles)
@@ -466,7 +472,8 @@ def sweep(args: argparse.Namespace, save=lambda rows: None) -> list[dict]:
             logger.info("%s", rows[-1])
         del case
         save(rows)
-    rows += rank_classes(args, num_sms)
+    if not args.phases or "rank_classes" in args.phases:
+        rows += rank_classes(args, num_sms)
     return rows
 
 
@@ -592,6 +599,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prefill-batch", type=int, default=4)
     p.add_argument("--row-align", type=int, default=8, help="LoRABatch.row_align (elements)")
     p.add_argument("--sweep", action="store_true", help="time block-size variants instead")
+    p.add_argument(
+        "--phases",
+        type=lambda s: set(s.split(",")),
+        default=None,
+        help="with --sweep: only these phases of its cases (comma list, e.g. small,s1; "
+        "rank_classes for the per-rank-class rows); default all",
+    )
     p.add_argument(
         "--pool-gb", type=float, default=None, help="spread adapter rows over a pool this large"
     )

@@ -41,7 +41,8 @@
 #               packing S2 adapters back to back: engine-thread contention?  (4; give
 #               the device call a limit above 300 s: session 6's 300 s call ended empty)
 #   peft_s2n100 S2 n=100 R=10, PEFT for 300 s (its first batches need minutes)     (6)
-#   lora_sweep  bench_lora.py --sweep: block sizes one at a time, incl. n_group     (3)
+#   lora_sweep  bench_lora.py --sweep: block sizes one at a time, incl. n_group     (5)
+#               (SWEEP_PHASES=small,s1 times only those phases' cases; SWEEP_TIMEOUT)
 #   lora_tlb    LoRA kernels with rows in a compact pool vs spread over 100 GB, and a
 #               batch-128 step with a 0.2 vs 0.8 memory pool: does reach cost?     (4)
 #   overlap_ab  offline decode, batch 64 and 256, graphs with and without overlapped
@@ -153,7 +154,8 @@ for part in "$@"; do
         --out-dir "$OUT/prof" 2>&1 | grep '^{'
       tar czf "$OUT/profile_io.tgz" -C "$OUT" prof && rm -r "$OUT/prof" ;;
     lora_sweep)
-      timeout "${SWEEP_TIMEOUT:-400}" python benchmarks/bench_lora.py --sweep --out "$OUT/bench_lora_sweep.json" \
+      timeout "${SWEEP_TIMEOUT:-400}" python benchmarks/bench_lora.py --sweep ${SWEEP_PHASES:+--phases "$SWEEP_PHASES"} \
+        --out "$OUT/bench_lora_sweep.json" \
         2>&1 | grep -v Warning | grep -E "^rank_cl" ;
       python benchmarks/sweep_best.py "$OUT/bench_lora_sweep.json" ;;
     lora_tlb)
