@@ -48,6 +48,7 @@ def test_sweep_writes_json_and_png(tiny_model, tmp_path, capsys):
     assert second["throughput_req_s"] == first["throughput_req_s"]
     err = capsys.readouterr().err
     assert "n=4 rate=10 separate:" in err and "decode step" in err
+    assert "admission: " in err and " requests (" in err and "waiting for its adapter" in err
 
 
 def test_one_engine_serves_a_sweep_and_its_base_runs(tiny_model, tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from loraserve.bench.adapters import (
 )
 from loraserve.bench.runner_inproc import InprocDriver, RunOptions
 from loraserve.bench.suite import bench_requests
-from loraserve.bench.workload import QKVO, WorkloadConfig
+from loraserve.bench.workload import QKVO, WorkloadConfig, adapter_name
 from loraserve.request import SamplingParams
 
 WORKLOAD = WorkloadConfig(
@@ -67,6 +67,10 @@ def test_driver_end_to_end(engine_args):
         assert sum(phases.values()) <= k["avg_ms"] * (1 + 1e-6)
         assert sum(phases.values()) >= 0.2 * k["avg_ms"]
         assert 0 <= k["host_bound_share"] <= 1  # (on the CPU every step computes on the host)
+    admission = result["admission"]  # every request started once (no preemption here)
+    assert admission["started"] == 20 and 1 <= admission["admissions"] <= 20
+    assert admission["started_per_admission"] == 20 / admission["admissions"]
+    assert admission["adapter_waits"] >= 0
     passes = result["forward_passes"]  # no graphs on the CPU: every pass eager, one a step
     assert passes["decode_graph"] == passes["prefill_graph"] == 0
     assert passes["eager"] == sum(steps[k]["steps"] for k in ("decode", "mixed"))
@@ -131,3 +135,35 @@ def test_bank_weights_are_deterministic_and_distinct(engine_args):
     assert (a.modules[key].a == b.modules[key].a).all()
     assert not (a.modules[key].a == c.modules[key].a).all()
     assert a.nbytes == adapter_nbytes(model, 8, QKVO, torch.float32)
+
+
+def test_admission_stats_count_passes_starts_and_adapter_waits(engine_args):
+    engine = engine_args.create_engine()
+    register_adapters(engine, 2, (8,), QKVO)
+    ensure = engine.adapters.ensure
+
+    def load(name):  # on the I/O threads
+        deadline = time.monotonic() + 30
+        while not ensure(name):
+            assert time.monotonic() < deadline, f"{name} did not load"
+            time.sleep(0.01)
+
+    load(adapter_name(0))
+    held = {adapter_name(1)}  # its load has not finished
+    engine.adapters.ensure = lambda name: name not in held and ensure(name)
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    for i, adapter in enumerate((adapter_name(0), adapter_name(1), None)):
+        engine.add_request([5, 6, 7 + i], params, request_id=f"r{i}", adapter=adapter)
+    stats = engine.scheduler.stats
+    engine.step()  # r0 and r2 start; r1 waits for its adapter with slots free
+    assert [r.request_id for r in engine.scheduler.waiting] == ["r1"]
+    assert (stats.admissions, stats.started, stats.adapter_waits) == (1, 2, 1)
+    engine.step()  # still loading: another pass that leaves it waiting
+    assert (stats.admissions, stats.started, stats.adapter_waits) == (1, 2, 2)
+    held.clear()
+    load(adapter_name(1))
+    engine.step()
+    assert (stats.admissions, stats.started, stats.adapter_waits) == (2, 3, 2)
+    while engine.has_unfinished():
+        engine.step()
+    assert (stats.admissions, stats.started, stats.adapter_waits) == (2, 3, 2)

@@ -29,6 +29,7 @@ from loraserve.bench.metrics import SLO_SECONDS, RequestRecord, summarize
 from loraserve.bench.physics import DecodeStats, kv_bytes_per_token, weight_bytes
 from loraserve.bench.workload import TraceRequest
 from loraserve.engine.engine import LLMEngine, PromptError, StepTiming
+from loraserve.engine.scheduler import AdmissionStats
 from loraserve.kernels.compiles import compiled_variants, new_variants
 from loraserve.memory.adapter_cache import CacheStats
 from loraserve.memory.pool import PageKind
@@ -211,6 +212,7 @@ class InprocDriver:
         compiled0 = compiled_variants()
         alloc0 = allocator_counts(self.engine.device)
         passes0 = forward_passes(self.engine)
+        admission0 = dataclasses.replace(self.engine.scheduler.stats)
         if self.options.host_profile:
             self.sampler = StackSampler(root=ENGINE_STEP).start()
         with tqdm(
@@ -246,6 +248,7 @@ class InprocDriver:
                 "triton_compiles": new_variants(compiled0, compiled_variants()),
                 "cuda_allocator": _delta(alloc0, allocator_counts(self.engine.device)),
                 "forward_passes": _delta(passes0, forward_passes(self.engine)),
+                "admission": _admission(admission0, self.engine.scheduler.stats),
                 **({"host_profile": profile} if profile is not None else {}),
             },
         )
@@ -409,6 +412,14 @@ def _delta(before: dict[str, int] | None, after: dict[str, int] | None) -> dict[
 
 def _host_loads(stats: StoreStats) -> int:
     return stats.generated_loads + stats.disk_loads
+
+
+def _admission(before: AdmissionStats, after: AdmissionStats) -> dict[str, Any]:
+    """The scheduler's admissions during the run (``AdmissionStats``), and the requests each
+    started on average."""
+    out: dict[str, Any] = dict(_delta(dataclasses.asdict(before), dataclasses.asdict(after)))
+    out["started_per_admission"] = out["started"] / out["admissions"] if out["admissions"] else None
+    return out
 
 
 def _same_requests(running: list[Request], outputs: list[RequestOutput], engine: LLMEngine) -> bool:

@@ -507,6 +507,14 @@ def format_run(where: str, r: dict[str, Any]) -> str:
                 f"{loads['staging_allocations']} staging buffers made in "
                 f"{loads['staging_alloc_s']:.2f} s)"
             )
+    admission = r.get("admission") or {}
+    if admission.get("admissions"):
+        line += (
+            f"\n    admission: {admission['admissions']} passes started {admission['started']}"
+            f" requests ({admission['started_per_admission']:.2f} each); "
+            f"{admission['adapter_waits']} passes left a request waiting for its adapter with "
+            "a sequence slot free"
+        )
     decode = r.get("decode") or {}
     if decode.get("decode_steps"):
         line += (

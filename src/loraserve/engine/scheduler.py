@@ -54,6 +54,19 @@ class ScheduledBatch:
         return sum(self.num_scheduled)
 
 
+@dataclass
+class AdmissionStats:
+    """How waiting requests got into the batch, counted since the scheduler was made: a
+    run's admissions that each start few requests (many mixed steps for the same prompts)
+    with many ``adapter_waits`` point at adapter loads that did not keep up with the queue."""
+
+    admissions: int = 0  # scheduling passes that started at least one waiting request
+    started: int = 0  # requests started (a preempted one once more when it restarts)
+    # passes that left a request waiting for its adapter's load while a sequence slot was
+    # free (it, or the requests behind it, could have started with the adapter ready)
+    adapter_waits: int = 0
+
+
 class Scheduler:
     def __init__(
         self,
@@ -73,6 +86,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._last_admission = -math.inf  # clock() of the last admission (admission_interval)
+        self.stats = AdmissionStats()
 
     def add(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
@@ -88,7 +102,10 @@ class Scheduler:
         if self.config.ttft_deadline is not None:
             self._expire_waiting(batch, self.config.ttft_deadline)
         if not batch.preempted and self._admit_now(batch):
-            self._schedule_waiting(batch, budget)
+            started = self.stats.started
+            if self._schedule_waiting(batch, budget):
+                self.stats.adapter_waits += 1
+            self.stats.admissions += self.stats.started > started
         return batch
 
     def _expire_waiting(self, batch: ScheduledBatch, deadline: float) -> None:
@@ -173,12 +190,14 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
 
-    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> bool:
+        """Start waiting requests; True if one was left waiting for its adapter with a
+        sequence slot free."""
         skipped = 0
         not_ready: set[str] = set()
         for request in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
-                return
+                break
             # An adapter found not ready stays so for the rest of this pass: a background load
             # finishing mid-pass must not let a later request of that adapter overtake an
             # earlier one.
@@ -189,17 +208,18 @@ class Scheduler:
                 # queue's adapters evict each other from the pool.
                 skipped += 1
                 if skipped >= self.lookahead:
-                    return
+                    break
                 continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             end = request.num_computed_tokens + n
             reserve = self.watermark_pages if self.running else 0
             if self.kv.pool.num_free < self.kv.extra_blocks(request, end) + reserve:
-                return
+                break
             if not self.kv.allocate(request, end):
-                return
+                break
             self._start(request, batch, n)
             budget -= n
+        return bool(not_ready)
 
     def admit_ready(self, budget: int) -> ScheduledBatch:
         """Admit waiting prompts for a step queued ahead (LLMEngine._launch_next): in arrival
@@ -213,6 +233,7 @@ class Scheduler:
                 break
             if request.adapter is not None:
                 if not cache.is_ready(request.adapter):
+                    self.stats.adapter_waits += 1
                     break
                 if not request.adapter_looked_up:  # as _adapter_ready counts it
                     request.adapter_looked_up = True
@@ -225,12 +246,14 @@ class Scheduler:
                 break
             self._start(request, batch, n)
             budget -= n
+        self.stats.admissions += bool(batch.requests)
         return batch
 
     def _start(self, request: Request, batch: ScheduledBatch, n: int) -> None:
         """Move an admitted request from the queue into the batch."""
         self.waiting.remove(request)
         self._pin(request)
+        self.stats.started += 1
         self._last_admission = self.clock()
         if request.first_scheduled_time is None:
             request.first_scheduled_time = self._last_admission
