@@ -48,6 +48,11 @@ def build(args: argparse.Namespace):
         cuda_graph_max_batch=max(args.batches),
         max_num_batched_tokens=args.max_num_batched_tokens,
         mixed_decode_graphs=args.mixed_decode_graphs,
+        # the mixed step's prompts join the step they are added before: no prefill window
+        # or admission interval holding them back (session 11's mixed LoRA profile timed a
+        # pure decode step that way)
+        prefill_batch_window=0.0,
+        admission_interval=0.0,
     ).create_engine()
     # (--io-load packs adapters IO_FIRST.. on the I/O threads' side: registered, not loaded)
     count = IO_FIRST + IO_NAMES if args.io_load else max(args.batches)
@@ -174,6 +179,11 @@ def scenario(engine, args, batch: int, lora: bool, out_dir: Path) -> dict:
         if events:
             events[1].record()
         sync()
+        if engine.scheduler.waiting:
+            raise RuntimeError(
+                f"the mixed step left {len(engine.scheduler.waiting)} of its prompts waiting "
+                "(adapter not resident, or no pages): it would time a decode step"
+            )
         return wall, events[0].elapsed_time(events[1]) if events else None
 
     sync_on = torch.cuda.is_available()

@@ -74,6 +74,8 @@ def test_driver_end_to_end(engine_args):
     passes = result["forward_passes"]  # no graphs on the CPU: every pass eager, one a step
     assert passes["decode_graph"] == passes["prefill_graph"] == 0
     assert passes["eager"] == sum(steps[k]["steps"] for k in ("decode", "mixed"))
+    # every admission's prompts prefill whole in the step that admits them (no chunks)
+    assert passes["prompt_steps"] == admission["admissions"]
     alloc = result["cuda_allocator"]  # torch's caching allocator events during the run
     if engine.device.type == "cuda":
         assert set(alloc) == {

@@ -496,7 +496,8 @@ def format_run(where: str, r: dict[str, Any]) -> str:
         line += (
             f", forward passes: decode graph {passes['decode_graph']} "
             f"({passes.get('decode_graph_grouped', 0)} grouped), prefill graph "
-            f"{passes['prefill_graph']}, eager {passes['eager']}"
+            f"{passes['prefill_graph']}, eager {passes['eager']}; steps with prompt rows "
+            f"{passes.get('prompt_steps', '-')}"
         )
     loads = r.get("adapter_loads") or {}
     if "gpu_loads" in loads:

@@ -61,6 +61,7 @@ class ModelRunner:
         # rows run eagerly after them) when there are at least this many; 0: never.
         self.mixed_decode_graphs = mixed_decode_graphs
         self.eager_passes = 0  # forward passes launched eagerly (not as graph replays)
+        self.prompt_steps = 0  # steps launched with prompt rows (tokens of a prefill)
         self.model = model
         self.block_size = block_size
         self.device = device
@@ -199,6 +200,10 @@ class ModelRunner:
         if split is not None:
             return self._launch_split(*split)
         self.eager_passes += 1
+        self.prompt_steps += not all(
+            is_decode_row(r, n)
+            for r, n in zip(scheduled.requests, scheduled.num_scheduled, strict=True)
+        )
         batch, sampling = self.prepare(scheduled)
         hidden = self.model(batch)
         if not sampling:
@@ -259,6 +264,7 @@ class ModelRunner:
         """Launch the prompt rows ``rest`` after the decode part (``parts``: its logits, for
         ``sampled``) and sample the step."""
         sampled = list(sampled)
+        self.prompt_steps += bool(rest.requests)
         if replays is not None:
             for group in replays:
                 logits, sampling = self.prefill_graphs.run(
