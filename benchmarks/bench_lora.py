@@ -32,7 +32,6 @@ from loraserve.kernels.lora import (
     LoRABatch,
     LoRATiles,
     _expand,
-    _fused,
     _shrink,
     lora_apply,
     lora_apply_ref,
@@ -315,13 +314,12 @@ SWEEP_CASES = [  # (phase, segment lengths, distinct adapters, rank, call)
     ("decode", [1] * 32, 32, 16, "o"),
     ("decode", [1], 1, 16, "qkv"),
     # S1 n=2000 at saturation (rank 8, ~240 rows of nearly as many adapters): the decode
-    # probe measured LoRA's extra step time at 1.85x its bytes there (session 11), so the
-    # fused kernel (one launch per call) is tried too; and rank 32
+    # probe measured LoRA's extra step time at 1.85x its bytes there (session 11); and rank 32
     ("s1", [1] * 240, 230, 8, "qkv"),
     ("s1", [1] * 240, 230, 8, "o"),
     ("decode", [1] * 240, 200, 32, "qkv"),
     # small batches (R = 10 in S-LoRA's table: ~15-30 rows), where the launches' fixed
-    # costs dominate: also shrink and expand in one launch (fused)
+    # costs dominate
     ("small", [1] * 16, 16, 8, "qkv"),
     ("small", [1] * 16, 16, 8, "o"),
     ("small", [1] * 16, 16, 64, "qkv"),
@@ -372,19 +370,6 @@ MIXED_COMBOS = [
     dict(split_k=2, dense=1),
     dict(split_k=4, dense=1, block_c=32),
 ]
-# one launch for shrink and expand (tiles.fused), on top of DECODE_KNOBS for small batches:
-# each program recomputes x . A for its output tiles, so fewer, wider tiles read A less
-FUSED_COMBOS = [
-    dict(fused=1),
-    dict(fused=1, n_group=2),
-    dict(fused=1, block_n=1024),
-    dict(fused=1, block_n=1024, expand_warps=4),
-    dict(fused=1, block_n=2048, expand_warps=4),
-    dict(fused=1, block_n=2048, expand_warps=8),
-    dict(fused=1, block_k=256),
-    dict(fused=1, block_k=1024, expand_warps=4),
-    dict(fused=1, block_n=128),
-]
 GROUPED_KNOBS = {
     "split_k": [1, 2, 4, 8],
     "block_c": [64, 256],
@@ -418,14 +403,7 @@ def _variants(
 
 
 def _time_variant(case: Case, tiles: LoRATiles) -> tuple[float, float]:
-    """(shrink us, expand us) of one call with the given tiles, graph replays; fused tiles:
-    (0, the one launch)."""
-    if tiles.fused:
-        args = (case.x, case.y, case.pool, case.batch, 0, case.first_target, case.out_slices)
-        fused_ms = triton.testing.do_bench_cudagraph(
-            lambda: _fused(*args, tiles), return_mode="median"
-        )
-        return 0.0, fused_ms * 1e3
+    """(shrink us, expand us) of one call with the given tiles, graph replays."""
     head = (case.x, case.pool, case.batch, 0, case.first_target, len(case.out_slices), tiles)
     v = _shrink(*head)
     tail = (case.y, v, case.pool, case.batch, 0, case.first_target, case.out_slices, tiles)
@@ -455,9 +433,7 @@ def sweep(args: argparse.Namespace, save=lambda rows: None) -> list[dict]:
         knobs = DECODE_KNOBS if default.block_m == 1 else PREFILL_KNOBS
         if phase == "gdecode":
             knobs = GROUPED_KNOBS
-        combos = (
-            MIXED_COMBOS if phase == "mixed" else FUSED_COMBOS if phase in ("small", "s1") else []
-        )
+        combos = MIXED_COMBOS if phase == "mixed" else []
         for tiles in _variants(default, knobs, rank, combos):
             try:
                 shrink_us, expand_us = _time_variant(case, tiles)

@@ -50,8 +50,7 @@
 #   table_S_N[_ablation|_base|_group]  setting S at n in N (comma list), R=10, one 20 s trace
 #               cut at 30 s, base and PEFT (n <= 100 only), one base run for the sweep; _ablation
 #               adds padded (bmm) and separate adapter buffers at every n; _base: no PEFT;
-#               _group: no PEFT, and --no-group-lora-rows beside the default; _fused: no
-#               PEFT, and --lora-fused-decode 32 beside the default  (~0.6 per run +
+#               _group: no PEFT, and --no-group-lora-rows beside the default  (~0.6 per run +
 #               0.6 per engine start + 0.8 per PEFT point)
 set -u
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1
@@ -186,7 +185,6 @@ for part in "$@"; do
         ablation) baselines=base,peft,padded,separate ;;
         base) baselines=base ;;  # no PEFT: it completes nothing in a 30 s run
         group) baselines=base; variant=(--variant 'rows=--no-group-lora-rows') ;;
-        fused) baselines=base; variant=(--variant 'fused=--lora-fused-decode 32') ;;
       esac
       bench "${TABLE_TIMEOUT:-560}" --setting "$s" -n "$ns" --rate 10 --duration 20 \
         --baselines "$baselines" ${variant[@]+"${variant[@]}"} --peft-max-n 100 \

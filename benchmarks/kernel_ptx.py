@@ -93,11 +93,6 @@ KERNELS = {
         dict(R_PAD=16, ROW_ALIGN=8, BLOCK_S=32, BLOCK_R=16, BLOCK_N=512, RANK_PACK=True),
         2,
     ),
-    "_fused_decode_kernel": (  # shrink and expand in one launch (tiles.fused), rank 16
-        lora._fused_decode_kernel,
-        dict(ROW_ALIGN=8, BLOCK_R=16, BLOCK_K=512, BLOCK_N=512),
-        2,
-    ),
     "_expand_prefill_kernel": (
         lora._expand_prefill_kernel,
         dict(

@@ -27,12 +27,12 @@ def main() -> None:
         floor = default.get("a_bytes_us", 0.0)
         times = f"{default['shrink_us']:.1f} / {default['expand_us']:.1f} us (shrink / expand)"
         print(f"{' '.join(map(str, key))}: default {times}, A bytes {floor:.1f} us")
-        for r in variants:  # fused tiles: one launch, timed whole as the "expand"
+        for r in variants:
             r["total_us"] = r["shrink_us"] + r["expand_us"]
         for part in ("shrink_us", "expand_us", "total_us"):
             ok = [r for r in variants if not math.isnan(r[part])]
             if part == "shrink_us":
-                ok = [r for r in ok if r["shrink_us"] > 0]  # not the fused ones
+                ok = [r for r in ok if r["shrink_us"] > 0]  # not session 11's fused-kernel rows
             for r in sorted(ok, key=lambda r: r[part])[: args.top]:
                 print(f"    best {part[:-3]:6} {r[part]:7.1f}  {r['tiles']}")
 

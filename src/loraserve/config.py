@@ -357,8 +357,6 @@ class EngineConfig:
     lora_side_stream: bool = False
     # The decode LoRA expand packs small ranks' B^T rows of several tiles per load.
     lora_rank_pack: bool = False
-    # Decode batches of at most this many rows: each LoRA call in one launch (0: never).
-    lora_fused_decode: int = 0
     # In a step that also prefills, at least this many decode rows replay the decode graphs
     # apart from the prompt rows (ModelRunner._launch_split); 0: every row runs eagerly.
     mixed_decode_graphs: int = 0
@@ -382,9 +380,4 @@ class EngineConfig:
         if self.mixed_decode_graphs < 0:
             raise ValueError(
                 f"mixed_decode_graphs must be >= 0 (0: off), got {self.mixed_decode_graphs}"
-            )
-        if self.lora_fused_decode < 0:
-            raise ValueError(
-                f"lora_fused_decode must be >= 0 (0: off), got {self.lora_fused_decode}: give "
-                "--lora-fused-decode the most decode rows that run LoRA in one launch"
             )

@@ -297,33 +297,3 @@ def test_lora_rank_pack_gives_the_same_tokens(setup, monkeypatch):
         assert a.token_ids == b.token_ids
         for la, lb in zip(a.logprobs, b.logprobs, strict=True):
             assert max(abs(la[t] - lb[t]) for t in la) < 1e-5
-
-
-def test_lora_fused_decode_gives_the_same_tokens(setup, monkeypatch):
-    """--lora-fused-decode N: decode batches of at most N rows run each LoRA call as one
-    launch. The same tokens and logprobs as with two, and the decode calls did run fused
-    (and only those: prefill rows keep the two launches)."""
-    import loraserve.kernels.lora as lora
-
-    model_dir, adapters = setup
-    names = ["a", None, "b", "a", None]
-    prompts = [[5, 6, 7], [9] * 12, [30, 31], [44, 45, 46, 47], [8, 8]]
-    fused = []
-    real = lora._fused
-
-    def spy(*args):
-        fused.append(args[-1])
-        return real(*args)
-
-    monkeypatch.setattr(lora, "_fused", spy)
-    common = dict(group_tile_cost=1e9, lora_backend="triton")
-    plain, _ = run(model_dir, adapters, 8, names, prompts, **common)
-    assert not fused
-    rows, _ = run(model_dir, adapters, 8, names, prompts, lora_fused_decode=64, **common)
-    assert fused and all(t.fused and t.block_m == 1 for t in fused)
-    for a, b in zip(plain, rows, strict=True):
-        assert a.token_ids == b.token_ids
-        for la, lb in zip(a.logprobs, b.logprobs, strict=True):
-            assert max(abs(la[t] - lb[t]) for t in la) < 1e-5
-    with pytest.raises(ValueError, match="lora_fused_decode must be >= 0"):
-        run(model_dir, adapters, 8, names, prompts, lora_fused_decode=-1, **common)

@@ -330,20 +330,6 @@ TILES = {
         0,
         LoRATiles(1, 16, 16, 2, 16, 32, n_group=2, shrink_stages=3),
     ),
-    # shrink and expand in one launch: several K steps, 3 output tiles per program across
-    # targets' ends (ranks up to 128: the whole padded rank per program)
-    "decode_fused": (
-        DECODE,
-        MIXED_RANKS,
-        0,
-        LoRATiles(1, 16, 16, 1, 128, 32, n_group=3, fused=1),
-    ),
-    "decode_fused_small": (
-        SMALL_DECODE,
-        SMALL_RANKS,
-        5,
-        LoRATiles(1, 16, 32, 1, 32, 16, 2, 2, n_group=2, fused=1),
-    ),
     "prefill_split": (PREFILL, MIXED_RANKS, 0, LoRATiles(16, 32, 16, 3, 32, 32, 4, 4, 32)),
     "prefill_wide": (SMALL_PREFILL, SMALL_RANKS, 5, LoRATiles(32, 64, 32, 2, 16, 32, 4, 4, 16)),
 }
@@ -466,8 +452,6 @@ def test_bad_inputs_raise() -> None:
         lora_apply_triton(*case.args(), tiles=LoRATiles(16, 16, 16, 1, 16, 16, n_group=2))
     with pytest.raises(ValueError, match="shrink_stages"):
         lora_apply_triton(*case.args(), tiles=LoRATiles(16, 16, 16, 1, 16, 16, shrink_stages=2))
-    with pytest.raises(ValueError, match="fused"):
-        lora_apply_triton(*case.args(), tiles=LoRATiles(16, 16, 16, 1, 16, 16, fused=1))
 
 
 def _tile_map(batch: LoRABatch, rows: int, pad: int) -> Tensor:
@@ -531,16 +515,3 @@ def test_triton_grouped_decode_persistent(call: str, dtype: torch.dtype) -> None
     torch.testing.assert_close(got.double(), case.expected, **TOL[dtype])
     with pytest.raises(ValueError, match="tile_count"):
         LoRABatch(**{**vars(b), "tile_maps": None})
-
-
-def test_pick_tiles_fuses_small_decode_batches() -> None:
-    """LoRABatch.fused_decode: decode batches of at most that many segments get one launch
-    (the whole padded rank per program); larger ones and prefill batches keep two."""
-    batch = make_case(DECODE, "qkv", torch.float32).batch  # ranks up to 128
-    n = batch.num_segments
-    assert not pick_tiles(batch, 4096, 3, 4096, 132).fused  # off by default
-    tiles = pick_tiles(dataclasses.replace(batch, fused_decode=n), 4096, 3, 4096, 132)
-    assert tiles.fused and tiles.block_r == 128
-    assert not pick_tiles(dataclasses.replace(batch, fused_decode=n - 1), 4096, 3, 4096, 132).fused
-    prefill = dataclasses.replace(make_case(PREFILL, "qkv", torch.float32).batch, fused_decode=99)
-    assert not pick_tiles(prefill, 4096, 3, 4096, 132).fused

@@ -41,7 +41,6 @@ def memory_ops():
         "_shrink_prefill_kernel",
         "_expand_decode_kernel",
         "_expand_decode_packed",
-        "_fused_decode_kernel",
         "_expand_prefill_kernel",
         "_shrink_grouped",
         "_expand_grouped",

@@ -119,12 +119,6 @@ class EngineArgs:
         "on an H200: S2's mixed ranks 48 vs 42 us per q|k|v call; Triton LoRA kernels "
         "only)",
     )
-    lora_fused_decode: int = _opt(
-        0,
-        "decode batches of at most N rows run each LoRA call (shrink and expand) as one "
-        "launch: for small batches, where the launches' fixed costs dominate (built, not "
-        "yet measured on a GPU; Triton LoRA kernels only); 0: two launches always",
-    )
     overlap_admission: bool = _opt(
         True,
         "also queue ahead a step that admits prompts: its decode rows read the tokens the "
@@ -271,7 +265,6 @@ class EngineArgs:
             group_lora_rows=self.group_lora_rows,
             lora_side_stream=self.lora_side_stream,
             lora_rank_pack=self.lora_rank_pack,
-            lora_fused_decode=self.lora_fused_decode,
             prefill_graphs=self._prefill_graphs(graph_batch),
             mixed_decode_graphs=int(
                 self._with_graphs(

@@ -117,9 +117,6 @@ class LoRABatch:
     # Decode form: the expand reads several output tiles' B^T rows of a small rank in one
     # load (LoRATiles.rank_pack).
     rank_pack: bool = False
-    # Decode form with at most this many segments: shrink and expand in one launch
-    # (LoRATiles.fused). 0 = never.
-    fused_decode: int = 0
 
     def __post_init__(self) -> None:
         num_slots, num_layers = self.ranks.shape[:2]
@@ -802,67 +799,6 @@ def _expand_packed(
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
-def _fused_decode_kernel(
-    x_ptr,
-    y_ptr,
-    pool_ptr,
-    seg_start_ptr,
-    seg_slot_ptr,
-    row_offsets_ptr,
-    ranks_ptr,
-    scalings_ptr,
-    layer,
-    first_target,
-    num_layers,
-    table_rank,
-    in_features,
-    n_tiles,
-    o0,
-    n0,
-    o1,
-    n1,
-    o2,
-    n2,
-    stride_x_tok,
-    stride_x_k,
-    stride_y_tok,
-    stride_y_n,
-    n_group,  # BLOCK_N tiles per program
-    ROW_ALIGN: tl.constexpr,
-    BLOCK_R: tl.constexpr,  # >= every rank (the padded rank)
-    BLOCK_K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """One program: one single-token segment x one target x n_group tiles of BLOCK_N output
-    columns, shrink and expand in one launch. The program computes its row's v = x . A^T
-    (all of the target's rank rows, the whole of K) in registers, then adds
-    scale * v . B^T[:, tile] to y for each of its tiles: no scratch, no second launch, at the
-    price of the A rows read once per program instead of once per row. For small batches
-    (latency-bound launches) with small ranks (A rows are few)."""
-    tok, entry, t, first_tile, rank, scale, o, n, skip = _decode_expand_program(
-        seg_start_ptr, seg_slot_ptr, ranks_ptr, scalings_ptr, layer, first_target, num_layers,
-        n_tiles, n_group, o0, n0, o1, n1, o2, n2, BLOCK_N,
-    )  # fmt: skip
-    if skip:
-        return
-    j = tl.arange(0, BLOCK_R)
-    j_ok = j < rank
-    a_table = row_offsets_ptr + (entry + t) * 2 * table_rank
-    a_off = tl.multiple_of(tl.load(a_table + j, mask=j_ok, other=0), ROW_ALIGN)
-    b_off = tl.multiple_of(tl.load(a_table + table_rank + j, mask=j_ok, other=0), ROW_ALIGN)
-    x_row = x_ptr + tok * stride_x_tok
-    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)  # reduced over K once, at the end
-    for k0 in range(0, in_features, BLOCK_K):
-        acc = _shrink_step(acc, x_row, pool_ptr, a_off, j_ok, k0, in_features, stride_x_k, BLOCK_K)
-    vj = tl.sum(acc, axis=1)  # [BLOCK_R], zero past the rank
-    last_tile = tl.minimum(first_tile + n_group, tl.cdiv(n, BLOCK_N))
-    _expand_tiles(
-        y_ptr, pool_ptr, b_off, vj, j_ok, tok, scale, o, n, first_tile, last_tile,
-        stride_y_tok, stride_y_n, BLOCK_N,
-    )  # fmt: skip
-
-
-@triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _expand_prefill_kernel(
     y_ptr,
     v_ptr,
@@ -1003,9 +939,6 @@ class LoRATiles(NamedTuple):
     rank_pack: int = 0
     # decode form: > 1 = the shrink's K loop pipelined over this many stages (tl.range)
     shrink_stages: int = 0
-    # decode form, block_r >= the padded rank: 1 = shrink and expand in one launch
-    # (_fused_decode_kernel; each program recomputes its row's x . A for its output tiles)
-    fused: int = 0
 
     @property
     def expand_m(self) -> int:
@@ -1036,8 +969,6 @@ def pick_tiles(
     tiles = _pick_tiles(*shape, in_features, n_targets, max_out, num_sms)
     if batch.rank_pack and tiles.block_m == 1:
         tiles = tiles._replace(rank_pack=1)
-    if tiles.block_m == 1 and batch.num_segments <= batch.fused_decode:
-        tiles = tiles._replace(fused=1, block_r=_r_pad(batch.max_rank))
     return tiles
 
 
@@ -1183,10 +1114,6 @@ def _check_tiles(tiles: LoRATiles, r_pad: int) -> None:
         raise ValueError(f"dense must be 0 or 1, and 0 in the prefill form: {tiles}")
     if tiles.shrink_stages < 0 or (tiles.shrink_stages > 1 and tiles.block_m > 1):
         raise ValueError(f"shrink_stages must be >= 0, and <= 1 in the prefill form: {tiles}")
-    if tiles.fused not in (0, 1) or (tiles.fused and (tiles.block_m > 1 or tiles.block_r < r_pad)):
-        raise ValueError(
-            f"fused must be 0 or 1; fused needs the decode form and block_r = {r_pad}: {tiles}"
-        )
 
 
 def _padded_slices(out_slices: Sequence[tuple[int, int]]) -> list[int]:
@@ -1343,49 +1270,6 @@ def _expand(
         )
 
 
-def _fused(
-    x: Tensor,
-    y: Tensor,
-    pool: Tensor,
-    batch: LoRABatch,
-    layer: int,
-    first_target: int,
-    out_slices: Sequence[tuple[int, int]],
-    tiles: LoRATiles,
-) -> None:
-    """Decode form, ``tiles.fused``: y[:, slice_t] += scaling_t * (x @ A_t^T) @ B^T_t in one
-    launch (_fused_decode_kernel)."""
-    n_tiles = cdiv(max(n for _, n in out_slices), tiles.block_n)
-    grid = (batch.num_segments, 1, len(out_slices) * cdiv(n_tiles, tiles.n_group))
-    _fused_decode_kernel[grid](
-        x,
-        y,
-        pool,
-        batch.seg_start,
-        batch.seg_slot,
-        batch.row_offsets,
-        batch.ranks,
-        batch.scalings,
-        layer,
-        first_target,
-        batch.num_layers,
-        batch.row_offsets.shape[-1],
-        x.shape[1],
-        n_tiles,
-        *_padded_slices(out_slices),
-        x.stride(0),
-        x.stride(1),
-        y.stride(0),
-        y.stride(1),
-        tiles.n_group,
-        ROW_ALIGN=batch.row_align,
-        BLOCK_R=tiles.block_r,
-        BLOCK_K=tiles.block_k,
-        BLOCK_N=tiles.block_n,
-        num_warps=tiles.expand_warps,
-    )
-
-
 def _tile_map(batch: LoRABatch, tiles: LoRATiles, which: int) -> Tensor | None:
     """The batch's (segment, row tile) map for the shrink (0) or the expand (1), if it has
     one; it must have been built for these tiles' rows."""
@@ -1461,13 +1345,6 @@ def lora_triton_launches(
     if tiles.block_m == 1 and batch.max_seg_len > 1:
         raise ValueError("decode tiles (block_m=1) need max_seg_len == 1")
     _check_tiles(tiles, _r_pad(batch.max_rank))
-    if tiles.fused:  # one launch, no scratch: the "shrink" is part of it
-
-        def fused(y: Tensor) -> None:
-            _check_output(x, y, out_slices)
-            _fused(x, y, pool, batch, layer, first_target, out_slices, tiles)
-
-        return lambda: None, fused
     v = _scratch(x, batch, n_targets, tiles)
 
     def shrink() -> None:
