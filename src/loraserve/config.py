@@ -310,7 +310,7 @@ class LoRAConfig:
     ``adapter_pool_bytes`` (S-LoRA's "separate buffers" ablation) gives adapters a pool of
     their own, cut out of the page pool's budget; None: one unified pool."""
 
-    max_loras: int = 128
+    max_loras: int = 512  # EngineArgs: 2 x max_num_seqs
     max_lora_rank: int = 64
     host_cache_bytes: int = 8 << 30
     prefetch: int = 16  # adapters of queued requests to prefetch per step

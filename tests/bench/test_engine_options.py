@@ -79,3 +79,14 @@ def test_bmm_backend_same_tokens_as_torch(engine_args):
 def test_unknown_backend_is_refused(engine_args):
     with pytest.raises(ValueError, match="lora_backend"):
         dataclasses.replace(engine_args, lora_backend="punica").create_engine()
+
+
+def test_max_loras_defaults_to_twice_the_batch(engine_args):
+    """Every row of a full batch on an adapter of its own, and as many slots again for
+    cached and prefetched adapters; an explicit value is kept."""
+    for max_num_seqs, max_loras, slots in ((8, None, 16), (256, None, 512), (8, 3, 3)):
+        args = dataclasses.replace(engine_args, max_num_seqs=max_num_seqs, max_loras=max_loras)
+        engine = args.create_engine()
+        assert engine.config.lora.max_loras == engine.adapter_cache.max_loras == slots
+    with pytest.raises(ValueError, match="max_loras must be positive"):
+        dataclasses.replace(engine_args, max_loras=0).create_engine()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -47,7 +48,7 @@ def test_probe_times_the_batch_with_and_without_its_adapters(engine_args):
 
 
 def test_probe_says_why_it_skipped(engine_args):
-    engine = engine_args.create_engine()
+    engine = dataclasses.replace(engine_args, max_loras=128).create_engine()
     register_adapters(engine, 130, (8,), QKVO)
     names = [adapter_name(0), adapter_name(1)]
     assert "no decode steps" in decode_probe(engine, [], 4, 8)["skipped"]

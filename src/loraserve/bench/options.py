@@ -225,8 +225,8 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
         help="run nothing: merge the points of earlier results (one per n or rate) into --out",
     )
     EngineArgs.add_cli_args(parser)
-    # None: from the ranks (max_lora_rank) and max_num_seqs (max_loras), see config_from_cli
-    parser.set_defaults(max_lora_rank=None, max_loras=None)
+    # None: from the ranks (max_lora_rank), see config_from_cli
+    parser.set_defaults(max_lora_rank=None)
 
 
 def _settings_help() -> str:
@@ -246,7 +246,6 @@ def config_from_cli(ns: argparse.Namespace) -> BenchConfig:
         model=model,
         load_format="dummy" if model in PRESETS else engine.load_format,
         max_lora_rank=engine.max_lora_rank or max(ranks),
-        max_loras=engine.max_loras or max(128, engine.max_num_seqs),
     )
     return BenchConfig(
         engine=engine,

@@ -140,7 +140,12 @@ class EngineArgs:
         "weights, no eager launches for the decode rows; 0: off; default: "
         f"{DEFAULT_MIXED_DECODE_GRAPHS} with CUDA graphs, else 0",
     )
-    max_loras: int = _opt(128, "most adapters resident in the page pool at once")
+    max_loras: int | None = _opt(
+        None,
+        "most adapters resident in the page pool at once (one table slot each; the pool's "
+        "pages bound them too); default: 2 x max_num_seqs, so that every row of a full batch "
+        "can have an adapter of its own, with as many again cached or prefetched",
+    )
     max_lora_rank: int = _opt(64, "largest adapter rank served")
     adapter_host_cache_bytes: int = _opt(8 << 30, "host-memory LRU of adapter weights, bytes")
     adapter_pool_bytes: int | None = _opt(
@@ -252,7 +257,7 @@ class EngineArgs:
                 self._with_graphs(self.admission_interval, DEFAULT_ADMISSION_INTERVAL, graph_batch),
             ),
             lora=LoRAConfig(
-                self.max_loras,
+                2 * self.max_num_seqs if self.max_loras is None else self.max_loras,
                 self.max_lora_rank,
                 self.adapter_host_cache_bytes,
                 adapter_pool_bytes=self.adapter_pool_bytes,
