@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
@@ -141,7 +142,8 @@ def test_bank_weights_are_deterministic_and_distinct(engine_args):
 
 def test_admission_stats_count_passes_starts_and_adapter_waits(engine_args):
     engine = engine_args.create_engine()
-    register_adapters(engine, 2, (8,), QKVO)
+    register_adapters(engine, 3, (8,), QKVO)
+    a0, a1, a2 = (adapter_name(i) for i in range(3))
     ensure = engine.adapters.ensure
 
     def load(name):  # on the I/O threads
@@ -150,22 +152,38 @@ def test_admission_stats_count_passes_starts_and_adapter_waits(engine_args):
             assert time.monotonic() < deadline, f"{name} did not load"
             time.sleep(0.01)
 
-    load(adapter_name(0))
-    held = {adapter_name(1)}  # its load has not finished
+    load(a0)
+    held = {a1}  # nothing asked for it yet
     engine.adapters.ensure = lambda name: name not in held and ensure(name)
     params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
-    for i, adapter in enumerate((adapter_name(0), adapter_name(1), None)):
+    for i, adapter in enumerate((a0, a1, None)):
         engine.add_request([5, 6, 7 + i], params, request_id=f"r{i}", adapter=adapter)
     stats = engine.scheduler.stats
+
+    def counts():
+        return (stats.admissions, stats.started, stats.adapter_waits)
+
     engine.step()  # r0 and r2 start; r1 waits for its adapter with slots free
     assert [r.request_id for r in engine.scheduler.waiting] == ["r1"]
-    assert (stats.admissions, stats.started, stats.adapter_waits) == (1, 2, 1)
-    engine.step()  # still loading: another pass that leaves it waiting
-    assert (stats.admissions, stats.started, stats.adapter_waits) == (1, 2, 2)
+    assert counts() == (1, 2, 1) and stats.wait_idle == 1
+    engine.step()  # still not asked for: another pass that leaves it waiting
+    assert counts() == (1, 2, 2) and stats.wait_idle == 2
     held.clear()
-    load(adapter_name(1))
+    load(a1)
     engine.step()
-    assert (stats.admissions, stats.started, stats.adapter_waits) == (2, 3, 2)
+    assert counts() == (2, 3, 2)
+    # An adapter an I/O thread is still reading: a wait at the "reading" stage
+    gate = threading.Event()
+    pack = engine.adapters._pack
+    engine.adapters._pack = lambda name: gate.wait(30) and pack(name)
+    engine.add_request([5, 6, 9], params, request_id="r3", adapter=a2)
+    engine.step()
+    assert engine.adapters.stage(a2) == "reading"
+    assert counts() == (2, 3, 3) and stats.wait_reading == 1
+    gate.set()
     while engine.has_unfinished():
         engine.step()
-    assert (stats.admissions, stats.started, stats.adapter_waits) == (2, 3, 2)
+    assert stats.started == 4 and stats.adapter_waits == sum(
+        getattr(stats, f"wait_{s}") for s in ("idle", "reading", "packed", "copying")
+    )
+    assert engine.adapters.stage(a2) == "ready" and engine.adapters.stage("nope") == "idle"

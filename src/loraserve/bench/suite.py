@@ -516,6 +516,13 @@ def format_run(where: str, r: dict[str, Any]) -> str:
             f"{admission['adapter_waits']} passes left a request waiting for its adapter with "
             "a sequence slot free"
         )
+        if admission["adapter_waits"]:
+            stages = ("idle", "reading", "packed", "copying")
+            line += (
+                " (the adapter "
+                + ", ".join(f"{stage} {admission.get(f'wait_{stage}', 0)}" for stage in stages)
+                + ")"
+            )
     decode = r.get("decode") or {}
     if decode.get("decode_steps"):
         line += (

@@ -99,6 +99,19 @@ class AdapterManager:
             )
         return loaded and self.cache.is_ready(name)
 
+    def stage(self, name: str) -> str:
+        """Where an adapter is on its way to the pool: "ready"; "copying" (resident, its copy
+        to the pool pages not finished); "packed" (read and packed on an I/O thread, not
+        loaded yet: the next ``ensure`` loads it); "reading" (an I/O thread is reading or
+        generating and packing it); "idle" (nothing started: not yet asked for, or dropped
+        after a load found no room)."""
+        if name in self.cache:
+            return "ready" if self.cache.is_ready(name) else "copying"
+        future = self._fetching.get(name)
+        if future is None:
+            return "idle"
+        return "packed" if future.done() else "reading"
+
     def _pool_idle(self) -> bool:
         """Nothing holds pages that will come back: a load that fails now always will."""
         return self.cache.num_pinned == 0 and self.cache.pool.num_used(PageKind.KV) == 0

@@ -65,6 +65,17 @@ class AdmissionStats:
     # passes that left a request waiting for its adapter's load while a sequence slot was
     # free (it, or the requests behind it, could have started with the adapter ready)
     adapter_waits: int = 0
+    # ... by where the first such adapter was (AdapterManager.stage): nothing started (the
+    # prefetch had not reached it), on an I/O thread, packed but not loaded, copying
+    wait_idle: int = 0
+    wait_reading: int = 0
+    wait_packed: int = 0
+    wait_copying: int = 0
+
+    def adapter_wait(self, stage: str) -> None:
+        self.adapter_waits += 1
+        name = f"wait_{stage}"
+        setattr(self, name, getattr(self, name) + 1)
 
 
 class Scheduler:
@@ -103,8 +114,9 @@ class Scheduler:
             self._expire_waiting(batch, self.config.ttft_deadline)
         if not batch.preempted and self._admit_now(batch):
             started = self.stats.started
-            if self._schedule_waiting(batch, budget):
-                self.stats.adapter_waits += 1
+            waited = self._schedule_waiting(batch, budget)
+            if waited is not None:
+                self.stats.adapter_wait(self.adapters.stage(waited))
             self.stats.admissions += self.stats.started > started
         return batch
 
@@ -190,11 +202,11 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
 
-    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> bool:
-        """Start waiting requests; True if one was left waiting for its adapter with a
-        sequence slot free."""
+    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> str | None:
+        """Start waiting requests; the first adapter a request was left waiting for with a
+        sequence slot free, if any."""
         skipped = 0
-        not_ready: set[str] = set()
+        not_ready: dict[str, None] = {}  # (in queue order)
         for request in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
@@ -203,7 +215,7 @@ class Scheduler:
             # earlier one.
             if request.adapter in not_ready or not self._adapter_ready(request, batch):
                 if not (batch.failed and batch.failed[-1] is request):
-                    not_ready.add(request.adapter)
+                    not_ready[request.adapter] = None
                 # Look only a few adapters ahead: loading for the whole queue would make the
                 # queue's adapters evict each other from the pool.
                 skipped += 1
@@ -219,7 +231,7 @@ class Scheduler:
                 break
             self._start(request, batch, n)
             budget -= n
-        return bool(not_ready)
+        return next(iter(not_ready), None)
 
     def admit_ready(self, budget: int) -> ScheduledBatch:
         """Admit waiting prompts for a step queued ahead (LLMEngine._launch_next): in arrival
@@ -233,7 +245,7 @@ class Scheduler:
                 break
             if request.adapter is not None:
                 if not cache.is_ready(request.adapter):
-                    self.stats.adapter_waits += 1
+                    self.stats.adapter_wait(self.adapters.stage(request.adapter))
                     break
                 if not request.adapter_looked_up:  # as _adapter_ready counts it
                     request.adapter_looked_up = True
