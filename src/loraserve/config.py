@@ -328,6 +328,8 @@ class LoRAConfig:
             raise ValueError(f"adapter_pool_bytes must be positive, got {self.adapter_pool_bytes}")
         if self.io_threads is not None and self.io_threads <= 0:
             raise ValueError(f"adapter_io_threads must be positive, got {self.io_threads}")
+        if self.prefetch < 0:
+            raise ValueError(f"adapter_prefetch must be >= 0 (0: off), got {self.prefetch}")
 
 
 @dataclass(frozen=True)

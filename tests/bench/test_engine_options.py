@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import pytest
 
@@ -90,3 +91,31 @@ def test_max_loras_defaults_to_twice_the_batch(engine_args):
         assert engine.config.lora.max_loras == engine.adapter_cache.max_loras == slots
     with pytest.raises(ValueError, match="max_loras must be positive"):
         dataclasses.replace(engine_args, max_loras=0).create_engine()
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_adapter_prefetch_starts_the_first_queued_adapters(engine_args, depth):
+    """While one request runs (max_num_seqs 1), each step starts loading the adapters of
+    the first ``depth`` distinct adapters in the queue, and no others."""
+    engine = dataclasses.replace(
+        engine_args, max_num_seqs=1, adapter_prefetch=depth
+    ).create_engine()
+    assert engine.config.lora.prefetch == depth
+    register_adapters(engine, 4, (8,), ("q_proj",))
+    names = [f"adapter-{i:04d}" for i in range(4)]
+    deadline = time.monotonic() + 30
+    while not engine.adapters.ensure(names[0]):  # r0's, so that it starts at once
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    for i, adapter in enumerate([names[0], names[1], names[1], names[2], names[3]]):
+        engine.add_request([5, 6, 7], params, request_id=f"r{i}", adapter=adapter)
+    engine.step()  # r0 starts; the batch is full, so admission looks no further
+    assert [r.request_id for r in engine.scheduler.running] == ["r0"]
+    started = [engine.adapters.stage(n) != "idle" for n in names[1:]]
+    assert started == [True, True, False][:depth] + [False] * (3 - depth)
+    assert engine.scheduler.waiting_adapters(depth) == names[1 : 1 + depth]
+    while engine.has_unfinished():
+        engine.step()
+    with pytest.raises(ValueError, match="adapter_prefetch must be >= 0"):
+        dataclasses.replace(engine_args, adapter_prefetch=-1).create_engine()

@@ -153,6 +153,12 @@ class EngineArgs:
         "give adapters a pool of their own of this many bytes, cut from the page pool's "
         "budget (S-LoRA's 'separate buffers' ablation); default: one unified pool",
     )
+    adapter_prefetch: int = _opt(
+        16,
+        "while the device computes a step, start loading the adapters of the first N "
+        "distinct adapters among queued requests (keep N well below max_loras - max_num_seqs, "
+        "or prefetched adapters evict each other); 0: load only at admission",
+    )
     adapter_io_threads: int | None = _opt(
         None,
         "threads that read (or generate) and pack adapters in the background; default: "
@@ -260,6 +266,7 @@ class EngineArgs:
                 2 * self.max_num_seqs if self.max_loras is None else self.max_loras,
                 self.max_lora_rank,
                 self.adapter_host_cache_bytes,
+                prefetch=self.adapter_prefetch,
                 adapter_pool_bytes=self.adapter_pool_bytes,
                 io_threads=self.adapter_io_threads,
             ),

@@ -293,14 +293,15 @@ class Scheduler:
             return False
 
     def waiting_adapters(self, limit: int) -> list[str]:
-        """Adapters of queued requests, in queue order, for prefetching."""
-        names: list[str] = []
+        """The first ``limit`` distinct adapters of queued requests, in queue order, for
+        prefetching."""
+        names: dict[str, None] = {}
         for request in self.waiting:
-            if request.adapter is not None and request.adapter not in names:
-                names.append(request.adapter)
-                if len(names) >= limit:
-                    break
-        return names
+            if len(names) >= limit:
+                break
+            if request.adapter is not None:
+                names[request.adapter] = None
+        return list(names)
 
     def _pin(self, request: Request) -> None:
         if request.adapter is not None:
