@@ -17,6 +17,7 @@
 #               time with and without adapters on one engine                    (3)
 #   s2n2000_sat, s1n2000_sat  the same at R=60 for 60 s, cut at 60 s: arrivals outrun both
 #               engines (base's saturated req/s is ~36), so req/s is throughput  (4.5)
+#   s2n2000_sat_pf, s1n2000_sat_pf  ... and --adapter-prefetch 64 beside the default (6)
 #   s2n2000_ai  S2 n=2000 with --admission-interval 0.5 (loraserve and base)       (6)
 #   s2n2000_split     ... with --mixed-decode-graphs 64                           (6)
 #   s2n2000_ab  default, --mixed-decode-graphs 64, --no-overlap-steps and base, one
@@ -106,15 +107,19 @@ for part in "$@"; do
       s=$(echo "${part:0:2}" | tr a-z A-Z)
       extra=()  # variants (both runs), against the default:
       trace=(--rate 40 --duration 50 --time-limit 70)
+      variant=()  # a loraserve variant beside the default, on the same trace
       case $part in
         *_sat) trace=(--rate 60 --duration 60 --time-limit 60) ;;  # both engines saturated
+        *_sat_pf)  # the same, and a deeper adapter prefetch (admissions that wait for one)
+          trace=(--rate 60 --duration 60 --time-limit 60)
+          variant=(--variant 'pf64=--adapter-prefetch 64') ;;
         *_ai) extra=(--admission-interval 0.5) ;;  # admission interval 0.5 s
         *_split) extra=(--mixed-decode-graphs 64) ;;  # decode rows of mixed steps graphed
         *_nooverlap) extra=(--no-overlap-steps) ;;
       esac
       # the trace and cut of the documented S2/S1 n=2000 runs (sessions 8-10)
       bench 400 --setting "$s" -n 2000 "${trace[@]}" --baselines base --decode-probe \
-        ${extra[@]+"${extra[@]}"} --out "$OUT/bench_${s}_n2000_r${trace[1]}${part:7}.json" ;;
+        ${extra[@]+"${extra[@]}"} ${variant[@]+"${variant[@]}"} --out "$OUT/bench_${s}_n2000_r${trace[1]}${part:7}.json" ;;
     probe)  # LoRA's extra decode step time at S2's and S1's n=2000 batches, same engine
       timeout 200 python benchmarks/decode_probe.py --points 247x420x232,224x420x224 \
         --ranks 64,32,16,8 --out "$OUT/probe_s2.json" 2>&1 | grep -E '^(\{|engine)'
