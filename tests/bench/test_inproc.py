@@ -184,6 +184,6 @@ def test_admission_stats_count_passes_starts_and_adapter_waits(engine_args):
     while engine.has_unfinished():
         engine.step()
     assert stats.started == 4 and stats.adapter_waits == sum(
-        getattr(stats, f"wait_{s}") for s in ("idle", "reading", "packed", "copying")
+        getattr(stats, f"wait_{s}") for s in ("idle", "reading", "packed", "copying", "ready")
     )
     assert engine.adapters.stage(a2) == "ready" and engine.adapters.stage("nope") == "idle"

@@ -366,3 +366,6 @@ def test_adapter_load_finishing_mid_pass_keeps_arrival_order(base_dir, adapter_d
         scheduled = engine.scheduler.schedule()
         first = [r.request_id for r in scheduled.requests] or None
     assert first == ["0", "1"]
+    # the pass that found it not ready counted a wait for an adapter ready by its end
+    stats = engine.scheduler.stats
+    assert (stats.adapter_waits, stats.wait_ready) == (1, 1)

@@ -517,7 +517,7 @@ def format_run(where: str, r: dict[str, Any]) -> str:
             "a sequence slot free"
         )
         if admission["adapter_waits"]:
-            stages = ("idle", "reading", "packed", "copying")
+            stages = ("idle", "reading", "packed", "copying", "ready")
             line += (
                 " (the adapter "
                 + ", ".join(f"{stage} {admission.get(f'wait_{stage}', 0)}" for stage in stages)

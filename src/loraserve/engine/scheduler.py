@@ -66,11 +66,13 @@ class AdmissionStats:
     # free (it, or the requests behind it, could have started with the adapter ready)
     adapter_waits: int = 0
     # ... by where the first such adapter was (AdapterManager.stage): nothing started (the
-    # prefetch had not reached it), on an I/O thread, packed but not loaded, copying
+    # prefetch had not reached it), on an I/O thread, packed but not loaded, copying, or
+    # ready by the end of the pass (its load finished while the pass ran)
     wait_idle: int = 0
     wait_reading: int = 0
     wait_packed: int = 0
     wait_copying: int = 0
+    wait_ready: int = 0
 
     def adapter_wait(self, stage: str) -> None:
         self.adapter_waits += 1
