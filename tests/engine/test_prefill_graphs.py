@@ -101,10 +101,12 @@ def test_more_prompts_than_a_replay_takes_in_one_step(graph_setup):
     engine = make_engine(graph_setup, True, **kw)
     warm_adapters(engine)  # every prompt starts in the first step
     graphed, eager = count_graphed(engine), count_eager(engine)
+    prompt_steps = engine.runner.prompt_steps
     for i, (prompt, params, adapter) in enumerate(requests):
         engine.add_request(prompt, params, request_id=str(i), adapter=adapter)
     first = engine.step()
     assert graphed[0] == 2 and eager[0] == 0
+    assert engine.runner.prompt_steps == prompt_steps + 1  # one step, two replays
     got = {o.request_id: o for o in first}
     while engine.has_unfinished():
         got.update({o.request_id: o for o in engine.step()})
