@@ -592,39 +592,6 @@ def _expand_target(
     return rank, scale, o, n, (rank == 0) | (n_tile * BLOCK_N >= n)
 
 
-@triton.jit
-def _decode_expand_program(
-    seg_start_ptr,
-    seg_slot_ptr,
-    ranks_ptr,
-    scalings_ptr,
-    layer,
-    first_target,
-    num_layers,
-    n_tiles,
-    n_group,
-    o0,
-    n0,
-    o1,
-    n1,
-    o2,
-    n2,
-    BLOCK_N: tl.constexpr,
-):
-    """A decode-form expand program's work (grid: segment x 1 x target * tile groups):
-    (token row, ranks entry, target, first tile, rank, scaling, first output column, width,
-    skip: nothing to add)."""
-    seg = tl.program_id(0)
-    groups = tl.cdiv(n_tiles, n_group)
-    t = tl.program_id(2) // groups
-    first_tile = (tl.program_id(2) % groups) * n_group
-    tok, rows, entry = _segment(seg_start_ptr, seg_slot_ptr, seg, layer, first_target, num_layers)
-    rank, scale, o, n, skip = _expand_target(
-        ranks_ptr, scalings_ptr, entry, t, first_tile, o0, n0, o1, n1, o2, n2, BLOCK_N
-    )
-    return tok, entry, t, first_tile, rank, scale, o, n, skip | (rows == 0)
-
-
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _expand_decode_kernel(
     y_ptr,
@@ -662,11 +629,15 @@ def _expand_decode_kernel(
     """One program: one single-token segment x one target x n_group tiles of BLOCK_N output
     columns, one after another (the segment's rank, scaling and B^T row offsets are looked
     up once for all of them: a program per tile spends most of its time on those lookups)."""
-    tok, entry, t, first_tile, rank, scale, o, n, skip = _decode_expand_program(
-        seg_start_ptr, seg_slot_ptr, ranks_ptr, scalings_ptr, layer, first_target, num_layers,
-        n_tiles, n_group, o0, n0, o1, n1, o2, n2, BLOCK_N,
-    )  # fmt: skip
-    if skip:
+    seg = tl.program_id(0)
+    groups = tl.cdiv(n_tiles, n_group)
+    t = tl.program_id(2) // groups
+    first_tile = (tl.program_id(2) % groups) * n_group
+    tok, rows, entry = _segment(seg_start_ptr, seg_slot_ptr, seg, layer, first_target, num_layers)
+    rank, scale, o, n, skip = _expand_target(
+        ranks_ptr, scalings_ptr, entry, t, first_tile, o0, n0, o1, n1, o2, n2, BLOCK_N
+    )
+    if skip | (rows == 0):
         return
     b_table = row_offsets_ptr + ((entry + t) * 2 + 1) * table_rank
     v_row = v_ptr + tok * stride_v_tok + t * R_PAD
@@ -692,10 +663,15 @@ def _expand_decode_kernel(
         v_mask = (splits[:, None] < split_k) & j_ok[None, :]
         vj = tl.sum(tl.load(v_ptrs, mask=v_mask, other=0.0), axis=0)  # all partials
         b_off = tl.multiple_of(tl.load(b_table + j, mask=j_ok, other=0), ROW_ALIGN)
-        _expand_tiles(
-            y_ptr, pool_ptr, b_off, vj, j_ok, tok, scale, o, n, first_tile, last_tile,
-            stride_y_tok, stride_y_n, BLOCK_N,
-        )  # fmt: skip
+        for n_tile in range(first_tile, last_tile):
+            cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = cols < n
+            y_ptrs = y_ptr + tok * stride_y_tok + (o + cols) * stride_y_n
+            y = tl.load(y_ptrs, mask=n_ok, other=0.0)
+            b_mask = j_ok[:, None] & n_ok[None, :]
+            b = tl.load(pool_ptr + b_off[:, None] + cols[None, :], mask=b_mask, other=0.0)
+            y = y.to(tl.float32) + scale * tl.sum(vj[:, None] * b.to(tl.float32), axis=0)
+            tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=n_ok)
     else:
         for n_tile in range(first_tile, last_tile):
             cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -715,36 +691,6 @@ def _expand_decode_kernel(
                 acc += vj[:, None] * b.to(tl.float32)
             y = y.to(tl.float32) + scale * tl.sum(acc, axis=0)
             tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=n_ok)
-
-
-@triton.jit
-def _expand_tiles(
-    y_ptr,
-    pool_ptr,
-    b_off,  # [BLOCK_R] B^T row offsets (masked rows: any)
-    vj,  # [BLOCK_R] fp32 v, 0 past the rank
-    j_ok,  # [BLOCK_R] row < rank
-    tok,
-    scale,
-    o,
-    n,
-    first_tile,
-    last_tile,
-    stride_y_tok,
-    stride_y_n,
-    BLOCK_N: tl.constexpr,
-):
-    """y[tok, o + cols] += scale * vj . B^T[:, cols] for output tiles first_tile..last_tile:
-    every rank row in one step, so each tile waits for one load (B^T, y beside it)."""
-    for n_tile in range(first_tile, last_tile):
-        cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = cols < n
-        y_ptrs = y_ptr + tok * stride_y_tok + (o + cols) * stride_y_n
-        y = tl.load(y_ptrs, mask=n_ok, other=0.0)
-        b_mask = j_ok[:, None] & n_ok[None, :]
-        b = tl.load(pool_ptr + b_off[:, None] + cols[None, :], mask=b_mask, other=0.0)
-        y = y.to(tl.float32) + scale * tl.sum(vj[:, None] * b.to(tl.float32), axis=0)
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
