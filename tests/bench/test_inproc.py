@@ -187,3 +187,43 @@ def test_admission_stats_count_passes_starts_and_adapter_waits(engine_args):
         getattr(stats, f"wait_{s}") for s in ("idle", "reading", "packed", "copying", "ready")
     )
     assert engine.adapters.stage(a2) == "ready" and engine.adapters.stage("nope") == "idle"
+
+
+def test_load_times_split_a_load_into_its_phases(engine_args):
+    engine = engine_args.create_engine()
+    register_adapters(engine, 2, (8,), QKVO)
+    get = engine.adapter_store.get
+
+    def slow_get(name):  # on an I/O thread: a slow read
+        time.sleep(0.05)
+        return get(name)
+
+    engine.adapter_store.get = slow_get
+    names = [adapter_name(i) for i in range(2)]
+    deadline = time.monotonic() + 30
+    while not all([engine.adapters.ensure(n) for n in names]):
+        assert time.monotonic() < deadline, "adapters did not load"
+        time.sleep(0.005)
+    for n in names:
+        assert engine.adapters.ensure(n)  # ready again: not counted twice
+    records = engine.adapters.load_times.records
+    assert len(records) == 2
+    for queued, reading, packed, copying in records:
+        assert min(queued, packed, copying) >= 0 and reading >= 0.05
+    times = engine.adapters.load_times.as_dict()
+    assert times["loads"] == 2 and times["reading_avg_ms"] >= 50
+    assert times["avg_ms"] >= times["reading_avg_ms"] and times["max_ms"] >= times["p50_ms"]
+    assert engine.adapters.load_times.as_dict(since=2) == {"loads": 0}
+    engine.shutdown()
+
+
+def test_load_times_summary():
+    from loraserve.engine.adapters import LoadTimes  # noqa: PLC0415
+
+    records = [(0.001, 0.002, 0.003, 0.004), (0.0, 0.010, 0.0, 0.0), (0.1, 0.0, 0.0, 0.0)]
+    times = LoadTimes(records).as_dict(since=1)
+    assert times["loads"] == 2
+    assert abs(times["avg_ms"] - 55) < 1e-9 and abs(times["max_ms"] - 100) < 1e-9
+    assert abs(times["p50_ms"] - 100) < 1e-9 and abs(times["p99_ms"] - 100) < 1e-9
+    assert abs(times["queued_avg_ms"] - 50) < 1e-9 and abs(times["reading_avg_ms"] - 5) < 1e-9
+    assert times["packed_avg_ms"] == times["copying_avg_ms"] == 0

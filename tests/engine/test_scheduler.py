@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from types import SimpleNamespace
 
 import pytest
 
@@ -197,6 +198,8 @@ def test_ttft_deadline_spares_preempted_requests(model_dir):
     params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
     for i in range(3):
         engine.add_request(list(range(3, 20)), params, request_id=str(i))
+        # on the fake clock (time.monotonic() is below its 1000 s on a machine up < 1000 s)
+        engine.scheduler.waiting[-1].arrival_time = clock.now
     outs = []
     while engine.has_unfinished():
         outs.extend(engine.step())
@@ -255,3 +258,56 @@ def test_admission_interval_holds_prompts_while_the_batch_is_nearly_full(model_d
     assert roomy.scheduler.schedule().requests[-1].request_id == "late"
     with pytest.raises(ValueError, match="admission_interval"):
         make_engine(model_dir, admission_interval=-1.0)
+
+
+class _ReadyCache:
+    """The adapter cache as admit_ready sees it: which adapters are ready, hit counts."""
+
+    def __init__(self, ready):
+        self.ready = set(ready)
+        self.stats = SimpleNamespace(gpu_hits=0, gpu_misses=0)
+
+    def is_ready(self, name):
+        return name in self.ready
+
+    def acquire(self, name):
+        return 0
+
+    def release(self, name):
+        pass
+
+
+def test_admit_ready_passes_over_adapters_not_ready_and_keeps_each_adapters_order():
+    """A step queued ahead admits every ready request within the lookahead, not only those
+    before the first one whose adapter is still loading (each admission is a prefill step)."""
+    import torch  # noqa: PLC0415
+
+    from loraserve.config import SchedulerConfig  # noqa: PLC0415
+    from loraserve.engine.scheduler import Scheduler  # noqa: PLC0415
+    from loraserve.memory.kv_cache import KVCacheManager  # noqa: PLC0415
+    from loraserve.memory.pool import PagePool  # noqa: PLC0415
+    from loraserve.request import Request  # noqa: PLC0415
+
+    kv = KVCacheManager(PagePool(64, 16, torch.float32, "cpu"), 4)
+    cache = _ReadyCache({"a", "c"})
+    adapters = SimpleNamespace(
+        cache=cache, stage=lambda name: "ready" if cache.is_ready(name) else "reading"
+    )
+    sched = Scheduler(SchedulerConfig(max_num_seqs=8), kv, adapters, watermark=0, lookahead=2)
+    params = SamplingParams(max_tokens=2)
+    order = ["a", "b", "c", "b", None, "a", "d", "c"]
+    for i, adapter in enumerate(order):
+        sched.add(Request(f"r{i}", [1, 2, 3], params, adapter=adapter))
+    batch = sched.admit_ready(budget=100)
+    # the lookahead counts requests passed over: r1 and r3 (adapter b), so it stops at r3
+    assert [r.request_id for r in batch.requests] == ["r0", "r2"]
+    assert sched.stats.adapter_waits == 1 and sched.stats.wait_reading == 1
+    sched.lookahead = 16
+    batch = sched.admit_ready(budget=100)
+    assert [r.request_id for r in batch.requests] == ["r4", "r5", "r7"]
+    assert [r.request_id for r in sched.waiting] == ["r1", "r3", "r6"]
+    assert sched.stats.admissions == 2 and sched.stats.started == 5
+    cache.ready.add("b")  # b's requests next, in order; d still waits
+    batch = sched.admit_ready(budget=100)
+    assert [r.request_id for r in batch.requests] == ["r1", "r3"]
+    assert cache.stats.gpu_hits == 6  # each admitted request with an adapter, once

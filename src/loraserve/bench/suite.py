@@ -40,6 +40,7 @@ from loraserve.bench.workload import (
     prompt_token_ids,
 )
 from loraserve.config import ModelConfig, parse_dtype
+from loraserve.engine.adapters import PHASES
 from loraserve.engine.args import EngineArgs
 from loraserve.engine.engine import LLMEngine, resolve_model_path
 from loraserve.memory.pool import PageKind
@@ -507,6 +508,13 @@ def format_run(where: str, r: dict[str, Any]) -> str:
                 f" (I/O threads busy {loads['io_thread_s']:.1f} s; "
                 f"{loads['staging_allocations']} staging buffers made in "
                 f"{loads['staging_alloc_s']:.2f} s)"
+            )
+        times = loads.get("load_times") or {}
+        if times.get("loads"):
+            line += (
+                f"\n    adapter loads asked -> ready: avg {times['avg_ms']:.1f} ms, p50 "
+                f"{times['p50_ms']:.1f}, p99 {times['p99_ms']:.1f}, max {times['max_ms']:.1f} "
+                "(avg ms: " + ", ".join(f"{p} {times[f'{p}_avg_ms']:.1f}" for p in PHASES) + ")"
             )
     admission = r.get("admission") or {}
     if admission.get("admissions"):

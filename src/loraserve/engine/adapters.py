@@ -21,6 +21,7 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import torch
 
@@ -51,6 +52,40 @@ def _one_cpu_thread() -> None:
     set_threads(1)
 
 
+PHASES = ("queued", "reading", "packed", "copying")
+
+
+@dataclass
+class LoadTimes:
+    """Where the loads that reached "ready" spent their time, as the engine thread saw it,
+    one (queued, reading, packed, copying) record of seconds per load:
+
+    - queued: asked for (prefetch or admission) -> an I/O thread took it;
+    - reading: on the I/O thread, read or generated, and packed;
+    - packed: packed -> given pool pages by the engine thread's next ``ensure``;
+    - copying: pages given -> its copy seen finished by an ``ensure``.
+
+    A load that found no room in the pool and was asked for again counts from its first
+    ask (in ``queued``)."""
+
+    records: list[tuple[float, float, float, float]] = field(default_factory=list)
+
+    def as_dict(self, since: int = 0) -> dict[str, float]:
+        """Milliseconds over the loads after the first ``since``: the average of each phase,
+        and the average, median, p99 and max of asked -> ready."""
+        records = self.records[since:]
+        if not records:
+            return {"loads": 0}
+        n = len(records)
+        totals = sorted(sum(r) for r in records)
+        out: dict[str, float] = {"loads": n, "avg_ms": 1e3 * sum(totals) / n}
+        for name, q in (("p50_ms", 0.5), ("p99_ms", 0.99), ("max_ms", 1.0)):
+            out[name] = 1e3 * totals[min(n - 1, int(q * n))]
+        for i, phase in enumerate(PHASES):
+            out[f"{phase}_avg_ms"] = 1e3 * sum(r[i] for r in records) / n
+        return out
+
+
 class AdapterLoadError(RuntimeError):
     """An adapter that was registered but cannot be loaded (bad file, shapes, rank)."""
 
@@ -75,6 +110,10 @@ class AdapterManager:
         self._failed: dict[str, str] = {}
         self._io_lock = threading.Lock()
         self._io_seconds = 0.0
+        # name -> perf_counter() times of a load under way: asked, thread start, packed,
+        # given pages (under _io_lock: the I/O threads write the middle two)
+        self._timeline: dict[str, list[float]] = {}
+        self.load_times = LoadTimes()
 
     def __contains__(self, name: str) -> bool:
         return name in self.store
@@ -85,7 +124,7 @@ class AdapterManager:
         if name in self._failed:
             raise AdapterLoadError(self._failed[name])
         if name in self.cache:
-            return self.cache.is_ready(name)
+            return self._ready(name)
         packed = self._packed(name)
         if packed is None:
             return False
@@ -97,7 +136,37 @@ class AdapterManager:
                 name,
                 f"it needs {need} pages and the page pool has {have}: give the pool more memory",
             )
-        return loaded and self.cache.is_ready(name)
+        if loaded:
+            self._mark(name, 3)
+        return loaded and self._ready(name)
+
+    def _mark(self, name: str, phase: int) -> None:
+        """Time phase ``phase`` (0 asked, 1 thread start, 2 packed, 3 given pages) of
+        ``name``'s load; asked keeps its first time across retries."""
+        now = time.perf_counter()
+        with self._io_lock:
+            times = self._timeline.get(name)
+            if phase == 0:
+                if times is None:
+                    self._timeline[name] = [now, now, now, now]
+            elif times is not None:
+                times[phase] = now
+
+    def _ready(self, name: str) -> bool:
+        if not self.cache.is_ready(name):
+            return False
+        with self._io_lock:
+            times = self._timeline.pop(name, None)
+        if times is not None:
+            asked, started, packed, paged = times
+            record = (
+                started - asked,
+                packed - started,
+                paged - packed,
+                time.perf_counter() - paged,
+            )
+            self.load_times.records.append(record)
+        return True
 
     def stage(self, name: str) -> str:
         """Where an adapter is on its way to the pool: "ready"; "copying" (resident, its copy
@@ -127,6 +196,7 @@ class AdapterManager:
         """The packed host copy if available now; otherwise start making it, return None."""
         future = self._fetching.get(name)
         if future is None:
+            self._mark(name, 0)
             if self._executor is None:
                 return self._read(name)
             self._fetching[name] = self._executor.submit(self._pack, name)
@@ -140,10 +210,12 @@ class AdapterManager:
             self._fail(name, str(e))
 
     def _pack(self, name: str) -> PackedAdapter:
+        self._mark(name, 1)
         start = time.perf_counter()
         try:
             return self.cache.pack(self.store.get(name))
         finally:
+            self._mark(name, 2)
             with self._io_lock:
                 self._io_seconds += time.perf_counter() - start
 
@@ -162,6 +234,8 @@ class AdapterManager:
             self._fail(name, str(e))
 
     def _fail(self, name: str, message: str) -> None:
+        with self._io_lock:
+            self._timeline.pop(name, None)
         logger.error("adapter %r cannot be loaded: %s", name, message)
         self._failed[name] = f"adapter {name!r} cannot be loaded: {message}"
         raise AdapterLoadError(self._failed[name])
@@ -169,6 +243,8 @@ class AdapterManager:
     def forget(self, name: str) -> None:
         """Drop every trace of an adapter (after unregistering it)."""
         self._failed.pop(name, None)
+        with self._io_lock:
+            self._timeline.pop(name, None)
         future = self._fetching.pop(name, None)
         if future is not None:
             future.add_done_callback(self._discard)

@@ -416,8 +416,8 @@ class LLMEngine:
             budget = self.config.scheduler.max_num_batched_tokens - len(requests)
             prompts = sched.admit_ready(budget)
             if not prompts.requests:
-                # The queue's head is not ready (or does not fit): the next call schedules
-                # normally (adapter loads, lookahead past it, failures).
+                # No waiting prompt is ready (or the first ready one does not fit): the next
+                # call schedules normally (adapter loads, failures).
                 return None
             for r, n in zip(prompts.requests, prompts.num_scheduled, strict=True):
                 batch.add(r, n)

@@ -236,19 +236,30 @@ class Scheduler:
         return next(iter(not_ready), None)
 
     def admit_ready(self, budget: int) -> ScheduledBatch:
-        """Admit waiting prompts for a step queued ahead (LLMEngine._launch_next): in arrival
-        order, stopping at the first one whose adapter is not resident and copied yet (no
-        load starts here, nothing fails), or that the token budget, a sequence slot or its
-        pages cannot take."""
+        """Admit waiting prompts for a step queued ahead (LLMEngine._launch_next), in arrival
+        order, as ``_schedule_waiting`` does but without starting loads or failing anything:
+        a request whose adapter is not resident and copied yet is passed over (with every
+        later request of that adapter, so each adapter's requests keep their order), at most
+        ``lookahead`` of them; the pass stops at the first request that the token budget, a
+        sequence slot or its pages cannot take.
+
+        Stopping at the first not-ready adapter instead left the ready requests behind it
+        for another pass, and each pass is a prefill step: at S1's n = 2000 saturation that
+        made 314 admissions of 6.5 requests against the base model's 262 of 8.5."""
         batch = ScheduledBatch()
         cache = self.adapters.cache
+        skipped = 0
+        not_ready: dict[str, None] = {}  # (in queue order)
         for request in list(self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             if request.adapter is not None:
-                if not cache.is_ready(request.adapter):
-                    self.stats.adapter_wait(self.adapters.stage(request.adapter))
-                    break
+                if request.adapter in not_ready or not cache.is_ready(request.adapter):
+                    not_ready[request.adapter] = None
+                    skipped += 1
+                    if skipped >= self.lookahead:
+                        break
+                    continue
                 if not request.adapter_looked_up:  # as _adapter_ready counts it
                     request.adapter_looked_up = True
                     cache.stats.gpu_hits += 1
@@ -260,6 +271,9 @@ class Scheduler:
                 break
             self._start(request, batch, n)
             budget -= n
+        waited = next(iter(not_ready), None)
+        if waited is not None:
+            self.stats.adapter_wait(self.adapters.stage(waited))
         self.stats.admissions += bool(batch.requests)
         return batch
 
