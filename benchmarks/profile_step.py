@@ -53,6 +53,7 @@ def build(args: argparse.Namespace):
         # pure decode step that way)
         prefill_batch_window=0.0,
         admission_interval=0.0,
+        overlap_steps=not args.no_overlap,
     ).create_engine()
     # (--io-load packs adapters IO_FIRST.. on the I/O threads' side: registered, not loaded)
     count = IO_FIRST + IO_NAMES if args.io_load else max(args.batches)
@@ -189,7 +190,16 @@ def scenario(engine, args, batch: int, lora: bool, out_dir: Path) -> dict:
     sync_on = torch.cuda.is_available()
     if args.mixed_decode_graphs:  # the decode rows of the mixed step replay the graphs
         runner.graphs = graphs
-    mixed_ms, mixed_device_ms = mixed_step("a")
+    # --mixed-reps mixed steps, each with new prompts that are aborted after it (the batch
+    # stays at ``batch``): the median, and every rep, of host and device time
+    reps = []
+    for rep in range(args.mixed_reps):
+        first = len(ids)
+        reps.append(mixed_step(f"r{rep}-"))
+        for rid in ids[first:]:
+            engine.abort(rid)
+    mixed_ms = statistics.median(wall for wall, _ in reps)
+    mixed_device_ms = statistics.median(d for _, d in reps) if sync_on else None
     with torch.profiler.profile(activities=activities) as prof:
         mixed_step("b")
     name = f"profile_mixed_{'lora' if lora else 'base'}_b{batch}.txt"
@@ -209,6 +219,7 @@ def scenario(engine, args, batch: int, lora: bool, out_dir: Path) -> dict:
         "eager_step_ms": eager_ms,
         "mixed_step_ms": mixed_ms,
         "mixed_step_device_ms": mixed_device_ms,
+        "mixed_step_reps_ms": reps,
         "mixed_prompts": args.mixed_prompts,
         **io,
     }
@@ -269,6 +280,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument(
         "--mixed-prompts", type=int, default=1, help="new prompts in the mixed step"
+    )
+    parser.add_argument(
+        "--mixed-reps", type=int, default=3, help="mixed steps timed (median reported)"
+    )
+    parser.add_argument(
+        "--no-overlap",
+        action="store_true",
+        help="engine option --no-overlap-steps: a step's device time is its own (an overlapped "
+        "step also queues the next decode step before it returns)",
     )
     parser.add_argument("--scenarios", default="base,lora", help="base,lora | lora | base")
     parser.add_argument("--ranks", default="64,32,16,8")
