@@ -227,3 +227,37 @@ def test_load_times_summary():
     assert abs(times["p50_ms"] - 100) < 1e-9 and abs(times["p99_ms"] - 100) < 1e-9
     assert abs(times["queued_avg_ms"] - 50) < 1e-9 and abs(times["reading_avg_ms"] - 5) < 1e-9
     assert times["packed_avg_ms"] == times["copying_avg_ms"] == 0
+
+
+def test_load_times_count_a_load_seen_ready_by_admission_once_and_restart_after_eviction(
+    engine_args,
+):
+    engine = engine_args.create_engine()
+    register_adapters(engine, 1, (8,), QKVO)
+    name = adapter_name(0)
+    manager, cache = engine.adapters, engine.adapter_cache
+    is_ready = cache.is_ready
+
+    def load_until_copying():  # the copy to the pool "in flight" (immediate on the CPU)
+        cache.is_ready = lambda n: False
+        deadline = time.monotonic() + 30
+        while manager.stage(name) != "copying":
+            assert time.monotonic() < deadline, "the adapter did not load"
+            manager.ensure(name)
+            time.sleep(0.005)
+        cache.is_ready = is_ready
+
+    load_until_copying()
+    assert manager.is_ready(name) and manager.ensure(name)  # as admit_ready sees it
+    assert len(manager.load_times.records) == 1
+    # given pages, then dropped before anyone saw it ready: the next load starts over
+    cache.evict(name)
+    load_until_copying()
+    cache.evict(name)
+    time.sleep(0.05)
+    asked = time.perf_counter()
+    load_until_copying()
+    assert manager.is_ready(name)
+    (*_, record) = manager.load_times.records
+    assert len(manager.load_times.records) == 2 and sum(record) <= time.perf_counter() - asked
+    engine.shutdown()

@@ -5,6 +5,7 @@ could not know in advance, aborts, late arrivals, and no page left behind."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections import Counter
 
@@ -394,3 +395,35 @@ def test_overlap_admission_with_a_queue(setup, num_pages):
         check_computed(engine)
     else:
         assert sum(o.num_preemptions for o in plain.values()) > 0  # the pressure is real
+
+
+@pytest.mark.parametrize("overlap_admission", [True, False])
+def test_launch_stats_count_steps_queued_ahead_and_why_not(setup, overlap_admission):
+    """``LLMEngine.launch_stats``: a step queued behind the previous one counts as ahead;
+    every other step launched while requests ran says why it could not be queued."""
+    requests = workload(n=8, seed=8)
+    engine = make_engine(setup, overlap=True, overlap_admission=overlap_admission, max_num_seqs=4)
+    warm_adapters(engine)
+    calls = count_continued(engine)
+    # Adapter b never ready to admission ahead (its copy "in flight" as admit_ready looks):
+    # its prompts start only in normal steps, which find it resident through ensure
+    is_ready = engine.adapters.is_ready
+    engine.adapters.is_ready = lambda name: name != "b" and is_ready(name)
+    before = dataclasses.asdict(engine.launch_stats)
+    for i, (prompt, params, adapter) in enumerate(requests):
+        engine.add_request(prompt, params, request_id=str(i), adapter=adapter)
+    while engine.has_unfinished():
+        engine.step()
+    stats = engine.launch_stats
+    after = dataclasses.asdict(stats)
+    delta = {k: after[k] - before[k] for k in after}
+    assert delta["ahead"] == calls[1] > 0  # runner.launch_next: the steps queued ahead
+    reasons = {k: v for k, v in delta.items() if k != "ahead"}
+    # every step the engine launched after collecting the one before (all but the first)
+    assert sum(reasons.values()) == calls[0] - 1
+    if overlap_admission:
+        assert delta["not_ahead_admission_off"] == 0
+        assert delta["not_ahead_no_ready_prompt"] > 0  # b's prompts waited for b
+    else:
+        assert delta["not_ahead_admission_off"] > 0
+        assert delta["not_ahead_no_ready_prompt"] == 0

@@ -291,7 +291,9 @@ def test_admit_ready_passes_over_adapters_not_ready_and_keeps_each_adapters_orde
     kv = KVCacheManager(PagePool(64, 16, torch.float32, "cpu"), 4)
     cache = _ReadyCache({"a", "c"})
     adapters = SimpleNamespace(
-        cache=cache, stage=lambda name: "ready" if cache.is_ready(name) else "reading"
+        cache=cache,
+        is_ready=cache.is_ready,
+        stage=lambda name: "ready" if cache.is_ready(name) else "reading",
     )
     sched = Scheduler(SchedulerConfig(max_num_seqs=8), kv, adapters, watermark=0, lookahead=2)
     params = SamplingParams(max_tokens=2)

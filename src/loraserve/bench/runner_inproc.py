@@ -214,6 +214,7 @@ class InprocDriver:
         alloc0 = allocator_counts(self.engine.device)
         passes0 = forward_passes(self.engine)
         admission0 = dataclasses.replace(self.engine.scheduler.stats)
+        launches0 = dataclasses.asdict(self.engine.launch_stats)
         if self.options.host_profile:
             self.sampler = StackSampler(root=ENGINE_STEP).start()
         with tqdm(
@@ -250,6 +251,8 @@ class InprocDriver:
                 "cuda_allocator": _delta(alloc0, allocator_counts(self.engine.device)),
                 "forward_passes": _delta(passes0, forward_passes(self.engine)),
                 "admission": _admission(admission0, self.engine.scheduler.stats),
+                # steps queued behind the previous one vs launched after it, and why not
+                "launches": _delta(launches0, dataclasses.asdict(self.engine.launch_stats)),
                 **({"host_profile": profile} if profile is not None else {}),
             },
         )

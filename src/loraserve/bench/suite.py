@@ -531,6 +531,15 @@ def format_run(where: str, r: dict[str, Any]) -> str:
                 + ", ".join(f"{stage} {admission.get(f'wait_{stage}', 0)}" for stage in stages)
                 + ")"
             )
+    launches = r.get("launches") or {}
+    if launches:
+        reasons = {k[len("not_ahead_") :]: v for k, v in launches.items() if k != "ahead"}
+        line += (
+            f"\n    launches: {launches['ahead']} steps queued behind the previous one, "
+            f"{sum(reasons.values())} launched after its results came back (why: "
+            + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in reasons.items())
+            + ")"
+        )
     decode = r.get("decode") or {}
     if decode.get("decode_steps"):
         line += (

@@ -147,10 +147,17 @@ class AdapterManager:
         with self._io_lock:
             times = self._timeline.get(name)
             if phase == 0:
-                if times is None:
+                # fresh unless a retry after a load that found no room (never given pages);
+                # one given pages and dropped before anyone saw it ready starts over
+                if times is None or times[3] != times[0]:
                     self._timeline[name] = [now, now, now, now]
             elif times is not None:
                 times[phase] = now
+
+    def is_ready(self, name: str) -> bool:
+        """Resident and copied (no load starts here); as ``ensure`` does, the first call that
+        finds a load ready records its ``load_times``."""
+        return name in self.cache and self._ready(name)
 
     def _ready(self, name: str) -> bool:
         if not self.cache.is_ready(name):

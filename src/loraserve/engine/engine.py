@@ -75,6 +75,29 @@ class StepTiming:
         return self.schedule + self.launch + self.prefetch + self.wait + self.finish
 
 
+@dataclass
+class LaunchStats:
+    """How steps were launched, counted since the engine was made (with ``overlap_steps``):
+    ``ahead`` steps were queued behind the step before them, so the device found them
+    waiting; the other steps were launched only after the previous one's results came
+    back (the device idle for the host's finish, schedule and launch), by why the step
+    before could not queue them (``LLMEngine._launch_next``)."""
+
+    ahead: int = 0
+    # prompts to admit, and overlapped admission off (or a first-token deadline set)
+    not_ahead_admission_off: int = 0
+    # the running set changed: a request admitted, preempted or mid-prefill last step
+    not_ahead_batch_changed: int = 0
+    not_ahead_no_graph: int = 0  # the decode batch has no graph (too large)
+    not_ahead_no_page: int = 0  # a running request's next page not free without preempting
+    # prompts to admit, none of them ready (adapter still loading) or fitting
+    not_ahead_no_ready_prompt: int = 0
+
+    def not_ahead(self, reason: str) -> None:
+        name = f"not_ahead_{reason}"
+        setattr(self, name, getattr(self, name) + 1)
+
+
 class LLMEngine:
     def __init__(
         self,
@@ -115,6 +138,7 @@ class LLMEngine:
         self.last_step = StepTiming(0.0, 0.0, 0.0, 0.0, 0.0)  # of the latest step()
         # A decode step launched behind the one the latest step() returned (overlap_steps).
         self._inflight: tuple[ScheduledBatch, PendingStep] | None = None
+        self.launch_stats = LaunchStats()
         self.sampler = Sampler(self.device, seed=config.seed)
         self.runner = ModelRunner(
             model,
@@ -347,6 +371,7 @@ class LLMEngine:
             scheduled, pending = inflight
             outputs = []
             t1 = t0
+            self.launch_stats.ahead += 1
         if self.config.overlap_steps and pending.samples is not None:
             self._inflight = self._launch_next(pending)
         t2 = clock()
@@ -391,12 +416,15 @@ class LLMEngine:
         admit = bool(sched.waiting) and (
             self.config.scheduler.ttft_deadline is not None or not sched.holds_prompts()
         )
+        stats = self.launch_stats
         if admit and (
             not self.config.overlap_admission or self.config.scheduler.ttft_deadline is not None
         ):
+            stats.not_ahead("admission_off")
             return None
         rows = {id(r) for r in pending.sampled}
         if any(id(r) not in rows for r in sched.running):
+            stats.not_ahead("batch_changed")
             return None
         requests = [
             r
@@ -405,10 +433,14 @@ class LLMEngine:
             and len(r.output_token_ids) + 1 < r.params.max_tokens
             and r.num_tokens + 1 < self.max_model_len
         ]
-        if not self.runner.fits_graphs(len(requests)) or not (requests or admit):
+        if not (requests or admit):
+            return None  # nothing left to run
+        if not self.runner.fits_graphs(len(requests)):
+            stats.not_ahead("no_graph")
             return None
         for r in requests:  # one more token: the one ``pending`` samples
             if not self.kv.allocate(r, r.num_tokens + 1):
+                stats.not_ahead("no_page")
                 return None  # no preemption on a guess: the next call schedules normally
         batch = ScheduledBatch(list(requests), [1] * len(requests))
         prompts = None
@@ -418,6 +450,7 @@ class LLMEngine:
             if not prompts.requests:
                 # No waiting prompt is ready (or the first ready one does not fit): the next
                 # call schedules normally (adapter loads, failures).
+                stats.not_ahead("no_ready_prompt")
                 return None
             for r, n in zip(prompts.requests, prompts.num_scheduled, strict=True):
                 batch.add(r, n)

@@ -254,7 +254,7 @@ class Scheduler:
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             if request.adapter is not None:
-                if request.adapter in not_ready or not cache.is_ready(request.adapter):
+                if request.adapter in not_ready or not self.adapters.is_ready(request.adapter):
                     not_ready[request.adapter] = None
                     skipped += 1
                     if skipped >= self.lookahead:
