@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import threading
 from collections import Counter
 
 import pytest
@@ -427,3 +428,45 @@ def test_launch_stats_count_steps_queued_ahead_and_why_not(setup, overlap_admiss
     else:
         assert delta["not_ahead_admission_off"] > 0
         assert delta["not_ahead_no_ready_prompt"] == 0
+
+
+def test_decode_steps_queue_ahead_while_the_queues_adapters_load(setup):
+    """Prompts waiting only for adapters an I/O thread is still reading do not stop the
+    running batch's steps from queueing ahead; once loaded they start, and every output is
+    the plain loop's. An adapter that fails to load still fails its requests."""
+    requests = workload(n=6, seed=3)
+    plain = drive(warm_adapters(make_engine(setup, overlap=False)), requests)
+    engine = make_engine(setup, overlap=True, overlap_admission=True)
+    warm_adapters(engine)
+    engine.adapter_cache.evict("b")  # b's requests must wait for its load
+    gate = threading.Event()
+    pack = engine.adapters._pack
+    engine.adapters._pack = lambda name: (name != "b" or gate.wait(30)) and pack(name)
+    # b's requests first: the queue's head waits for b while a's and base rows decode
+    order = sorted(range(len(requests)), key=lambda i: requests[i][2] != "b")
+    for i in order:
+        prompt, params, adapter = requests[i]
+        engine.add_request(prompt, params, request_id=str(i), adapter=adapter)
+    outs = {}
+    for _ in range(6):
+        outs.update({o.request_id: o for o in engine.step()})
+    stats = engine.launch_stats
+    assert engine.adapters.stage("b") == "reading" and stats.ahead_while_loading > 0
+    gate.set()
+    while engine.has_unfinished():
+        outs.update({o.request_id: o for o in engine.step()})
+        engine.check_integrity()
+    assert_same(outs, plain)
+
+    engine.add_adapter("broken", setup[1]["a"])
+    engine.adapters._pack = lambda name: (_ for _ in ()).throw(ValueError("bad file"))
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    engine.add_request([5, 6, 7], params, request_id="base")
+    engine.step()
+    engine.add_request([5, 6, 8], params, request_id="bad", adapter="broken")
+    final = {}
+    while engine.has_unfinished():
+        final.update({o.request_id: o for o in engine.step() if o.finished})
+    assert final["bad"].finish_reason == "error" and "bad file" in final["bad"].error
+    assert final["base"].finish_reason == "length"
+    assert list(final) == ["bad", "base"]  # failed at once, not when the batch emptied

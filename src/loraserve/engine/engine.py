@@ -84,6 +84,8 @@ class LaunchStats:
     before could not queue them (``LLMEngine._launch_next``)."""
 
     ahead: int = 0
+    # ... of which queued with prompts waiting for adapters still loading (no prompt ready)
+    ahead_while_loading: int = 0
     # prompts to admit, and overlapped admission off (or a first-token deadline set)
     not_ahead_admission_off: int = 0
     # the running set changed: a request admitted, preempted or mid-prefill last step
@@ -405,7 +407,9 @@ class LLMEngine:
         Only when the next step would be that decode batch anyway: every running request
         samples a token in ``pending`` (no prompt is left half prefilled), no prompt would be
         admitted (none waiting, no free sequence slot, or the prefill window / admission
-        interval holds them: they join one step later than the window says at most), and
+        interval holds them: they join one step later than the window says at most) unless
+        with overlap_admission (ready prompts join the step; with none ready, it is queued
+        while the queue's adapters are all still loading: ``Scheduler.only_loading``), and
         each request's next page can be had without preempting. Requests whose
         ``pending`` token is their last by length (max_tokens, max_model_len) are left out;
         one that stops on a token (EOS, a stop string) only learns it after this step is
@@ -447,13 +451,20 @@ class LLMEngine:
         if admit:  # (overlap_admission) prompts whose adapters are ready, after those rows
             budget = self.config.scheduler.max_num_batched_tokens - len(requests)
             prompts = sched.admit_ready(budget)
-            if not prompts.requests:
-                # No waiting prompt is ready (or the first ready one does not fit): the next
-                # call schedules normally (adapter loads, failures).
+            if prompts.requests:
+                for r, n in zip(prompts.requests, prompts.num_scheduled, strict=True):
+                    batch.add(r, n)
+            elif requests and self.config.lora.prefetch and sched.only_loading():
+                # The queue's adapters are all on their way, moved on by each step's
+                # prefetch: decode ahead meanwhile (a normal pass would only wait with the
+                # device idle for its launch).
+                stats.ahead_while_loading += 1
+                prompts = None
+            else:
+                # No waiting prompt is ready (or the first ready one does not fit), and a
+                # normal pass has work: adapter loads to start, failures to report.
                 stats.not_ahead("no_ready_prompt")
                 return None
-            for r, n in zip(prompts.requests, prompts.num_scheduled, strict=True):
-                batch.add(r, n)
         return batch, self.runner.launch_next(pending, requests, prompts)
 
     def _fail(self, request: Request) -> RequestOutput:

@@ -277,6 +277,22 @@ class Scheduler:
         self.stats.admissions += bool(batch.requests)
         return batch
 
+    def only_loading(self) -> bool:
+        """Every request within the lookahead waits for an adapter that is on its way to the
+        pool (an I/O thread reading it, packed, or its copy in flight): nothing for a
+        normal scheduling pass to do that the prefetch does not (no load to start, no
+        failure to report, no ready request that did not fit)."""
+        if self.adapters is None or not self.waiting:
+            return False
+        for i, request in enumerate(self.waiting):
+            if i >= self.lookahead:
+                break
+            if request.adapter is None:
+                return False
+            if self.adapters.stage(request.adapter) not in ("reading", "packed", "copying"):
+                return False
+        return True
+
     def _start(self, request: Request, batch: ScheduledBatch, n: int) -> None:
         """Move an admitted request from the queue into the batch."""
         self.waiting.remove(request)
