@@ -14,7 +14,7 @@ from loraserve.bench.adapters import (
     register_adapters,
 )
 from loraserve.bench.runner_inproc import InprocDriver, RunOptions
-from loraserve.bench.suite import bench_requests
+from loraserve.bench.suite import bench_requests, format_run
 from loraserve.bench.workload import QKVO, WorkloadConfig, adapter_name
 from loraserve.request import SamplingParams
 
@@ -75,6 +75,17 @@ def test_driver_end_to_end(engine_args):
     passes = result["forward_passes"]  # no graphs on the CPU: every pass eager, one a step
     assert passes["decode_graph"] == passes["prefill_graph"] == 0
     assert passes["eager"] == sum(steps[k]["steps"] for k in ("decode", "mixed"))
+    launches = result["launches"]  # no graphs: no step queued ahead, each says so
+    assert launches["ahead"] == launches["ahead_while_loading"] == 0
+    assert launches["not_ahead_no_graph"] > 0
+    assert launches["not_ahead_no_graph"] == sum(
+        v for k, v in launches.items() if k.startswith("not_ahead_")
+    )
+    times = result["adapter_loads"]["load_times"]
+    assert times["loads"] == result["adapter_loads"]["gpu_loads"] > 0
+    assert times["avg_ms"] >= times["reading_avg_ms"] >= 0
+    text = format_run("tiny", result)
+    assert "launches: 0 steps queued" in text and "adapter loads asked -> ready" in text
     # every admission's prompts prefill whole in the step that admits them (no chunks)
     assert passes["prompt_steps"] == admission["admissions"]
     alloc = result["cuda_allocator"]  # torch's caching allocator events during the run

@@ -533,12 +533,13 @@ def format_run(where: str, r: dict[str, Any]) -> str:
             )
     launches = r.get("launches") or {}
     if launches:
-        reasons = {k[len("not_ahead_") :]: v for k, v in launches.items() if k != "ahead"}
+        prefix = "not_ahead_"
+        reasons = {k[len(prefix) :]: v for k, v in launches.items() if k.startswith(prefix)}
         line += (
-            f"\n    launches: {launches['ahead']} steps queued behind the previous one, "
-            f"{sum(reasons.values())} launched after its results came back (why: "
-            + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in reasons.items())
-            + ")"
+            f"\n    launches: {launches['ahead']} steps queued behind the previous one "
+            f"({launches.get('ahead_while_loading', 0)} with prompts waiting for adapters "
+            f"still loading), {sum(reasons.values())} launched after its results came back "
+            "(why: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in reasons.items()) + ")"
         )
     decode = r.get("decode") or {}
     if decode.get("decode_steps"):
