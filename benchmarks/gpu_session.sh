@@ -37,6 +37,8 @@
 #   attention   split-KV vs one-pass decode attention                             (1)
 #   s2n100      S2 n=100 R=10 120 s with base and PEFT                            (7)
 #   profile_mixed  batch 240 with adapters: decode and mixed (8 prompts) steps     (4)
+#   mixed_s1, mixed_s2  base vs LoRA device time of a graphed decode step and a mixed
+#               step (5 prompts x 430) at S1's / S2's saturated n=2000 batch    (3 / 9)
 #   profile_mixed_split  the same with the mixed step's decode rows graphed         (4)
 #   profile_io  batch 240 + 4 prompts: mixed steps with the adapter I/O threads idle, then
 #               packing S2 adapters back to back: engine-thread contention?  (4; give
@@ -151,6 +153,16 @@ for part in "$@"; do
       timeout 300 python benchmarks/profile_step.py --model llama-7b --batches 240 --context 256 \
         --steps 10 --mixed-prompts 8 --scenarios lora "${split[@]}" --out-dir "$OUT/prof" \
         2>&1 | grep '^{'
+      tar czf "$OUT/${part}.tgz" -C "$OUT" prof && rm -r "$OUT/prof" ;;
+    mixed_s1|mixed_s2)  # LoRA's device time in a saturated run's decode and mixed steps:
+      # graph replay and a mixed step of 5 prompts x 430 tokens, base vs LoRA, no overlap
+      # (a step's device time is its own), median of 5 mixed steps. S2's LoRA half loads
+      # 246 adapters (~15 GB) before it times anything: over 320 s in session 12.
+      if [[ $part == mixed_s1 ]]; then pts=(--batches 237 --ranks 8); t=240
+      else pts=(--batches 246 --ranks 64,32,16,8); t=540; fi
+      timeout $t python benchmarks/profile_step.py --model llama-7b "${pts[@]}" --context 430 \
+        --steps 20 --mixed-prompts 5 --mixed-reps 5 --mixed-decode-graphs 64 --no-overlap \
+        --out-dir "$OUT/prof" 2>&1 | grep '^{'
       tar czf "$OUT/${part}.tgz" -C "$OUT" prof && rm -r "$OUT/prof" ;;
     profile_io)  # mixed steps with the adapter I/O threads idle vs packing (contention?)
       timeout 240 python benchmarks/profile_step.py --model llama-7b --batches 240 --context 256 \
