@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -74,7 +75,9 @@ def test_driver_end_to_end(engine_args):
     assert admission["adapter_waits"] >= 0
     passes = result["forward_passes"]  # no graphs on the CPU: every pass eager, one a step
     assert passes["decode_graph"] == passes["prefill_graph"] == 0
-    assert passes["eager"] == sum(steps[k]["steps"] for k in ("decode", "mixed"))
+    assert passes["eager"] == sum(steps[k]["steps"] for k in ("decode", "mixed", "changed"))
+    # a step with prompt rows is one where a request got its first token
+    assert steps["mixed"]["steps"] == passes["prompt_steps"]
     launches = result["launches"]  # no graphs: no step queued ahead, each says so
     assert launches["ahead"] == launches["ahead_while_loading"] == 0
     assert launches["not_ahead_no_graph"] > 0
@@ -271,4 +274,27 @@ def test_load_times_count_a_load_seen_ready_by_admission_once_and_restart_after_
     assert manager.is_ready(name)
     (*_, record) = manager.load_times.records
     assert len(manager.load_times.records) == 2 and sum(record) <= time.perf_counter() - asked
+    engine.shutdown()
+
+
+def test_step_kinds_with_steps_queued_ahead(engine_args):
+    """With decode steps queued ahead (graphs, overlapped steps, admission ahead), the step
+    that queues a prompt step behind it returns decode rows only: it counts as "changed",
+    and "mixed" counts exactly the steps that computed prompts."""
+    args = dataclasses.replace(
+        engine_args,
+        cuda_graph_max_batch=8,
+        overlap_steps=True,
+        overlap_admission=True,
+        prefill_batch_window=0.0,
+        admission_interval=0.0,
+    )
+    engine = args.create_engine()
+    register_adapters(engine, WORKLOAD.num_adapters, (8, 4), QKVO)
+    requests = bench_requests(WORKLOAD, engine.config.model.vocab_size, None)
+    result = InprocDriver(engine, requests, RunOptions(progress=False)).run().result()
+    steps, passes = result["steps"], result["forward_passes"]
+    assert result["completed"] == 20
+    assert steps["changed"]["steps"] > 0 and result["launches"]["ahead"] > 0
+    assert steps["mixed"]["steps"] == passes["prompt_steps"]
     engine.shutdown()

@@ -44,7 +44,12 @@ def test_lora_extra_models_the_run_without_adapters_at_base_rate():
 
 def test_throughput_at_adapter_floor_takes_the_excess_off_every_step_with_decode_rows():
     extra = {"extra_ms": 3.0, "adapter_floor_ms": 1.0}  # 2 ms too slow per step
-    steps = {"decode": {"steps": 1000}, "mixed": {"steps": 500}, "empty": {"steps": 99}}
+    steps = {
+        "decode": {"steps": 1000},
+        "mixed": {"steps": 400},
+        "changed": {"steps": 100},
+        "empty": {"steps": 99},
+    }
     run = {"completed": 100, "wall_time_s": 10.0, "steps": steps}
     assert throughput_at_adapter_floor(run, extra) == pytest.approx(100 / (10.0 - 3.0))
     faster = {"extra_ms": 0.5, "adapter_floor_ms": 1.0}  # already under its floor: as run

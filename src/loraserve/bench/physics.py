@@ -114,11 +114,11 @@ def lora_extra(decode: dict[str, Any], base: dict[str, Any]) -> dict[str, Any] |
 def throughput_at_adapter_floor(run: dict[str, Any], extra: dict[str, Any]) -> float | None:
     """The run's req/s had LoRA cost only its adapter bytes: the same completed requests in
     the wall time less (extra - adapter floor) per step with decode rows (decode steps and
-    mixed steps, whose decode rows pay the same LoRA). A what-if from the run's own step
+    mixed and changed steps, whose decode rows pay the same LoRA). A what-if from the run's own step
     counts, to set a throughput-ratio target against what the bytes allow; None without
     step counts or a wall time."""
     steps = run.get("steps") or {}
-    rows = sum((steps.get(kind) or {}).get("steps", 0) for kind in ("decode", "mixed"))
+    rows = sum((steps.get(kind) or {}).get("steps", 0) for kind in ("decode", "mixed", "changed"))
     wall = run.get("wall_time_s")
     if not rows or not wall:
         return None

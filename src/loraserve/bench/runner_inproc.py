@@ -38,6 +38,10 @@ from loraserve.request import Request, RequestOutput, SamplingParams
 logger = logging.getLogger(__name__)
 
 
+# How the driver sorts steps (InprocDriver._step_stats)
+STEP_KINDS = ("decode", "mixed", "changed", "empty")
+
+
 class BenchRequest(NamedTuple):
     trace: TraceRequest
     prompt: list[int]  # token ids
@@ -191,7 +195,7 @@ class InprocDriver:
         self.live: dict[str, RequestState] = {}
         self.pool = PoolPeak()
         self.decode = DecodeStats(weight_bytes(engine.model))
-        self.steps = {kind: StepKind() for kind in ("decode", "mixed", "empty")}
+        self.steps = {kind: StepKind() for kind in STEP_KINDS}
         self._kv_token = kv_bytes_per_token(engine.config.model, engine.config.dtype)
         self._start = 0.0
         self._io0 = 0.0
@@ -259,8 +263,11 @@ class InprocDriver:
 
     def _step_stats(self, wall: float) -> dict[str, Any]:
         """Where the wall time went: pure decode steps (graphed when they fit), steps that
-        prefilled or changed the batch ("mixed"), steps that produced nothing ("empty":
-        waiting for adapters or the prefill window), and the rest (idle, the driver)."""
+        prefilled prompts ("mixed": a request got its first token), steps whose batch changed
+        without a prompt finishing ("changed": a decode step that queued a prompt step
+        behind it, a preemption, a partial prefill chunk), steps that produced nothing
+        ("empty": waiting for adapters or the prefill window), and the rest (idle, the
+        driver). Runs recorded before GPU session 13 counted "changed" steps as "mixed"."""
         stats: dict[str, Any] = {kind: k.as_dict() for kind, k in self.steps.items()}
         stats["outside_steps_s"] = wall - sum(k.seconds for k in self.steps.values())
         return stats
@@ -307,8 +314,10 @@ class InprocDriver:
         if decode is not None and _same_requests(running, outputs, self.engine):
             self.decode.add(seconds, len(running), *decode)
             kind = "decode"
+        elif any(len(o.token_ids) == 1 for o in outputs):
+            kind = "mixed"  # a request's first token: its prompt was computed in this step
         else:
-            kind = "mixed" if outputs else "empty"
+            kind = "changed" if outputs else "empty"
         self.steps[kind].add(seconds, self.engine.last_step)
         if self.sampler is not None:
             self.sampler.flush(kind)
