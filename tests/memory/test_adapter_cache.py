@@ -166,3 +166,32 @@ def test_weights_take_modules_or_flat_rows():
         LoRAWeights("a", weights.config)
     with pytest.raises(ValueError, match="exactly one"):
         LoRAWeights("a", weights.config, weights.modules, flat_copy(weights).flat)
+
+
+def test_a_generated_adapters_rows_go_in_one_copy_per_stretch_of_pages(monkeypatch):
+    """Rows that follow each other in a flat adapter and in its pages are copied together:
+    each copy call's arguments are built holding the GIL (I/O threads beside the engine's),
+    so a 7B adapter's 256 matrices must not be 256 copies."""
+    from loraserve.bench.adapters import WeightBank, banked_lora_weights  # noqa: PLC0415
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    bank = WeightBank(MODEL, 8, torch.float32)
+    weights = banked_lora_weights(bank, "g", MODEL, 8, targets, seed=1)
+    copies = []
+    real = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda d, s: copies.append(len(d)) or real(d, s))
+    big = AdapterCache(PagePool(4, 1 << 14, torch.float32, "cpu"), MODEL, 4, max_rank=8)
+    packed = big.pack(weights)
+    assert packed.num_pages == 1 and copies == [1]
+    small = make_cache(num_pages=80)  # PAGE 100: rows never cross a page end: stretches break
+    packed = small.pack(weights)
+    assert 1 < copies[-1] <= packed.num_pages
+    assert small.load(packed)
+    pool = small.pool.buffer.view(-1)
+    slot = small.get("g").slot
+    for (layer, target), m in weights.modules.items():
+        t = LORA_TARGETS.index(target)
+        for ab, rows in ((0, m.a), (1, m.b.t())):
+            for j in range(rows.shape[0]):
+                start = int(small.row_offsets[slot, layer, t, ab, j])
+                assert torch.equal(pool[start : start + rows.shape[1]], rows[j])

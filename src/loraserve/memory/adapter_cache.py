@@ -309,28 +309,45 @@ class AdapterCache:
         """Every run's rows to its place, in one call. A FlatLoRA's rows (and B^T's rows as
         the columns of a stored B) are addressed through numpy views of the bits of its
         values and of the staging buffer, so building the call's arguments gives up the GIL
-        not once (see FlatLoRA); other adapters' through a 2-D view of the buffer per run."""
+        not once (see FlatLoRA); other adapters' through a 2-D view of the buffer per run.
+        Runs of flat rows that continue each other in both the values and the buffer are
+        one copy (a generated adapter: one per stretch of pages, not one per matrix), so
+        little Python runs per adapter on an I/O thread that shares the GIL with the
+        engine's."""
         flat = next((m.flat for m in matrices if m.rows is None), None)
         if flat is not None:
             stage, values = _bits(staging), _bits(flat)
         dsts, srcs = [], []
+        span = [0, 0, 0]  # contiguous flat rows not yet added: [position, flat offset, size]
+
+        def add_span() -> None:
+            pos, start, size = span
+            if size:
+                dsts.append(torch.from_numpy(stage[pos : pos + size]))
+                srcs.append(torch.from_numpy(values[start : start + size]))
+            span[2] = 0
+
         for run in runs:
             m = matrices[run.matrix]
             n = run.row_end - run.row_start
             if m.rows is not None:
                 dsts.append(staging[run.pos : run.pos + n * m.width].view(n, m.width))
                 srcs.append(m.rows[run.row_start : run.row_end])
-                continue
-            dst = stage[run.pos : run.pos + n * m.width]
-            if m.transposed:  # B as stored, [width, num_rows]: B^T's rows are its columns
+            elif m.transposed:  # B as stored, [width, num_rows]: B^T's rows are its columns
                 b = values[m.offset : m.offset + m.width * m.num_rows].reshape(m.width, m.num_rows)
                 src = b.T[run.row_start : run.row_end]
-                dst = dst.reshape(n, m.width)
-            else:
-                start = m.offset + run.row_start * m.width
-                src = values[start : start + n * m.width]
-            dsts.append(torch.from_numpy(dst))
-            srcs.append(torch.from_numpy(src))
+                dst = stage[run.pos : run.pos + n * m.width].reshape(n, m.width)
+                dsts.append(torch.from_numpy(dst))
+                srcs.append(torch.from_numpy(src))
+            else:  # rows in the flat values: one copy for every run that continues the last
+                start, size = m.offset + run.row_start * m.width, n * m.width
+                pos, first, pending = span
+                if pending and pos + pending == run.pos and first + pending == start:
+                    span[2] += size
+                else:
+                    add_span()
+                    span[:] = [run.pos, start, size]
+        add_span()
         torch._foreach_copy_(dsts, srcs)
 
     def _rel_tables(
