@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
@@ -287,3 +288,28 @@ def test_threads_hammering_a_small_budget():
     assert stats.host_hits + stats.host_misses == 400
     assert stats.host_bytes <= 3 * SIZE
     store.check_integrity()
+
+
+def test_a_load_does_not_read_the_config_again_and_the_base_model_warning_comes_once(
+    tmp_path, caplog
+):
+    """The config read at registration is the one a load uses (a load runs on an I/O thread
+    beside the engine's: no JSON parse and target matching per load); a config naming
+    another base model warns when it is registered, not on every load."""
+    import json  # noqa: PLC0415
+    import logging  # noqa: PLC0415
+
+    path = make_random_adapter(tmp_path / "a", MODEL, rank=4, targets=["q_proj"], seed=0)
+    cfg = path / "adapter_config.json"
+    raw = json.loads(cfg.read_text())
+    raw["base_model_name_or_path"] = "someone/Other-Model-7B"
+    cfg.write_text(json.dumps(raw))
+    store = AdapterStore(dataclasses.replace(MODEL, name="tiny"), torch.float32, 0)
+    with caplog.at_level(logging.WARNING, logger="loraserve.adapters.peft"):
+        store.register("a", path)
+        assert caplog.text.count("Other-Model-7B") == 1
+        cfg.write_text("{not json")  # edited since: the registered config still serves
+        assert store.get("a").rank(0, "q_proj") == 4
+        assert store.get("a").rank(1, "q_proj") == 4  # (host budget 0: read again)
+        assert store.stats.disk_loads == 2
+    assert caplog.text.count("Other-Model-7B") == 1

@@ -485,11 +485,18 @@ def expected_ranks(config: AdapterConfig, model: ModelConfig) -> dict[tuple[int,
     return out
 
 
-def estimate_nbytes(config: AdapterConfig, model: ModelConfig, dtype: torch.dtype) -> int:
+def estimate_nbytes(
+    config: AdapterConfig,
+    model: ModelConfig,
+    dtype: torch.dtype,
+    expected: dict[tuple[int, str], int] | None = None,  # expected_ranks(config, model)
+) -> int:
     """Bytes the adapter's A and B take in ``dtype``, from the config alone."""
     size = torch.empty((), dtype=dtype).element_size()
     total = 0
-    for (_, target), r in expected_ranks(config, model).items():
+    if expected is None:
+        expected = expected_ranks(config, model)
+    for (_, target), r in expected.items():
         in_f, out_f = model.lora_shape(target)
         total += r * (in_f + out_f) * size
     return total
@@ -499,17 +506,28 @@ def estimate_nbytes(config: AdapterConfig, model: ModelConfig, dtype: torch.dtyp
 
 
 def load_adapter(
-    name: str, path: str | Path, model: ModelConfig, dtype: torch.dtype
+    name: str,
+    path: str | Path,
+    model: ModelConfig,
+    dtype: torch.dtype,
+    config: AdapterConfig | None = None,
+    expected: dict[tuple[int, str], int] | None = None,
 ) -> LoRAWeights:
     """Read and validate a PEFT adapter directory into host tensors of ``dtype``.
 
     Every tensor must be a lora_A/lora_B of a projection the config targets, with the shape
     the base model and the config's rank imply. A targeted module with no tensors in the
     file is served without LoRA (as PEFT's default B=0 init would) and logged.
+
+    ``config`` and ``expected`` (``expected_ranks(config, model)``), if given, are the
+    directory's config as read when it was registered: its tensors are read now, its
+    config is not read again (the engine's I/O threads share the GIL with its step loop).
     """
-    config = read_adapter_config(path)
-    _warn_base_model(config, model)
-    expected = expected_ranks(config, model)
+    if config is None:
+        config = read_adapter_config(path)
+        warn_base_model(config, model)
+    if expected is None:
+        expected = expected_ranks(config, model)
     stored = _read_stored(config.path / SAFETENSORS_FILE)
     if stored is not None:
         data, tensors = stored
@@ -619,7 +637,8 @@ def _warn_missing(
         )
 
 
-def _warn_base_model(config: AdapterConfig, model: ModelConfig) -> None:
+def warn_base_model(config: AdapterConfig, model: ModelConfig) -> None:
+    """Log a warning if the adapter names a base model other than the served one."""
     theirs = Path(config.base_model_name_or_path or "").name
     ours = Path(model.name or "").name
     if theirs and ours and theirs.lower() != ours.lower():

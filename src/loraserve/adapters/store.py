@@ -35,8 +35,10 @@ from loraserve.adapters.peft import (
     AdapterConfig,
     LoRAWeights,
     estimate_nbytes,
+    expected_ranks,
     load_adapter,
     read_adapter_config,
+    warn_base_model,
 )
 from loraserve.config import ModelConfig
 
@@ -62,6 +64,7 @@ class _Source:
     nbytes: int  # estimated (disk) or declared (generated) host bytes
     config: AdapterConfig | None = None
     make: Callable[[], LoRAWeights] | None = None
+    expected: dict[tuple[int, str], int] | None = None  # (disk) expected_ranks of config
 
 
 class AdapterStore:
@@ -97,7 +100,10 @@ class AdapterStore:
         """
         _check_name(name)
         config = read_adapter_config(path)
-        source = _Source(estimate_nbytes(config, self.model, self.dtype), config=config)
+        expected = expected_ranks(config, self.model)
+        warn_base_model(config, self.model)  # (once: loads do not read the config again)
+        nbytes = estimate_nbytes(config, self.model, self.dtype, expected)
+        source = _Source(nbytes, config=config, expected=expected)
         with self._lock:
             old = self._sources.get(name)
             if old is not None:
@@ -220,7 +226,9 @@ class AdapterStore:
                 )
             return weights
         assert source.config is not None
-        weights = load_adapter(name, source.config.path, self.model, self.dtype)
+        weights = load_adapter(
+            name, source.config.path, self.model, self.dtype, source.config, source.expected
+        )
         with self._lock:
             self._stats.disk_loads += 1
         return weights
