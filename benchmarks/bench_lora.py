@@ -327,6 +327,10 @@ SWEEP_CASES = [  # (phase, segment lengths, distinct adapters, rank, call)
     ("prefill", [512] * 4, 4, 16, "qkv"),
     ("prefill", [512] * 4, 4, 64, "qkv"),
     ("grouped", [32] * 8, 8, 16, "qkv"),
+    # S1 n=2000's prompt steps: 5 prompts of 430 tokens, one rank-8 adapter each. Session 12
+    # timed the prefill expand there at 31 us a call, ~1.9x its output's read and write
+    ("s1prefill", [430] * 5, 5, 8, "qkv"),
+    ("s1prefill", [430] * 5, 5, 8, "o"),
 ]
 DECODE_KNOBS = {
     "block_c": [16, 32, 64],
