@@ -204,9 +204,18 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
 
-    def _schedule_waiting(self, batch: ScheduledBatch, budget: int) -> str | None:
-        """Start waiting requests; the first adapter a request was left waiting for with a
-        sequence slot free, if any."""
+    def _schedule_waiting(
+        self,
+        batch: ScheduledBatch,
+        budget: int,
+        ready: Callable[[Request, ScheduledBatch], bool] | None = None,
+        always_reserve: bool = False,
+    ) -> str | None:
+        """Start waiting requests whose adapter ``ready`` says is (default
+        ``_adapter_ready``: starts loads, fails what cannot load); the first adapter a
+        request was left waiting for with a sequence slot free, if any. The watermark of
+        free pages is kept once a request runs (``always_reserve``: from the start)."""
+        ready = ready or self._adapter_ready
         skipped = 0
         not_ready: dict[str, None] = {}  # (in queue order)
         for request in list(self.waiting):
@@ -215,7 +224,7 @@ class Scheduler:
             # An adapter found not ready stays so for the rest of this pass: a background load
             # finishing mid-pass must not let a later request of that adapter overtake an
             # earlier one.
-            if request.adapter in not_ready or not self._adapter_ready(request, batch):
+            if request.adapter in not_ready or not ready(request, batch):
                 if not (batch.failed and batch.failed[-1] is request):
                     not_ready[request.adapter] = None
                 # Look only a few adapters ahead: loading for the whole queue would make the
@@ -226,7 +235,7 @@ class Scheduler:
                 continue
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             end = request.num_computed_tokens + n
-            reserve = self.watermark_pages if self.running else 0
+            reserve = self.watermark_pages if always_reserve or self.running else 0
             if self.kv.pool.num_free < self.kv.extra_blocks(request, end) + reserve:
                 break
             if not self.kv.allocate(request, end):
@@ -245,35 +254,22 @@ class Scheduler:
         first not-ready adapter; passing over them did not change how many requests S1's
         saturated n = 2000 run admitted per pass: 6.4-6.5 either way, base 8.4.)"""
         batch = ScheduledBatch()
-        cache = self.adapters.cache
-        skipped = 0
-        not_ready: dict[str, None] = {}  # (in queue order)
-        for request in list(self.waiting):
-            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
-                break
-            if request.adapter is not None:
-                if request.adapter in not_ready or not self.adapters.is_ready(request.adapter):
-                    not_ready[request.adapter] = None
-                    skipped += 1
-                    if skipped >= self.lookahead:
-                        break
-                    continue
-                if not request.adapter_looked_up:  # as _adapter_ready counts it
-                    request.adapter_looked_up = True
-                    cache.stats.gpu_hits += 1
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
-            end = request.num_computed_tokens + n
-            if self.kv.pool.num_free < self.kv.extra_blocks(request, end) + self.watermark_pages:
-                break
-            if not self.kv.allocate(request, end):
-                break
-            self._start(request, batch, n)
-            budget -= n
-        waited = next(iter(not_ready), None)
+        waited = self._schedule_waiting(batch, budget, self._resident_ready, always_reserve=True)
         if waited is not None:
             self.stats.adapter_wait(self.adapters.stage(waited))
         self.stats.admissions += bool(batch.requests)
         return batch
+
+    def _resident_ready(self, request: Request, batch: ScheduledBatch) -> bool:
+        """``request``'s adapter (if any) is resident and copied; no load starts here."""
+        if request.adapter is None:
+            return True
+        if not self.adapters.is_ready(request.adapter):
+            return False
+        if not request.adapter_looked_up:  # as _adapter_ready counts it
+            request.adapter_looked_up = True
+            self.adapters.cache.stats.gpu_hits += 1
+        return True
 
     def only_loading(self) -> bool:
         """Every request within the lookahead waits for an adapter that is on its way to the
