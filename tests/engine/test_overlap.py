@@ -470,3 +470,29 @@ def test_decode_steps_queue_ahead_while_the_queues_adapters_load(setup):
     assert final["bad"].finish_reason == "error" and "bad file" in final["bad"].error
     assert final["base"].finish_reason == "length"
     assert list(final) == ["bad", "base"]  # failed at once, not when the batch emptied
+
+
+def test_time_device_gives_the_device_time_of_each_collected_step(setup):
+    """``time_device``: on CUDA each step that collected a launched one says how long the
+    device spent on it and how long it sat idle before it; off CUDA there is no such
+    time. The outputs do not change."""
+    requests = workload(n=6, seed=4)
+    plain = drive(warm_adapters(make_engine(setup, overlap=True)), requests)
+    engine = warm_adapters(make_engine(setup, overlap=True))
+    engine.time_device = True
+    timings = []
+    real_step = engine.step
+
+    def step():
+        outputs = real_step()
+        if outputs:
+            timings.append(engine.last_device)
+        return outputs
+
+    engine.step = step
+    assert_same(drive(engine, requests), plain)
+    assert timings
+    if engine.device.type == "cuda":
+        assert all(t is not None and t.busy > 0 and t.idle >= 0 for t in timings)
+    else:
+        assert all(t is None for t in timings)

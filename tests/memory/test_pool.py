@@ -54,6 +54,59 @@ def test_reclaimer_is_asked_before_failing():
     pool.check_integrity()
 
 
+def test_oldest_takes_the_pages_freed_longest_ago_in_ascending_ids():
+    pool = make_pool(8)
+    pages = pool.allocate(8, PageKind.KV)
+    assert pages == list(range(8))  # (low ids first)
+    for p in (5, 2, 7, 0):  # freed in this order: 5 and 2 longest ago
+        pool.free([p])
+    assert pool.allocate(2, PageKind.ADAPTER, oldest=True) == [2, 5]
+    assert pool.allocate(1, PageKind.KV) == [0]  # the default: the latest freed first
+    assert pool.allocate(1, PageKind.ADAPTER, oldest=True) == [7]
+    pool.check_integrity()
+
+
+class FakeEvent:
+    def __init__(self) -> None:
+        self.done = False
+
+    def query(self) -> bool:
+        return self.done
+
+
+def test_fence_for_is_the_first_fence_after_the_latest_free():
+    """An adapter copy into freed pages waits for the first fence recorded after they were
+    freed (the steps enqueued before the free may still write them), nothing once that
+    fence has passed, and for a fence recorded on the spot when none was since."""
+    pool = make_pool(8)
+    recorded = []
+
+    def record() -> FakeEvent:
+        recorded.append(FakeEvent())
+        return recorded[-1]
+
+    pool._record = record  # (fences are CUDA events; the bookkeeping is the pool's)
+    a, b, c = (pool.allocate(2, PageKind.KV) for _ in range(3))
+    pool.free(a)
+    first = record()
+    pool._add_fence(first)  # after a's free
+    pool.free(b)
+    second = record()
+    pool._add_fence(second)
+    assert pool.fence_for(a) is first
+    assert pool.fence_for(a + b) is second  # the latest free decides
+    first.done = True
+    assert pool.fence_for(a) is None
+    assert pool.fence_for(b) is second
+    pool.free(c)  # after every fence: one is recorded now
+    now = pool.fence_for(c)
+    assert now is recorded[-1] and len(recorded) == 3
+    assert pool.fence_for(c) is now  # and reused
+    second.done = now.done = True
+    assert pool.fence_for(a + b + c) is None
+    assert not pool._fences  # passed fences are dropped
+
+
 def test_random_alloc_free_keeps_counts():
     rng = random.Random(0)
     pool = make_pool(32)

@@ -28,7 +28,7 @@ from loraserve.bench.hostprof import StackSampler
 from loraserve.bench.metrics import SLO_SECONDS, RequestRecord, summarize
 from loraserve.bench.physics import DecodeStats, kv_bytes_per_token, weight_bytes
 from loraserve.bench.workload import TraceRequest
-from loraserve.engine.engine import LLMEngine, PromptError, StepTiming
+from loraserve.engine.engine import DeviceTiming, LLMEngine, PromptError, StepTiming
 from loraserve.engine.scheduler import AdmissionStats
 from loraserve.kernels.compiles import compiled_variants, new_variants
 from loraserve.memory.adapter_cache import CacheStats
@@ -161,13 +161,21 @@ class StepKind:
     )
 
     host_bound: int = 0  # steps that waited < 1 ms for the device after enqueuing
+    # The device time of the steps these collected (engine.time_device: CUDA), ms summed
+    timed: int = 0
+    device_busy_ms: float = 0.0
+    device_idle_ms: float = 0.0
 
-    def add(self, seconds: float, timing: StepTiming) -> None:
+    def add(self, seconds: float, timing: StepTiming, device: DeviceTiming | None) -> None:
         self.steps += 1
         self.seconds += seconds
         self.host_bound += timing.wait < 1e-3
         for name in self.phases:
             self.phases[name] += getattr(timing, name)
+        if device is not None:
+            self.timed += 1
+            self.device_busy_ms += device.busy
+            self.device_idle_ms += device.idle
 
     def as_dict(self) -> dict[str, Any]:
         n = self.steps
@@ -177,6 +185,10 @@ class StepKind:
             "avg_ms": 1e3 * self.seconds / n if n else None,
             "phases_avg_ms": {k: 1e3 * v / n for k, v in self.phases.items()} if n else None,
             "host_bound_share": self.host_bound / n if n else None,
+            # per step timed: the device's time on the step collected, and its idle time
+            # before that step (nothing queued)
+            "device_busy_avg_ms": self.device_busy_ms / self.timed if self.timed else None,
+            "device_idle_avg_ms": self.device_idle_ms / self.timed if self.timed else None,
         }
 
 
@@ -196,6 +208,7 @@ class InprocDriver:
         self.pool = PoolPeak()
         self.decode = DecodeStats(weight_bytes(engine.model))
         self.steps = {kind: StepKind() for kind in STEP_KINDS}
+        engine.time_device = True  # (CUDA only: a timing event before and after each step)
         self._kv_token = kv_bytes_per_token(engine.config.model, engine.config.dtype)
         self._start = 0.0
         self._io0 = 0.0
@@ -318,7 +331,7 @@ class InprocDriver:
             kind = "mixed"  # a request's first token: its prompt was computed in this step
         else:
             kind = "changed" if outputs else "empty"
-        self.steps[kind].add(seconds, self.engine.last_step)
+        self.steps[kind].add(seconds, self.engine.last_step, self.engine.last_device)
         if self.sampler is not None:
             self.sampler.flush(kind)
         for out in outputs:

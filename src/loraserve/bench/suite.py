@@ -555,6 +555,11 @@ def format_run(where: str, r: dict[str, Any]) -> str:
             split = ", ".join(f"{p} {ms:.2f}" for p, ms in phases.items())
             share = 100 * v["host_bound_share"]
             line += f"\n    {k} step phases (ms): {split}; {share:.0f}% waited < 1 ms"
+            if v.get("device_busy_avg_ms") is not None:
+                line += (
+                    f"; device on the step collected {v['device_busy_avg_ms']:.2f}, idle "
+                    f"before it {v['device_idle_avg_ms']:.2f}"
+                )
     probe = r.get("decode_probe")
     if probe:
         line += "\n    " + format_probe(probe)

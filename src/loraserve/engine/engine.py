@@ -11,8 +11,10 @@ import gc
 import itertools
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -73,6 +75,17 @@ class StepTiming:
     @property
     def total(self) -> float:
         return self.schedule + self.launch + self.prefetch + self.wait + self.finish
+
+
+@dataclass
+class DeviceTiming:
+    """Device time of the step the latest ``LLMEngine.step`` collected, in milliseconds
+    (with ``LLMEngine.time_device``, on CUDA): ``busy`` from the device reaching the step
+    to its last kernel (stream waits inside it count), ``idle`` since the step collected
+    before it ended (the device had nothing queued)."""
+
+    busy: float
+    idle: float
 
 
 @dataclass
@@ -141,6 +154,11 @@ class LLMEngine:
         # A decode step launched behind the one the latest step() returned (overlap_steps).
         self._inflight: tuple[ScheduledBatch, PendingStep] | None = None
         self.launch_stats = LaunchStats()
+        # Record CUDA timing events around each step (the bench's device timeline): the
+        # collected step's device time lands in last_device.
+        self.time_device = False
+        self.last_device: DeviceTiming | None = None
+        self._last_end: torch.cuda.Event | None = None
         self.sampler = Sampler(self.device, seed=config.seed)
         self.runner = ModelRunner(
             model,
@@ -368,7 +386,7 @@ class LLMEngine:
                 self.adapters.prefetch(self.scheduler.waiting_adapters(self.config.lora.prefetch))
                 self.last_step = StepTiming(t1 - t0, 0.0, clock() - t1, 0.0, 0.0)
                 return outputs
-            pending = self.runner.launch(scheduled)
+            pending = self._launch(self.runner.launch, scheduled)
         else:  # launched by the previous call, behind the step it returned
             scheduled, pending = inflight
             outputs = []
@@ -382,6 +400,7 @@ class LLMEngine:
         t3 = clock()
         result = self.runner.collect(pending)
         t4 = clock()
+        self._device_time(pending)
         for request, n in zip(scheduled.requests, scheduled.num_scheduled, strict=True):
             if not request.finished:  # (aborted while its step ran)
                 request.num_computed_tokens += n
@@ -465,7 +484,35 @@ class LLMEngine:
                 # normal pass has work: adapter loads to start, failures to report.
                 stats.not_ahead("no_ready_prompt")
                 return None
-        return batch, self.runner.launch_next(pending, requests, prompts)
+        return batch, self._launch(self.runner.launch_next, pending, requests, prompts)
+
+    def _launch(self, launch: Callable[..., PendingStep], *args: Any) -> PendingStep:
+        """``launch(*args)``, then a fence in the page pools (pages freed before it are
+        free of the step). With ``time_device`` (CUDA), between two timing events."""
+        timed = self.time_device and self.device.type == "cuda"
+        if timed:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+        pending = launch(*args)
+        if timed:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            pending.events = (start, end)
+        self.pool.fence()
+        if self.adapter_cache.pool is not self.pool:
+            self.adapter_cache.pool.fence()
+        return pending
+
+    def _device_time(self, pending: PendingStep) -> None:
+        """After ``pending`` was collected (its events have completed): ``last_device``."""
+        if pending.events is None:
+            self.last_device = None
+            return
+        start, end = pending.events
+        end.synchronize()  # (complete: the step's samples were)
+        idle = 0.0 if self._last_end is None else max(0.0, self._last_end.elapsed_time(start))
+        self.last_device = DeviceTiming(start.elapsed_time(end), idle)
+        self._last_end = end
 
     def _fail(self, request: Request) -> RequestOutput:
         request.finish_reason = FinishReason.ERROR

@@ -31,6 +31,9 @@ from loraserve.request import Request
 class PendingStep:
     sampled: list[Request]  # requests that produce a token this step, in batch order
     samples: SampleTensors | None
+    # With LLMEngine.time_device: timing events recorded on the stream before and after
+    # the step's work (the first completes when the device reaches the step).
+    events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
 
 
 @dataclass

@@ -33,6 +33,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -248,7 +249,7 @@ class AdapterCache:
         packed = adapter if isinstance(adapter, PackedAdapter) else self.pack(adapter)
         pages = None
         if self._free_slots or self._evict_one():
-            pages = self.pool.allocate(packed.num_pages, PageKind.ADAPTER)
+            pages = self.pool.allocate(packed.num_pages, PageKind.ADAPTER, oldest=True)
         if pages is None:
             self.discard(packed)
             return False
@@ -288,7 +289,10 @@ class AdapterCache:
         if adapter.ready_event is not None:
             adapter.ready_event.synchronize()
         del self._resident[adapter.name]
-        self.ranks[adapter.slot] = 0
+        # On the copy stream, before the next adapter's tables in this slot (a step still
+        # queued may read the slot: only for rows it computes and drops)
+        with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
+            self.ranks[adapter.slot] = 0
         self.slot_targets[adapter.slot] = 0
         self.pool.free(adapter.pages)
         self._free_slots.append(adapter.slot)
@@ -416,8 +420,11 @@ class AdapterCache:
                 dst.copy_(src)
             self._staging.give_back(staging, None)
             return
-        # The pages may have held KV that the current stream still reads: order after it.
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        # The pages may hold KV that a step still queued writes (a finished request's last
+        # row): order after the work enqueued before they were freed.
+        fence = self.pool.fence_for(adapter.pages)
+        if fence is not None:
+            self._stream.wait_event(fence)
         with torch.cuda.stream(self._stream):
             for dst, src in copies:
                 dst.copy_(src, non_blocking=True)

@@ -21,13 +21,22 @@ docs/architecture.md).
 
 Owners ask for pages with ``allocate`` (all or nothing) and give them back with ``free``.
 When too few pages are free, the pool asks its reclaimers (e.g. the adapter cache, which
-holds idle adapters it can evict) to give pages back before it says no.
+holds idle adapters it can evict) to give pages back before it says no. ``allocate``
+hands out the most recently freed pages first; ``oldest=True`` (adapter copies) the ones
+freed longest ago, whose last device use is most likely over.
+
+On CUDA a page may be freed while steps the device has not finished still touch it (a
+queued step writes a finished request's last KV row). Work on another stream that writes
+freed pages (an adapter's copy) first waits for ``fence_for(pages)``: the first of the
+fences (CUDA events the engine records with ``fence`` after launching each step) that
+follows the work enqueued before the pages were freed.
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+from collections import deque
 from collections.abc import Callable
 
 import torch
@@ -66,6 +75,14 @@ class PagePool:
         self._kind = [PageKind.FREE] * num_pages
         self._used = {PageKind.KV: 0, PageKind.ADAPTER: 0, PageKind.RESERVED: 0}
         self._reclaimers: list[Reclaimer] = []
+        # Fences: CUDA events recorded on the compute stream. Fence j (from 1) follows all
+        # work enqueued before it; _fences holds those from _fences_done + 1 on, not yet
+        # seen complete. _freed_after[p]: how many fences had been recorded when p was last
+        # freed (so fence _freed_after[p] + 1 follows the work that may still touch it).
+        self._fences: deque[torch.cuda.Event] = deque()
+        self._fences_recorded = 0
+        self._fences_done = 0
+        self._freed_after = [0] * num_pages
 
     @property
     def page_bytes(self) -> int:
@@ -85,16 +102,21 @@ class PagePool:
         """True if ``n`` pages are free now (without reclaiming)."""
         return n <= len(self._free)
 
-    def allocate(self, n: int, kind: PageKind) -> list[int] | None:
+    def allocate(self, n: int, kind: PageKind, oldest: bool = False) -> list[int] | None:
         """``n`` pages for ``kind``, or None (nothing taken) if even reclaiming cannot
-        free enough."""
+        free enough. The most recently freed first; ``oldest``: those freed longest ago (in
+        ascending ids, so neighbours make one copy)."""
         if kind is PageKind.FREE:
             raise ValueError("allocate needs an owner kind, not FREE")
         if n > len(self._free):
             self._reclaim(n - len(self._free))
         if n > len(self._free):
             return None
-        pages = [self._free.pop() for _ in range(n)]
+        if oldest:
+            pages = sorted(self._free[:n])
+            del self._free[:n]
+        else:
+            pages = [self._free.pop() for _ in range(n)]
         for p in pages:
             self._kind[p] = kind
         self._used[kind] += n
@@ -108,6 +130,44 @@ class PagePool:
             self._kind[p] = PageKind.FREE
             self._used[kind] -= 1
             self._free.append(p)
+            self._freed_after[p] = self._fences_recorded
+
+    def fence(self) -> None:
+        """Record a fence on the current CUDA stream: pages freed before now are free of
+        the work enqueued on it so far once the device passes this point (the engine calls
+        it after launching each step). Does nothing off CUDA."""
+        if self.buffer.device.type == "cuda":
+            self._add_fence(self._record())
+
+    def _record(self) -> torch.cuda.Event:
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.buffer.device))
+        return event
+
+    def _add_fence(self, event: torch.cuda.Event) -> None:
+        self._retire()
+        self._fences.append(event)
+        self._fences_recorded += 1
+
+    def _retire(self) -> None:
+        while self._fences and self._fences[0].query():
+            self._fences.popleft()
+            self._fences_done += 1
+
+    def fence_for(self, pages: list[int]) -> torch.cuda.Event | None:
+        """The event after which no device work touches ``pages`` (what the current stream
+        had enqueued when they were last freed): the first fence recorded after the latest
+        of those frees, one recorded now if none was since; None if it has passed. Work on
+        another stream that writes the pages waits for it (CUDA only)."""
+        after = max((self._freed_after[p] for p in pages), default=0)
+        if after < self._fences_done:
+            return None  # (fence after + 1 has completed)
+        if after >= self._fences_recorded:
+            self._add_fence(self._record())
+        self._retire()
+        if after < self._fences_done:
+            return None
+        return self._fences[after - self._fences_done]
 
     def _reclaim(self, n: int) -> None:
         for reclaim in self._reclaimers:
