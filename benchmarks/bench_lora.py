@@ -383,6 +383,17 @@ GROUPED_KNOBS = {
     "block_n": [64, 256],
     "expand_warps": [2, 8],
 }
+# S1's prompt steps (5 x 430 rows, rank 8): larger expand tiles than one knob at a time gives
+PREFILL_COMBOS = [
+    dict(expand_block_m=32, block_n=256),
+    dict(expand_block_m=64, block_n=256),
+    dict(expand_block_m=64, block_n=256, expand_warps=8),
+    dict(expand_block_m=64, block_n=128, expand_warps=8),
+    dict(expand_block_m=32, block_n=256, expand_warps=8),
+    dict(expand_block_m=32, block_n=128, expand_warps=8),
+    dict(block_m=128, split_k=1),
+    dict(block_m=128, split_k=2),
+]
 PREFILL_KNOBS = {
     "block_m": [32, 64, 128],
     "split_k": [1, 2, 4, 8],
@@ -438,6 +449,8 @@ def sweep(args: argparse.Namespace, save=lambda rows: None) -> list[dict]:
         if phase == "gdecode":
             knobs = GROUPED_KNOBS
         combos = MIXED_COMBOS if phase == "mixed" else []
+        if phase == "s1prefill":
+            combos = PREFILL_COMBOS
         for tiles in _variants(default, knobs, rank, combos):
             try:
                 shrink_us, expand_us = _time_variant(case, tiles)

@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    parser.add_argument("--lora-side-stream", action="store_true", help="the engine option")
     parser.add_argument("--out", default="decode_probe.json")
     args = parser.parse_args()
     points = [tuple(int(v) for v in p.split("x")) for p in args.points.split(",")]
@@ -46,6 +47,7 @@ def main() -> None:
         max_lora_rank=max(ranks),
         max_loras=max(256, max(d for _, _, d in points)),
         max_num_seqs=max(256, max(b for b, _, _ in points)),
+        lora_side_stream=args.lora_side_stream,
     ).create_engine()
     print(f"engine ready in {time.perf_counter() - start:.1f} s", flush=True)
     register_adapters(engine, max(d for _, _, d in points), ranks, args.targets.split(","))

@@ -30,6 +30,7 @@
 #   s2n2000_pack   default vs --lora-rank-pack vs --lora-side-stream, and base     (8)
 #   overlap_tests  test_overlap.py and test_graphs.py on CUDA, output to a file      (2)
 #   gpu_tests   tests/kernels/test_lora.py and the graph-path engine tests on CUDA     (2)
+#   probe_s1_side  the probe at S1's saturated batch, with and without --lora-side-stream (3)
 #   profile128  profile_step.py at batch 128, with and without adapters           (2)
 #   profile224  the same at batch 224, context 420 (S2 n=2000's decode steps)      (3)
 #   profile_s1  batch 195, context 420, rank 8 only (S1 n=2000's decode steps)      (3)
@@ -127,6 +128,12 @@ for part in "$@"; do
         --ranks 64,32,16,8 --out "$OUT/probe_s2.json" 2>&1 | grep -E '^(\{|engine)'
       timeout 200 python benchmarks/decode_probe.py --points 194x420x184 --ranks 8 \
         --out "$OUT/probe_s1.json" 2>&1 | grep -E '^(\{|engine)' ;;
+    probe_s1_side)  # LoRA's extra decode time at S1's saturated batch, the shrink on the
+      # base GEMM's stream (default) and on a side stream beside it (--lora-side-stream)
+      for side in "" --lora-side-stream; do
+        timeout 200 python benchmarks/decode_probe.py --points 238x431x224 --ranks 8 $side \
+          --out "$OUT/probe_s1${side:+_side}.json" 2>&1 | grep -E '^(\{|engine)'
+      done ;;
     profile128)
       timeout 200 python benchmarks/profile_step.py --model llama-7b --batches 128 \
         --context 256 --steps 20 --out-dir "$OUT/prof" 2>&1 | grep '^{'
