@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import threading
 import time
 
@@ -14,7 +15,7 @@ from loraserve.bench.adapters import (
     banked_lora_weights,
     register_adapters,
 )
-from loraserve.bench.runner_inproc import InprocDriver, RunOptions
+from loraserve.bench.runner_inproc import GCPauses, InprocDriver, RunOptions
 from loraserve.bench.suite import bench_requests, format_run
 from loraserve.bench.workload import QKVO, WorkloadConfig, adapter_name
 from loraserve.request import SamplingParams
@@ -104,6 +105,22 @@ def test_driver_end_to_end(engine_args):
         assert alloc is None
     first_token_waits = [r.first_token - r.arrival for r in run.records]
     assert queue["max_s"] <= max(first_token_waits)  # the queue is part of the first token
+    pauses = result["gc"]  # the run's garbage collections, with the engine frozen out
+    assert len(pauses["collections"]) == 3 and pauses["seconds"] >= 0
+    assert "garbage collections (gen 0/1/2)" in text
+    assert gc.get_freeze_count() == 0  # unfrozen after the run
+    for kind in ("decode", "mixed"):  # device time: CUDA only
+        assert (steps[kind]["device_busy_avg_ms"] is None) == (engine.device.type != "cuda")
+
+
+def test_gc_pauses_count_collections_by_generation():
+    with GCPauses() as pauses:
+        gc.collect(2)
+        gc.collect(0)
+    gc.collect(1)  # after: not counted
+    d = pauses.as_dict()
+    assert d["collections"] == [1, 0, 1]
+    assert d["seconds"] > 0 and d["longest_ms"] >= 1e3 * d["seconds"] / 2
 
 
 def test_time_limit_cuts_the_run(engine_args):

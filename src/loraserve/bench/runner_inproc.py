@@ -13,6 +13,7 @@ aborted and count as unfinished (SLO misses); requests due after it are not issu
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import time
 from collections import deque
@@ -134,6 +135,37 @@ class EngineRun:
         }
 
 
+class GCPauses:
+    """Python's cyclic garbage collections while a run steps (``gc.callbacks``): how many
+    of each generation, and the seconds they held the engine thread (and the GIL)."""
+
+    def __init__(self) -> None:
+        self.counts = [0, 0, 0]
+        self.seconds = 0.0
+        self.longest = 0.0
+        self._t0 = 0.0
+
+    def __enter__(self) -> GCPauses:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+            return
+        pause = time.perf_counter() - self._t0
+        self.counts[info["generation"]] += 1
+        self.seconds += pause
+        self.longest = max(self.longest, pause)
+
+    def as_dict(self) -> dict[str, Any]:
+        longest_ms = 1e3 * self.longest
+        return {"collections": self.counts, "seconds": self.seconds, "longest_ms": longest_ms}
+
+
 def params_for(request: BenchRequest) -> SamplingParams:
     """Greedy, exactly ``output_len`` tokens (EOS ignored), as S-LoRA's client asks."""
     return SamplingParams(max_tokens=request.trace.output_len, temperature=0.0, ignore_eos=True)
@@ -165,6 +197,7 @@ class StepKind:
     timed: int = 0
     device_busy_ms: float = 0.0
     device_idle_ms: float = 0.0
+    idle_over_1ms: int = 0  # of the timed steps: the device sat idle > 1 ms before it
 
     def add(self, seconds: float, timing: StepTiming, device: DeviceTiming | None) -> None:
         self.steps += 1
@@ -176,6 +209,7 @@ class StepKind:
             self.timed += 1
             self.device_busy_ms += device.busy
             self.device_idle_ms += device.idle
+            self.idle_over_1ms += device.idle > 1.0
 
     def as_dict(self) -> dict[str, Any]:
         n = self.steps
@@ -189,6 +223,7 @@ class StepKind:
             # before that step (nothing queued)
             "device_busy_avg_ms": self.device_busy_ms / self.timed if self.timed else None,
             "device_idle_avg_ms": self.device_idle_ms / self.timed if self.timed else None,
+            "device_idle_over_1ms": self.idle_over_1ms,
         }
 
 
@@ -234,12 +269,20 @@ class InprocDriver:
         launches0 = dataclasses.asdict(self.engine.launch_stats)
         if self.options.host_profile:
             self.sampler = StackSampler(root=ENGINE_STEP).start()
-        with tqdm(
-            total=len(self.requests),
-            desc=self.options.label,
-            unit="req",
-            disable=not self.options.progress,
-        ) as bar:
+        # What exists now (the engine, its adapters, the trace) lives through the run: out
+        # of the collector's sight, so a full collection does not walk it (a server does
+        # the same after start-up).
+        gc.collect()
+        gc.freeze()
+        with (
+            GCPauses() as pauses,
+            tqdm(
+                total=len(self.requests),
+                desc=self.options.label,
+                unit="req",
+                disable=not self.options.progress,
+            ) as bar,
+        ):
             self._start = time.perf_counter()
             while pending or self.engine.has_unfinished():
                 now = self._now()
@@ -251,6 +294,7 @@ class InprocDriver:
                 elif pending:
                     self._sleep_until(pending[0].trace.arrival)
         wall = self._now()
+        gc.unfreeze()
         profile = self.sampler.stop() if self.sampler is not None else None
         self._abort_unfinished()
         logger.info("%s: %d requests issued in %.1f s", self.options.label, len(self.live), wall)
@@ -270,6 +314,7 @@ class InprocDriver:
                 "admission": _admission(admission0, self.engine.scheduler.stats),
                 # steps queued behind the previous one vs launched after it, and why not
                 "launches": _delta(launches0, dataclasses.asdict(self.engine.launch_stats)),
+                "gc": pauses.as_dict(),
                 **({"host_profile": profile} if profile is not None else {}),
             },
         )

@@ -558,8 +558,16 @@ def format_run(where: str, r: dict[str, Any]) -> str:
             if v.get("device_busy_avg_ms") is not None:
                 line += (
                     f"; device on the step collected {v['device_busy_avg_ms']:.2f}, idle "
-                    f"before it {v['device_idle_avg_ms']:.2f}"
+                    f"before it {v['device_idle_avg_ms']:.2f} (> 1 ms before "
+                    f"{v.get('device_idle_over_1ms', 0)} steps)"
                 )
+    pauses = r.get("gc")
+    if pauses:
+        gens = "/".join(str(c) for c in pauses["collections"])
+        line += (
+            f"\n    garbage collections (gen 0/1/2) {gens}: {pauses['seconds']:.2f} s, longest "
+            f"{pauses['longest_ms']:.1f} ms"
+        )
     probe = r.get("decode_probe")
     if probe:
         line += "\n    " + format_probe(probe)
