@@ -30,6 +30,7 @@ from loraserve.bench.metrics import SLO_SECONDS, RequestRecord, summarize
 from loraserve.bench.physics import DecodeStats, kv_bytes_per_token, weight_bytes
 from loraserve.bench.workload import TraceRequest
 from loraserve.engine.engine import DeviceTiming, LLMEngine, PromptError, StepTiming
+from loraserve.engine.gc_quiet import quiet_gc
 from loraserve.engine.scheduler import AdmissionStats
 from loraserve.kernels.compiles import compiled_variants, new_variants
 from loraserve.memory.adapter_cache import CacheStats
@@ -270,10 +271,8 @@ class InprocDriver:
         if self.options.host_profile:
             self.sampler = StackSampler(root=ENGINE_STEP).start()
         # What exists now (the engine, its adapters, the trace) lives through the run: out
-        # of the collector's sight, so a full collection does not walk it (a server does
-        # the same after start-up).
-        gc.collect()
-        gc.freeze()
+        # of the collector's sight, and collections rarer, as the server runs (gc_quiet)
+        restore_gc = quiet_gc()
         with (
             GCPauses() as pauses,
             tqdm(
@@ -294,7 +293,7 @@ class InprocDriver:
                 elif pending:
                     self._sleep_until(pending[0].trace.arrival)
         wall = self._now()
-        gc.unfreeze()
+        restore_gc()
         profile = self.sampler.stop() if self.sampler is not None else None
         self._abort_unfinished()
         logger.info("%s: %d requests issued in %.1f s", self.options.label, len(self.live), wall)

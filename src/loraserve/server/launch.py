@@ -8,7 +8,6 @@ right after start can name an adapter.
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import shutil
@@ -19,6 +18,7 @@ from pathlib import Path
 from loraserve.adapters.peft import CONFIG_FILE, make_random_adapter
 from loraserve.config import LORA_TARGETS, ModelConfig
 from loraserve.engine.args import EngineArgs
+from loraserve.engine.gc_quiet import quiet_gc
 from loraserve.model.embedded import EMBEDDED_MODEL_NAME, cache_dir
 
 logger = logging.getLogger(__name__)
@@ -101,10 +101,7 @@ def serve(ns: argparse.Namespace) -> int:
         adapter_dir=Path(ns.adapter_dir) if ns.adapter_dir else None,
     )
     app = create_app(AsyncEngine(engine, ns.max_waiting), config)
-    # The model, the engine and its adapters live as long as the server: out of the cyclic
-    # collector's sight, so its full collections (pauses of the engine thread) stay short.
-    gc.collect()
-    gc.freeze()
+    quiet_gc()  # the engine thread's pauses for Python's garbage collector: gc_quiet.py
     adapters = ", ".join(engine.adapter_store.names()) or "none"
     sys.stderr.write(
         f"loraserve: serving {config.served_model_name} (adapters: {adapters}) "
