@@ -496,3 +496,35 @@ def test_time_device_gives_the_device_time_of_each_collected_step(setup):
         assert all(t is not None and t.busy > 0 and t.idle >= 0 for t in timings)
     else:
         assert all(t is None for t in timings)
+
+
+def test_an_adapter_packed_while_a_step_computes_gets_its_pages_in_that_step(setup):
+    """A queued request's adapter whose packing finishes while the device computes a step
+    is given its pool pages and copy once that step's results are in, not at the next
+    step's prefetch (which runs after the next step's admission has looked)."""
+    engine = warm_adapters(make_engine(setup, overlap=True))
+    engine.adapter_cache.evict("b")
+    gate = threading.Event()
+    pack = engine.adapters._pack
+    engine.adapters._pack = lambda name: (name != "b" or gate.wait(30)) and pack(name)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    engine.add_request([5, 6, 7], params, request_id="a", adapter="a")
+    engine.step()
+    engine.add_request([5, 6, 8], params, request_id="b", adapter="b")
+    engine.step()
+    assert engine.adapters.stage("b") == "reading"
+    collect = engine.runner.collect
+
+    def collect_after_b_is_packed(pending):
+        gate.set()
+        engine.adapters._fetching["b"].result(timeout=30)
+        return collect(pending)
+
+    engine.runner.collect = collect_after_b_is_packed
+    engine.step()
+    assert engine.adapters.stage("b") in ("copying", "ready")
+    engine.runner.collect = collect
+    outs = {}
+    while engine.has_unfinished():
+        outs.update({o.request_id: o for o in engine.step() if o.finished})
+    assert len(outs["b"].token_ids) == 8

@@ -68,7 +68,7 @@ class StepTiming:
 
     schedule: float  # the scheduler's pass (admission, preemption, adapter readiness)
     launch: float
-    prefetch: float  # starting adapter loads for queued requests, while the device runs
+    prefetch: float  # queued requests' adapter loads moved on, while the device runs and after
     wait: float  # blocked on the device until the sampled tokens were on the host
     finish: float  # appending tokens, stop checks, detokenising, outputs
 
@@ -401,6 +401,10 @@ class LLMEngine:
         result = self.runner.collect(pending)
         t4 = clock()
         self._device_time(pending)
+        # Loads packed while the device computed get their pages and copies now, so the
+        # next step's admission finds them ready, not the one after it.
+        self.adapters.prefetch(self.scheduler.waiting_adapters(self.config.lora.prefetch))
+        t5 = clock()
         for request, n in zip(scheduled.requests, scheduled.num_scheduled, strict=True):
             if not request.finished:  # (aborted while its step ran)
                 request.num_computed_tokens += n
@@ -414,7 +418,7 @@ class LLMEngine:
             outputs.append(self._output(tracked))
             if request.finished:
                 del self._requests[request.request_id]
-        self.last_step = StepTiming(t1 - t0, t2 - t1, t3 - t2, t4 - t3, clock() - t4)
+        self.last_step = StepTiming(t1 - t0, t2 - t1, t3 - t2 + t5 - t4, t4 - t3, clock() - t5)
         return outputs
 
     def _launch_next(self, pending: PendingStep) -> tuple[ScheduledBatch, PendingStep] | None:
