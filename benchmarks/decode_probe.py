@@ -16,7 +16,7 @@ import json
 import time
 
 from loraserve.bench.adapters import register_adapters
-from loraserve.bench.probe import decode_probe
+from loraserve.bench.probe import PROBE_WARMUP, decode_probe
 from loraserve.bench.workload import adapter_name
 from loraserve.engine.args import EngineArgs
 
@@ -43,7 +43,8 @@ def main() -> None:
         dtype=args.dtype,
         device=args.device,
         gpu_memory_utilization=args.gpu_memory_utilization,
-        max_model_len=max(c for _, c, _ in points) + args.steps + 64,
+        # room for the probe's decode slack (bench/probe.py), or it shortens the context
+        max_model_len=max(c for _, c, _ in points) + PROBE_WARMUP + args.steps + 129,
         max_lora_rank=max(ranks),
         max_loras=max(256, max(d for _, _, d in points)),
         max_num_seqs=max(256, max(b for b, _, _ in points)),
