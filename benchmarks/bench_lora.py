@@ -327,6 +327,10 @@ SWEEP_CASES = [  # (phase, segment lengths, distinct adapters, rank, call)
     ("prefill", [512] * 4, 4, 16, "qkv"),
     ("prefill", [512] * 4, 4, 64, "qkv"),
     ("grouped", [32] * 8, 8, 16, "qkv"),
+    # S-LoRA's table at small n (S4 n=5: ~29 decode rows on 5 adapters of ranks 64/32/16/8,
+    # grouped): LoRA added 1.44 ms a step for 0.16 ms of bytes, the kernels' latency
+    ("gsmall", [6, 6, 6, 6, 5], 5, 64, "qkv"),
+    ("gsmall", [6, 6, 6, 6, 5], 5, 64, "o"),
     # S1 n=2000's prompt steps: 5 prompts of 430 tokens, one rank-8 adapter each. Session 12
     # timed the prefill expand there at 31 us a call, ~1.9x its output's read and write
     ("s1prefill", [430] * 5, 5, 8, "qkv"),
@@ -375,7 +379,8 @@ MIXED_COMBOS = [
     dict(split_k=4, dense=1, block_c=32),
 ]
 GROUPED_KNOBS = {
-    "split_k": [1, 2, 4, 8],
+    "split_k": [1, 2, 4, 8, 16],
+    "shrink_stages": [2, 3],  # the K loop pipelined: few programs, each a long serial loop
     "block_c": [64, 256],
     "block_k": [32, 128],
     "shrink_warps": [2, 8],
@@ -395,6 +400,7 @@ PREFILL_COMBOS = [
     dict(block_m=128, split_k=2),
 ]
 PREFILL_KNOBS = {
+    "shrink_stages": [2, 3],
     "block_m": [32, 64, 128],
     "split_k": [1, 2, 4, 8],
     "block_r": [16, 32, 64],
@@ -436,17 +442,18 @@ def sweep(args: argparse.Namespace, save=lambda rows: None) -> list[dict]:
         if args.phases and phase not in args.phases:
             continue
         mixed = phase.startswith("mixed")
-        sort = phase in ("sorted", "gdecode") or mixed
-        mix = (8, 16, 32, 64) if mixed else ()
+        grouped = phase in ("gdecode", "gsmall")
+        sort = phase == "sorted" or grouped or mixed
+        mix = (8, 16, 32, 64) if mixed or phase == "gsmall" else ()
         case = make_case(
             seg_lens, distinct, rank, call, args.row_align, sort, mix, phase == "mixed_ranksort"
         )
         floor_us = adapter_floor_us(case)
-        if phase == "gdecode":
+        if grouped:
             group_rows(case)
         default = pick_tiles(case.batch, HIDDEN, len(case.out_slices), HIDDEN, num_sms)
         knobs = DECODE_KNOBS if default.block_m == 1 else PREFILL_KNOBS
-        if phase == "gdecode":
+        if grouped:
             knobs = GROUPED_KNOBS
         combos = MIXED_COMBOS if phase == "mixed" else []
         if phase == "s1prefill":

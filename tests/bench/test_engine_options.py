@@ -119,3 +119,32 @@ def test_adapter_prefetch_starts_the_first_queued_adapters(engine_args, depth):
         engine.step()
     with pytest.raises(ValueError, match="adapter_prefetch must be >= 0"):
         dataclasses.replace(engine_args, adapter_prefetch=-1).create_engine()
+
+
+def test_prefetch_with_few_slots_evicts_no_adapter_needed_sooner(engine_args):
+    """Two adapter slots, one request running on adapter 0, the queue's next adapters 1
+    then 2: prefetch loads 1 into the free slot; loading 2 would evict 1, needed sooner,
+    so 2 waits packed (not read again) until a slot frees."""
+    engine = dataclasses.replace(
+        engine_args, max_num_seqs=1, max_loras=2, adapter_prefetch=2
+    ).create_engine()
+    engine.adapters.shutdown()
+    engine.adapters._executor = None  # loads on the engine thread: no timing in the test
+    register_adapters(engine, 3, (8,), ("q_proj",))
+    names = [f"adapter-{i:04d}" for i in range(3)]
+    reads = []
+    pack = engine.adapters._pack
+    engine.adapters._pack = lambda name: reads.append(name) or pack(name)
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    for i, name in enumerate(names):
+        engine.add_request([5, 6, 7], params, request_id=f"r{i}", adapter=name)
+    engine.step()
+    assert [r.request_id for r in engine.scheduler.running] == ["r0"]
+    assert names[1] in engine.adapter_cache and engine.adapter_cache.is_ready(names[1])
+    assert engine.adapters.stage(names[2]) == "packed"
+    done = {}
+    while engine.has_unfinished():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    assert sorted(done) == ["r0", "r1", "r2"]
+    assert all(len(o.token_ids) == 4 for o in done.values())
+    assert sorted(reads) == names  # each adapter read and packed once

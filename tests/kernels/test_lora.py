@@ -331,6 +331,13 @@ TILES = {
         LoRATiles(1, 16, 16, 2, 16, 32, n_group=2, shrink_stages=3),
     ),
     "prefill_split": (PREFILL, MIXED_RANKS, 0, LoRATiles(16, 32, 16, 3, 32, 32, 4, 4, 32)),
+    # ... with the shrink's K loop pipelined (tl.range(num_stages=2)) over several K steps
+    "prefill_shrink_stages": (
+        PREFILL,
+        MIXED_RANKS,
+        0,
+        LoRATiles(16, 32, 16, 3, 32, 32, 4, 4, 32, shrink_stages=2),
+    ),
     "prefill_wide": (SMALL_PREFILL, SMALL_RANKS, 5, LoRATiles(32, 64, 32, 2, 16, 32, 4, 4, 16)),
 }
 
@@ -451,7 +458,7 @@ def test_bad_inputs_raise() -> None:
     with pytest.raises(ValueError, match="n_group"):
         lora_apply_triton(*case.args(), tiles=LoRATiles(16, 16, 16, 1, 16, 16, n_group=2))
     with pytest.raises(ValueError, match="shrink_stages"):
-        lora_apply_triton(*case.args(), tiles=LoRATiles(16, 16, 16, 1, 16, 16, shrink_stages=2))
+        lora_apply_triton(*case.args(), tiles=LoRATiles(16, 16, 16, 1, 16, 16, shrink_stages=-1))
 
 
 def _tile_map(batch: LoRABatch, rows: int, pad: int) -> Tensor:

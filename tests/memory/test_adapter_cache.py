@@ -69,6 +69,21 @@ def test_a_load_that_does_not_fit_changes_nothing():
     cache.check_integrity()
 
 
+def test_a_load_evicts_no_protected_adapter_and_may_keep_its_buffer():
+    cache = make_cache(max_loras=2)
+    for name in ("a", "b"):
+        assert cache.load(random_lora_weights(name, MODEL, 2, ["k_proj"], seed=3))
+    packed = cache.pack(random_lora_weights("c", MODEL, 2, ["k_proj"], seed=4))
+    spare = len(cache._staging._buffers)
+    assert not cache.load(packed, protect={"a", "b"}, keep=True)  # no slot but theirs
+    assert "a" in cache and "b" in cache and "c" not in cache
+    assert len(cache._staging._buffers) == spare  # kept: the caller still holds it
+    assert cache.load(packed, protect={"a"})  # "b" (idle) goes instead of "a", the LRU one
+    assert "a" in cache and "b" not in cache and "c" in cache
+    assert cache.stats.gpu_evictions == 1
+    cache.check_integrity()
+
+
 def test_loading_a_resident_adapter_again_gives_its_buffer_back():
     cache = make_cache()
     weights = random_lora_weights("a", MODEL, 2, ["k_proj"], seed=2)

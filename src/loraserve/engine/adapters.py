@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -107,6 +108,8 @@ class AdapterManager:
             else None
         )
         self._fetching: dict[str, Future[PackedAdapter]] = {}
+        # packed adapters whose load found no room (no slot or pages free of the protected)
+        self._held: dict[str, PackedAdapter] = {}
         self._failed: dict[str, str] = {}
         self._io_lock = threading.Lock()
         self._io_seconds = 0.0
@@ -118,9 +121,10 @@ class AdapterManager:
     def __contains__(self, name: str) -> bool:
         return name in self.store
 
-    def ensure(self, name: str) -> bool:
+    def ensure(self, name: str, protect: Collection[str] = ()) -> bool:
         """True if ``name`` is resident and its copy has completed. Raises AdapterLoadError
-        if the adapter cannot be loaded at all."""
+        if the adapter cannot be loaded at all. Loading it evicts no adapter named in
+        ``protect``; one that finds no room stays packed for a later call."""
         if name in self._failed:
             raise AdapterLoadError(self._failed[name])
         if name in self.cache:
@@ -129,16 +133,20 @@ class AdapterManager:
         if packed is None:
             return False
         need = packed.num_pages
-        loaded = self.cache.load(packed)  # False: gives the packed buffer back
-        if not loaded and self._pool_idle():
-            have = self.cache.pool.num_pages
-            self._fail(
-                name,
-                f"it needs {need} pages and the page pool has {have}: give the pool more memory",
-            )
-        if loaded:
-            self._mark(name, 3)
-        return loaded and self._ready(name)
+        loaded = self.cache.load(packed, protect, keep=True)
+        if not loaded:
+            if self._pool_idle() and not protect:
+                self.cache.discard(packed)
+                have = self.cache.pool.num_pages
+                self._fail(
+                    name,
+                    f"it needs {need} pages and the page pool has {have}: give the pool "
+                    "more memory",
+                )
+            self._held[name] = packed  # read and packed already: only room is missing
+            return False
+        self._mark(name, 3)
+        return self._ready(name)
 
     def _mark(self, name: str, phase: int) -> None:
         """Time phase ``phase`` (0 asked, 1 thread start, 2 packed, 3 given pages) of
@@ -183,6 +191,8 @@ class AdapterManager:
         after a load found no room)."""
         if name in self.cache:
             return "ready" if self.cache.is_ready(name) else "copying"
+        if name in self._held:
+            return "packed"
         future = self._fetching.get(name)
         if future is None:
             return "idle"
@@ -193,14 +203,20 @@ class AdapterManager:
         return self.cache.num_pinned == 0 and self.cache.pool.num_used(PageKind.KV) == 0
 
     def prefetch(self, names: list[str]) -> None:
-        for name in names:
+        """Move the loads of ``names`` (in the order they will be needed) on. An adapter's
+        load evicts none of those before it in the list: with few slots, a later one
+        waits packed instead of pushing out one that is needed sooner."""
+        for i, name in enumerate(names):
             try:
-                self.ensure(name)
+                self.ensure(name, names[:i])
             except AdapterLoadError:
                 continue  # reported to the request when it is scheduled
 
     def _packed(self, name: str) -> PackedAdapter | None:
         """The packed host copy if available now; otherwise start making it, return None."""
+        held = self._held.pop(name, None)
+        if held is not None:
+            return held
         future = self._fetching.get(name)
         if future is None:
             self._mark(name, 0)
@@ -255,6 +271,9 @@ class AdapterManager:
         future = self._fetching.pop(name, None)
         if future is not None:
             future.add_done_callback(self._discard)
+        held = self._held.pop(name, None)
+        if held is not None:
+            self.cache.discard(held)
         if name in self.cache:
             self.cache.evict(name)
 
@@ -269,3 +288,4 @@ class AdapterManager:
         if self._executor is not None:
             self._executor.shutdown(wait=True, cancel_futures=True)
         self._fetching.clear()
+        self._held.clear()

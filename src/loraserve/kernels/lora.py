@@ -490,6 +490,7 @@ def _shrink_prefill_kernel(
     DOT_PRECISION: tl.constexpr,
     TILE_MAP: tl.constexpr,  # program_id(0) indexes tile_map_ptr's (segment, row tile)
     PERSISTENT: tl.constexpr,  # programs of axis 0 stride over tile_count_ptr's live entries
+    STAGES: tl.constexpr = 0,  # > 1: the K loop as tl.range(num_stages=STAGES)
 ):
     """One program: BLOCK_M rows of one segment (each of its map entries, persistent) x
     BLOCK_C shrink columns x one K split."""
@@ -504,7 +505,7 @@ def _shrink_prefill_kernel(
                 ranks_ptr, seg, m_tile, c_tile, split, layer, first_target, num_layers,
                 table_rank, in_features, k_blocks, stride_x_tok, stride_x_k, stride_v_split,
                 stride_v_tok, N_TARGETS, R_PAD, ROW_ALIGN, BLOCK_M, BLOCK_C, BLOCK_K,
-                DOT_PRECISION,
+                DOT_PRECISION, STAGES,
             )  # fmt: skip
 
 
@@ -538,6 +539,7 @@ def _shrink_tile(
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """The prefill-form shrink of one (segment, row tile, column tile, K split)."""
     start, rows, entry = _segment(seg_start_ptr, seg_slot_ptr, seg, layer, first_target, num_layers)
@@ -561,16 +563,46 @@ def _shrink_tile(
         k_lo = split * k_blocks * BLOCK_K
         k_hi = tl.minimum(in_features, k_lo + k_blocks * BLOCK_K)
         acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = k < k_hi
-            x_ptrs = x_ptr + tok[:, None] * stride_x_tok + k[None, :] * stride_x_k
-            xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [M, K]
-            a_mask = live[:, None] & k_ok[None, :]
-            a = tl.load(pool_ptr + a_off[:, None] + k[None, :], mask=a_mask, other=0.0)  # [C, K]
-            acc = tl.dot(xt, tl.trans(a), acc, input_precision=DOT_PRECISION)
+        if STAGES > 1:  # the compiler pipelines the loop's loads, STAGES iterations in flight
+            for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
+                acc = _shrink_dot(
+                    acc, x_ptr, pool_ptr, tok, m_ok, a_off, live, k0, k_hi, stride_x_tok,
+                    stride_x_k, BLOCK_K, DOT_PRECISION,
+                )  # fmt: skip
+        else:
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                acc = _shrink_dot(
+                    acc, x_ptr, pool_ptr, tok, m_ok, a_off, live, k0, k_hi, stride_x_tok,
+                    stride_x_k, BLOCK_K, DOT_PRECISION,
+                )  # fmt: skip
         v_ptrs = v_ptr + split * stride_v_split + tok[:, None] * stride_v_tok + cols[None, :]
         tl.store(v_ptrs, acc, mask=m_ok[:, None] & live[None, :])
+
+
+@triton.jit
+def _shrink_dot(
+    acc,
+    x_ptr,
+    pool_ptr,
+    tok,
+    m_ok,
+    a_off,
+    live,
+    k0,
+    k_hi,
+    stride_x_tok,
+    stride_x_k,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """acc [M, C] += x[tok, k0 : k0 + BLOCK_K] @ A[:, k0 : k0 + BLOCK_K]^T."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = k < k_hi
+    x_ptrs = x_ptr + tok[:, None] * stride_x_tok + k[None, :] * stride_x_k
+    xt = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [M, K]
+    a_mask = live[:, None] & k_ok[None, :]
+    a = tl.load(pool_ptr + a_off[:, None] + k[None, :], mask=a_mask, other=0.0)  # [C, K]
+    return tl.dot(xt, tl.trans(a), acc, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -883,7 +915,7 @@ class LoRATiles(NamedTuple):
     # decode form, whole rank per expand step: 1 = a small rank's B^T rows of several output
     # tiles in one [block_r, block_n] load (_expand_packed)
     rank_pack: int = 0
-    # decode form: > 1 = the shrink's K loop pipelined over this many stages (tl.range)
+    # > 1 = the shrink's K loop pipelined over this many stages (tl.range)
     shrink_stages: int = 0
 
     @property
@@ -1058,8 +1090,8 @@ def _check_tiles(tiles: LoRATiles, r_pad: int) -> None:
         raise ValueError(f"n_group must be >= 1, and 1 in the prefill form: {tiles}")
     if tiles.dense not in (0, 1) or (tiles.dense and tiles.block_m > 1):
         raise ValueError(f"dense must be 0 or 1, and 0 in the prefill form: {tiles}")
-    if tiles.shrink_stages < 0 or (tiles.shrink_stages > 1 and tiles.block_m > 1):
-        raise ValueError(f"shrink_stages must be >= 0, and <= 1 in the prefill form: {tiles}")
+    if tiles.shrink_stages < 0:
+        raise ValueError(f"shrink_stages must be >= 0: {tiles}")
 
 
 def _padded_slices(out_slices: Sequence[tuple[int, int]]) -> list[int]:
@@ -1136,6 +1168,7 @@ def _shrink(
             DOT_PRECISION=_precision(x),
             TILE_MAP=tile_map is not None,
             PERSISTENT=tile_map is not None and batch.tile_count is not None,
+            STAGES=tiles.shrink_stages,
             num_warps=tiles.shrink_warps,
         )
     return v

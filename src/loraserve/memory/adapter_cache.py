@@ -32,7 +32,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -137,6 +137,7 @@ class AdapterCache:
         self._stream = torch.cuda.Stream(self.device) if on_cuda else None
         self._staging = _StagingPool(pool.buffer.dtype, pinned=on_cuda)
         self.stats = CacheStats()
+        self._protected: Collection[str] = ()  # not evicted by the load under way
         pool.add_reclaimer(self._reclaim)
 
     # ---- queries ------------------------------------------------------------------
@@ -238,20 +239,30 @@ class AdapterCache:
         """Give back the staging buffer of a packed adapter that will not be loaded."""
         self._staging.give_back(packed.staging, None)
 
-    def load(self, adapter: LoRAWeights | PackedAdapter) -> bool:
-        """Make the adapter resident. False (nothing changed; a packed adapter's staging
-        buffer is given back) if the pool or the slots cannot take it now even after
-        evicting idle adapters."""
+    def load(
+        self,
+        adapter: LoRAWeights | PackedAdapter,
+        protect: Collection[str] = (),
+        keep: bool = False,
+    ) -> bool:
+        """Make the adapter resident, evicting idle adapters (least recently used first)
+        but none named in ``protect``. False (nothing changed; a packed adapter's staging
+        buffer is given back unless ``keep``) if the pool or the slots cannot take it now."""
         if adapter.name in self._resident:
             if isinstance(adapter, PackedAdapter):
                 self.discard(adapter)
             return True
         packed = adapter if isinstance(adapter, PackedAdapter) else self.pack(adapter)
         pages = None
-        if self._free_slots or self._evict_one():
-            pages = self.pool.allocate(packed.num_pages, PageKind.ADAPTER, oldest=True)
+        self._protected = protect
+        try:
+            if self._free_slots or self._evict_one():
+                pages = self.pool.allocate(packed.num_pages, PageKind.ADAPTER, oldest=True)
+        finally:
+            self._protected = ()
         if pages is None:
-            self.discard(packed)
+            if not keep:
+                self.discard(packed)
             return False
         slot = self._free_slots.pop()
         self.slot_targets[slot] = target_mask(t for _, t, _, _ in packed.weights.module_entries())
@@ -280,7 +291,7 @@ class AdapterCache:
 
     def _evict_one(self) -> int:
         for adapter in self._resident.values():  # least recently used first
-            if adapter.refcount == 0:
+            if adapter.refcount == 0 and adapter.name not in self._protected:
                 self.stats.gpu_evictions += 1
                 return self._drop(adapter)
         return 0
