@@ -185,7 +185,7 @@ def test_admission_stats_count_passes_starts_and_adapter_waits(engine_args):
 
     load(a0)
     held = {a1}  # nothing asked for it yet
-    engine.adapters.ensure = lambda name: name not in held and ensure(name)
+    engine.adapters.ensure = lambda name, protect=(): name not in held and ensure(name, protect)
     params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     for i, adapter in enumerate((a0, a1, None)):
         engine.add_request([5, 6, 7 + i], params, request_id=f"r{i}", adapter=adapter)

@@ -348,13 +348,13 @@ def test_adapter_load_finishing_mid_pass_keeps_arrival_order(base_dir, adapter_d
     real = engine.adapters.ensure
     calls = []
 
-    def ensure(adapter):
+    def ensure(adapter, protect=()):
         calls.append(adapter)
         if len(calls) == 1:  # the first check: not ready yet, and the load lands right after
             while not real(adapter):
                 time.sleep(0.001)
             return False
-        return real(adapter)
+        return real(adapter, protect)
 
     engine.adapters.ensure = ensure
     params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
