@@ -383,7 +383,7 @@ class LLMEngine:
             outputs = [self._fail(r) for r in scheduled.failed]
             t1 = clock()
             if scheduled.empty:
-                self.adapters.prefetch(self.scheduler.waiting_adapters(self.config.lora.prefetch))
+                self._prefetch()
                 self.last_step = StepTiming(t1 - t0, 0.0, clock() - t1, 0.0, 0.0)
                 return outputs
             pending = self._launch(self.runner.launch, scheduled)
@@ -396,14 +396,14 @@ class LLMEngine:
             self._inflight = self._launch_next(pending)
         t2 = clock()
         # The device is computing: bring the queue's adapters closer meanwhile.
-        self.adapters.prefetch(self.scheduler.waiting_adapters(self.config.lora.prefetch))
+        self._prefetch()
         t3 = clock()
         result = self.runner.collect(pending)
         t4 = clock()
         self._device_time(pending)
         # Loads packed while the device computed get their pages and copies now, so the
         # next step's admission finds them ready, not the one after it.
-        self.adapters.prefetch(self.scheduler.waiting_adapters(self.config.lora.prefetch))
+        self._prefetch()
         t5 = clock()
         for request, n in zip(scheduled.requests, scheduled.num_scheduled, strict=True):
             if not request.finished:  # (aborted while its step ran)
@@ -420,6 +420,10 @@ class LLMEngine:
                 del self._requests[request.request_id]
         self.last_step = StepTiming(t1 - t0, t2 - t1, t3 - t2 + t5 - t4, t4 - t3, clock() - t5)
         return outputs
+
+    def _prefetch(self) -> None:
+        """Move the loads of the queue's first ``lora.prefetch`` adapters on."""
+        self.adapters.prefetch(self.scheduler.waiting_adapters(self.config.lora.prefetch))
 
     def _launch_next(self, pending: PendingStep) -> tuple[ScheduledBatch, PendingStep] | None:
         """Overlapped decode: enqueue the graphed decode step after ``pending`` before
