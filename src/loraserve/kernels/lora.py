@@ -1036,11 +1036,17 @@ def _grouped_tiles(
     (one tile per adapter for up to 16 of its rows; tl.dot's minimum), so an adapter's A and
     B^T are read once per step, not once per row. The grids are persistent (a fixed number
     of programs strides over the live tiles), so the K split is picked for an expected
-    ~4 rows per adapter (S2 at saturation: 256 rows, ~52 adapters), up to 4 splits."""
+    ~4 rows per adapter (S2 at saturation: 256 rows, ~52 adapters): to about two waves,
+    four where the unsplit grid fills under half the GPU, up to 8 splits. (Session 14's
+    sweep, shrink + expand against the earlier two waves and 4 splits at most: o over 256
+    rows of 52 rank-64 adapters 23.5 vs 26.1 us, rank-16 q|k|v over 64 groups of 4 rows
+    29.1 vs 31.4, S4 n = 5's 29 rows of 5 adapters q|k|v 14.5 vs 17.1; q|k|v over the 52
+    rank-64 adapters, whose unsplit grid is a wave already, was best at its 3 splits.)"""
     block_c = min(128, next_power_of_2(n_targets * r_pad))
     block_k = min(64, max(16, next_power_of_2(in_features)))
     programs = cdiv(rows, 4) * cdiv(n_targets * r_pad, block_c)
-    split_k = _split_k(programs, 2, 4, in_features, block_k, num_sms)
+    waves = 4 if 2 * programs < num_sms else 2
+    split_k = _split_k(programs, waves, 8, in_features, block_k, num_sms)
     block_r = min(r_pad, 64)  # the whole rank at once: 47 vs 59 us at rank 64 (session 7)
     # 256 output columns per expand program: session 9's sweep, S2's 256 rows in 52 groups,
     # q|k|v 42 vs 48 us and o 14 vs 18 us against 128; rank 16 19 vs 21 us
