@@ -32,8 +32,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     parser.add_argument("--lora-side-stream", action="store_true", help="the engine option")
+    parser.add_argument(
+        "--old-grouped-split",
+        action="store_true",
+        help="grouped decode rows split the shrink's K as before session 14 (two waves, at "
+        "most 4 splits), to compare against the current rule on one machine",
+    )
     parser.add_argument("--out", default="decode_probe.json")
     args = parser.parse_args()
+    if args.old_grouped_split:
+        _old_grouped_split()
     points = [tuple(int(v) for v in p.split("x")) for p in args.points.split(",")]
     ranks = [int(r) for r in args.ranks.split(",")]
     start = time.perf_counter()
@@ -58,11 +66,29 @@ def main() -> None:
         t = time.perf_counter()
         result = decode_probe(engine, names, rows, context, steps=args.steps)
         result["seconds"] = time.perf_counter() - t
+        graphs = engine.runner.graphs
+        result["grouped_steps_so_far"] = graphs.grouped_steps if graphs is not None else 0
         print(json.dumps(result), flush=True)
         results.append(result)
     with open(args.out, "w") as f:
         json.dump({"model": args.model, "ranks": ranks, "points": results}, f, indent=1)
     engine.shutdown()
+
+
+def _old_grouped_split() -> None:
+    """Swap kernels.lora's grouped tile rule for session 13's: K split to about two waves,
+    at most 4 ways."""
+    from loraserve.kernels import lora
+
+    current = lora._grouped_tiles
+
+    def old(r_pad: int, rows: int, in_features: int, n_targets: int, max_out: int, sms: int):
+        tiles = current(r_pad, rows, in_features, n_targets, max_out, sms)
+        programs = -(-rows // 4) * -(-(n_targets * r_pad) // tiles.block_c)
+        split_k = lora._split_k(programs, 2, 4, in_features, tiles.block_k, sms)
+        return tiles._replace(split_k=split_k)
+
+    lora._grouped_tiles = old
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@
 #   s2n2000_pack   default vs --lora-rank-pack vs --lora-side-stream, and base     (8)
 #   overlap_tests  test_overlap.py and test_graphs.py on CUDA, output to a file      (2)
 #   gpu_tests   tests/kernels/test_lora.py and the graph-path engine tests on CUDA     (2)
+#   probe_grouped  the probe at S4 n = 5's and a grouped S2 batch, the grouped K split
+#               rule of session 14 against 13's                                  (4)
 #   probe_s1_side  the probe at S1's saturated batch, with and without --lora-side-stream (3)
 #   profile128  profile_step.py at batch 128, with and without adapters           (2)
 #   profile224  the same at batch 224, context 420 (S2 n=2000's decode steps)      (3)
@@ -128,6 +130,15 @@ for part in "$@"; do
         --ranks 64,32,16,8 --out "$OUT/probe_s2.json" 2>&1 | grep -E '^(\{|engine)'
       timeout 200 python benchmarks/decode_probe.py --points 194x420x184 --ranks 8 \
         --out "$OUT/probe_s1.json" 2>&1 | grep -E '^(\{|engine)' ;;
+    probe_grouped)  # grouped decode rows, the K split rule of session 14 against 13's: S4
+      # n = 5's decode batch (13B, 29 rows on 5 adapters) and S2's rows on 52 adapters
+      for old in "" --old-grouped-split; do
+        timeout 150 python benchmarks/decode_probe.py --model llama-13b --points 29x260x5 \
+          --ranks 64,32,16 $old --out "$OUT/probe_s4n5${old:+_old}.json" 2>&1 \
+          | grep -E '^(\{|engine)'
+        timeout 150 python benchmarks/decode_probe.py --points 256x420x52 --ranks 64,32,16,8 \
+          $old --out "$OUT/probe_s2g52${old:+_old}.json" 2>&1 | grep -E '^(\{|engine)'
+      done ;;
     probe_s1_side)  # LoRA's extra decode time at S1's saturated batch, the shrink on the
       # base GEMM's stream (default) and on a side stream beside it (--lora-side-stream)
       for side in "" --lora-side-stream; do
