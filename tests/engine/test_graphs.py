@@ -228,15 +228,17 @@ def test_grouped_graphs_only_where_rows_share_adapters(setup):
     def rows(*slots):
         return [SimpleNamespace(adapter_slot=s) for s in slots]
 
-    assert graphs.groups_pay(rows(1, 1, 2, 2, None))  # 2 tiles x 1.6 < 4 rows
-    assert not graphs.groups_pay(rows(1, 1, 2, None, None))  # 3.2 > 3
+    assert graphs.groups_pay(rows(*[1] * 4, *[2] * 3, None))  # 2 tiles x 3 < 7 rows
+    assert not graphs.groups_pay(rows(1, 1, 1, 2, 2, 2, None))  # 6 = 6: not less
     assert not graphs.groups_pay(rows(*range(8)))  # one row each
     assert not graphs.groups_pay(rows(None, None))  # no adapter rows
-    # 16 rows of one adapter and 15 of their own (1.94 rows per adapter): 25.6 < 31
-    assert graphs.groups_pay(rows(*[1] * 16, *range(2, 17)))
-    assert not graphs.groups_pay(rows(1, 1, *range(2, 12)))  # 11 tiles: 17.6 > 12 rows
-    graphs.group_tile_cost = 3
-    assert not graphs.groups_pay(rows(1, 1, 2, 2))
+    # 16 rows of one adapter and 15 of their own (1.94 rows per adapter): 48 > 31
+    assert not graphs.groups_pay(rows(*[1] * 16, *range(2, 17)))
+    assert graphs.groups_pay(rows(*[1] * 16, *range(2, 5)))  # 4 tiles: 12 < 19 rows
+    # a 17th row of one adapter costs it a second tile: 16 rows and 6 singles, 7 tiles x 3
+    # = 21 < 22 rows; 17 rows and 6 singles, 24 > 23
+    assert graphs.groups_pay(rows(*[1] * 16, *range(2, 8)))
+    assert not graphs.groups_pay(rows(*[1] * 17, *range(2, 8)))
     off = (
         EngineArgs(
             model=str(model_dir), dtype="float32", cuda_graph_max_batch=8, group_lora_rows=False

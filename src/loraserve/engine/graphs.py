@@ -17,11 +17,11 @@ has graphs in which each run of one adapter's rows (the runner sorts rows by ada
 one segment, taken in 16-row tiles (a host-built map of the live tiles and their count:
 persistent grids), so each adapter's weights are read once per step, not once per row. A
 step replays those when its rows share adapters enough: when ``group_tile_cost`` times its
-16-row tiles is less than its adapter rows (a tile costs ~1.6 single-row programs: on an
-H200, rank-64 q|k|v over 256 rows of 52 adapters took 85 us grouped against 181 us per row,
-but rank-16 o over 32 single-row adapters 10.4 against 6.4 us; S2 n=2000, where nearly
+16-row tiles is less than its adapter rows (a tile costs about three single-row programs:
+on an H200, S2's ranks over 256 rows of 52 adapters add 2.34 ms to a step grouped against
+3.56 per row, over 251 rows of 92 adapters 4.09 against 3.84; S2 n=2000, where nearly
 every row has its own adapter, ran 15.5 vs 21.2 req/s grouped always; docs/benchmarks.md,
-session 7).
+sessions 7 and 14).
 
 Inputs are copied into static buffers before each replay; the logits come out of a static
 buffer and are sampled outside the graph (per-request seeded generators cannot be captured).
@@ -77,9 +77,14 @@ def covering_targets(cache: AdapterCache, target_sets: list[int], requests: list
 
 
 # A step replays the grouped LoRA graphs when this many times its 16-row tiles is less than
-# its adapter rows: a tile costs ~1.6 single-row programs of the matrix-vector kernels (rank
-# 16, session 7's sweep) and saves a read of its adapter for each further row in it.
-GROUP_TILE_COST = 1.6
+# its adapter rows: a tile costs about three single-row programs of the matrix-vector
+# kernels and saves a read of its adapter for each further row in it. Session 14's decode
+# probe on an H200 (S2's ranks 64/32/16/8, LoRA's extra ms per step, grouped / per row):
+# 256 rows on 52 adapters (~4.4 rows per tile) 2.34 / 3.56; 251 rows on 92 (~2.6 rows per
+# tile) 4.09 / 3.84, which S2 n = 100's saturated run confirmed (0.831 of base grouped,
+# 0.857 per row). The break-even is near 3 rows per tile. (Until session 14: 1.6, from
+# session 7's rank-16 sweep, before the per-row kernels got faster.)
+GROUP_TILE_COST = 3.0
 
 
 def capture(
@@ -238,8 +243,9 @@ class DecodeGraphs:
     def groups_pay(self, requests: list[Request]) -> bool:
         """Grouped LoRA rows for this step: ``group_tile_cost`` x its 16-row tiles (one per
         up to 16 rows of an adapter) is less than its adapter rows. 52 adapters over 256
-        rows: 83 < 256, grouped; one row per adapter: 1.6 n > n, per row; 16 rows of one
-        adapter and 15 of their own: 25.6 < 31, grouped."""
+        rows (~56 tiles): 168 < 256, grouped; 92 adapters over 251 rows: ~285 > 251, per
+        row; one row per adapter: 3 n > n, per row; 16 rows of one adapter and 15 of their
+        own: 48 > 31, per row."""
         if not self.group_lora:
             return False
         rows = Counter(r.adapter_slot for r in requests if r.adapter_slot is not None)
