@@ -736,15 +736,15 @@ def _expand_decode_kernel(
             cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
             n_ok = cols < n
             b_mask = j_ok[:, None] & n_ok[None, :]
+            # kept in its own dtype across the rows (half the registers of fp32)
             b = tl.load(pool_ptr + b_off[:, None] + cols[None, :], mask=b_mask, other=0.0)
-            b = b.to(tl.float32)
             for mm in tl.static_range(SEG_ROWS):
                 if mm < rows:
                     v_ptrs = v_row + mm * stride_v_tok + splits[:, None] * stride_v_split
                     vj = tl.sum(tl.load(v_ptrs + j[None, :], mask=v_mask, other=0.0), axis=0)
                     y_ptrs = y_ptr + (tok + mm) * stride_y_tok + (o + cols) * stride_y_n
                     y = tl.load(y_ptrs, mask=n_ok, other=0.0).to(tl.float32)
-                    y += scale * tl.sum(vj[:, None] * b, axis=0)
+                    y += scale * tl.sum(vj[:, None] * b.to(tl.float32), axis=0)
                     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=n_ok)
     elif SEG_ROWS > 1:
         for mm in tl.static_range(SEG_ROWS):
