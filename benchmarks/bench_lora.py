@@ -488,7 +488,7 @@ RUNS_KNOBS = {
     "block_k": [64, 128, 256],
     "split_k": [1, 2, 4],
     "shrink_warps": [2, 4],
-    "expand_warps": [2, 4],
+    "expand_warps": [2, 4, 8],
     "block_n": [128, 256],
 }
 

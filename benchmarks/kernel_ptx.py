@@ -96,7 +96,7 @@ KERNELS = {
     "_expand_decode_rows": (  # --lora-seg-rows 4: B^T tiles loaded once for a run's rows
         lora._expand_decode_kernel,
         dict(R_PAD=64, ROW_ALIGN=8, BLOCK_S=32, BLOCK_R=64, BLOCK_N=512, SEG_ROWS=4),
-        2,
+        8,
     ),
     "_expand_decode_packed": (  # the default with max_lora_rank <= 16
         lora._expand_decode_kernel,
