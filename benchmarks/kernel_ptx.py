@@ -5,6 +5,7 @@ cannot prove aligned (GPU session 6: the decode shrink ran at half speed for tha
 
     python benchmarks/kernel_ptx.py                 # every kernel, a typical 7B call
     python benchmarks/kernel_ptx.py --show _shrink_decode_kernel   # its PTX
+    python benchmarks/kernel_ptx.py --ptxas         # registers and spills (sm_90a)
 
 Arguments are specialised as Triton does at a real call: pointers and ints divisible by 16
 marked so, unit strides folded to 1, ints the kernel exempts (do_not_specialize) left
@@ -16,8 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
 import sys
+import tempfile
 from collections import Counter
+from pathlib import Path
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -216,11 +220,32 @@ def memory_ops(ptx: str) -> Counter:
     return ops
 
 
+def ptxas_report(ptx: str) -> str:
+    """Registers and spills of a kernel's PTX as the ptxas bundled with triton reports them
+    for sm_90a (the newest of its ptxas binaries: it must read the PTX's version). The
+    GPU's own toolchain may allocate differently: a guide, not a measurement."""
+    bins = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    ptxas = max(bins.glob("ptxas*"), key=lambda p: len(p.name))  # ptxas-blackwell if there
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        cmd = [str(ptxas), "-arch=sm_90a", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln.split("info    :")[-1].strip() for ln in done.stderr.splitlines()]
+    keep = [ln for ln in lines if "registers" in ln or "spill" in ln]
+    return "; ".join(keep) or done.stderr.strip()[-300:]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--show", default=None, help="print this kernel's PTX")
     p.add_argument("--json", action="store_true", help="counts as JSON, by kernel")
+    p.add_argument("--ptxas", action="store_true", help="registers and spills, by kernel")
     args = p.parse_args(argv)
+    if args.ptxas:
+        for name in KERNELS:
+            print(f"{name:26} {ptxas_report(compile_ptx(name))}")
+        return 0
     if args.show:
         sys.stdout.write(compile_ptx(args.show))
         return 0
