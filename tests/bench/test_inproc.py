@@ -90,6 +90,8 @@ def test_driver_end_to_end(engine_args):
     assert times["avg_ms"] >= times["reading_avg_ms"] >= 0
     text = format_run("tiny", result)
     assert "launches: 0 steps queued" in text and "adapter loads asked -> ready" in text
+    no_room = result["adapter_loads"]["load_no_room"]
+    assert no_room >= 0 and f"; {no_room} tries found no room in the pool" in text
     # every admission's prompts prefill whole in the step that admits them (no chunks)
     assert passes["prompt_steps"] == admission["admissions"]
     alloc = result["cuda_allocator"]  # torch's caching allocator events during the run

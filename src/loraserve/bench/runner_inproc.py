@@ -259,6 +259,7 @@ class InprocDriver:
         gpu0 = dataclasses.replace(self.engine.adapter_cache.stats)
         self._io0 = self.engine.adapters.io_seconds
         self._loads0 = len(self.engine.adapters.load_times.records)
+        self._no_room0 = self.engine.adapters.no_room
         self._staging0 = self.engine.adapter_cache.staging
         host0 = self.engine.adapter_store.stats
         pending = deque(self.requests)
@@ -443,6 +444,8 @@ class InprocDriver:
             "io_thread_s": self.engine.adapters.io_seconds - self._io0,
             # Asked for -> ready on the device, by phase (AdapterManager.load_times), in ms.
             "load_times": self.engine.adapters.load_times.as_dict(self._loads0),
+            # Tries to load a packed adapter that found no room in the pool or the slots.
+            "load_no_room": self.engine.adapters.no_room - self._no_room0,
             # Host staging buffers made during the run (pinned on CUDA: slow to make).
             "staging_allocations": staging["allocations"] - self._staging0["allocations"],
             "staging_alloc_s": staging["seconds"] - self._staging0["seconds"],

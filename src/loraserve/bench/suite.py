@@ -516,6 +516,8 @@ def format_run(where: str, r: dict[str, Any]) -> str:
                 f"{times['p50_ms']:.1f}, p99 {times['p99_ms']:.1f}, max {times['max_ms']:.1f} "
                 "(avg ms: " + ", ".join(f"{p} {times[f'{p}_avg_ms']:.1f}" for p in PHASES) + ")"
             )
+            if loads.get("load_no_room") is not None:
+                line += f"; {loads['load_no_room']} tries found no room in the pool"
     admission = r.get("admission") or {}
     if admission.get("admissions"):
         line += (

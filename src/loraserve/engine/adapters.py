@@ -117,6 +117,10 @@ class AdapterManager:
         # given pages (under _io_lock: the I/O threads write the middle two)
         self._timeline: dict[str, list[float]] = {}
         self.load_times = LoadTimes()
+        # tries to load a packed adapter that found no room (no slot or pages free of the
+        # protected and the pinned): what a long "packed" phase waits for, if not the engine
+        # thread's next look
+        self.no_room = 0
 
     def __contains__(self, name: str) -> bool:
         return name in self.store
@@ -135,6 +139,7 @@ class AdapterManager:
         need = packed.num_pages
         loaded = self.cache.load(packed, protect, keep=True)
         if not loaded:
+            self.no_room += 1
             if self._pool_idle() and not protect:
                 self.cache.discard(packed)
                 have = self.cache.pool.num_pages
