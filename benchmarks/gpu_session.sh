@@ -18,6 +18,7 @@
 #   s2n2000_sat, s1n2000_sat  the same at R=60 for 60 s, cut at 60 s: arrivals outrun both
 #               engines (base's saturated req/s is ~36), so req/s is throughput  (4.5)
 #   s2n2000_sat_pf, s1n2000_sat_pf  ... and --adapter-prefetch 64 beside the default (6)
+#   s2n2000_sat_runs, s1n2000_sat_runs  ... and --lora-seg-rows 4 beside the default   (6)
 #   s2n2000_ai  S2 n=2000 with --admission-interval 0.5 (loraserve and base)       (6)
 #   s2n2000_split     ... with --mixed-decode-graphs 64                           (6)
 #   s2n2000_ab  default, --mixed-decode-graphs 64, --no-overlap-steps and base, one
@@ -121,6 +122,9 @@ for part in "$@"; do
         *_sat_pf)  # the same, and a deeper adapter prefetch (admissions that wait for one)
           trace=(--rate 60 --duration 60 --time-limit 60)
           variant=(--variant 'pf64=--adapter-prefetch 64') ;;
+        *_sat_runs)  # the same, and --lora-seg-rows 4 (one adapter per row here: no loss?)
+          trace=(--rate 60 --duration 60 --time-limit 60)
+          variant=(--variant 'runs4=--lora-seg-rows 4') ;;
         *_ai) extra=(--admission-interval 0.5) ;;  # admission interval 0.5 s
         *_split) extra=(--mixed-decode-graphs 64) ;;  # decode rows of mixed steps graphed
         *_nooverlap) extra=(--no-overlap-steps) ;;
