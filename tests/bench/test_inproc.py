@@ -317,3 +317,27 @@ def test_step_kinds_with_steps_queued_ahead(engine_args):
     assert steps["changed"]["steps"] > 0 and result["launches"]["ahead"] > 0
     assert steps["mixed"]["steps"] == passes["prompt_steps"]
     engine.shutdown()
+
+
+def test_warm_up_makes_a_staging_buffer_for_every_load_in_flight(engine_args):
+    """The bench's warm-up leaves free staging buffers, each as large as its largest-rank
+    adapter, for the I/O threads plus the prefetch depth: loads during the run pin no new
+    host memory."""
+    from loraserve.bench.adapters import AdapterGenerator
+    from loraserve.bench.suite import _warm_up
+
+    engine = engine_args.create_engine()
+    generator = AdapterGenerator(engine.config.model, engine.config.dtype, 8, QKVO)
+    _warm_up(engine, generator, 8)
+    staging = engine.adapter_cache._staging
+    largest = staging._largest
+    free = [buf for buf, _ in staging._buffers if buf.numel() >= largest]
+    assert largest > 0
+    assert len(free) == max(1, engine.adapters.threads) + engine.config.lora.prefetch
+    made = engine.adapter_cache.staging["allocations"]
+    register_adapters(engine, 3, (8,), QKVO)
+    cache, store = engine.adapter_cache, engine.adapter_store
+    packed = [cache.pack(store.get(adapter_name(i))) for i in range(3)]
+    assert engine.adapter_cache.staging["allocations"] == made  # three in flight, none made
+    for p in packed:
+        engine.adapter_cache.discard(p)

@@ -99,6 +99,26 @@ def test_loading_a_resident_adapter_again_gives_its_buffer_back():
     assert made >= 1 and cache.staging["bytes"] >= made * (1 << 22)
 
 
+def test_reserved_staging_buffers_serve_loads_in_flight_together():
+    """reserve_staging makes free buffers as large as the largest adapter packed so far, up
+    to the count asked for; packs in flight together then take them instead of making new
+    ones."""
+    cache = make_cache()
+    assert cache.reserve_staging(4) == 0  # nothing packed yet: no size to make them at
+    assert cache.load(random_lora_weights("a", MODEL, 2, ["k_proj", "o_proj"], seed=1))
+    made = cache.staging["allocations"]
+    assert cache.reserve_staging(3) == 2  # the first load's buffer came back: one is free
+    assert cache.reserve_staging(3) == 0
+    assert cache.staging["allocations"] == made + 2
+    packed = [
+        cache.pack(random_lora_weights(n, MODEL, r, ["k_proj", "o_proj"], seed=2))
+        for n, r in (("b", 2), ("c", 1), ("d", 2))
+    ]
+    assert cache.staging["allocations"] == made + 2  # three in flight, none made
+    for p in packed:
+        cache.discard(p)
+
+
 def test_rank_above_the_served_maximum_is_refused_when_packing():
     cache = make_cache()
     with pytest.raises(ValueError, match="max_lora_rank=8"):

@@ -165,6 +165,13 @@ class AdapterCache:
             "seconds": st.allocation_seconds,
         }
 
+    def reserve_staging(self, count: int) -> int:
+        """Make staging buffers now, up to ``count`` free ones, each as large as the largest
+        adapter packed so far: loads in flight together then find one each instead of
+        pinning fresh host memory (~0.8 ms per MB on the H200's host) while steps run.
+        Returns how many were made."""
+        return self._staging.reserve(count)
+
     @property
     def num_pinned(self) -> int:
         return sum(1 for a in self._resident.values() if a.refcount > 0)
@@ -582,6 +589,25 @@ class _StagingPool:
             self.allocated_bytes += buf.numel() * buf.element_size()
             self.allocation_seconds += time.perf_counter() - start
         return buf[:numel]
+
+    def reserve(self, count: int) -> int:
+        """Up to ``count`` free buffers of the largest size asked for so far (none before a
+        first ``take``). Returns how many were made."""
+        with self._lock:
+            largest = self._largest
+            free = sum(1 for buf, _ in self._buffers if buf.numel() >= largest)
+        made = 0
+        for _ in range(count - free if largest else 0):
+            start = time.perf_counter()
+            size = max(largest, 1 << 22)  # as take() makes them
+            buf = torch.empty(size, dtype=self.dtype, pin_memory=self.pinned)
+            with self._lock:
+                self.allocations += 1
+                self.allocated_bytes += buf.numel() * buf.element_size()
+                self.allocation_seconds += time.perf_counter() - start
+                self._buffers.append((buf, None))
+            made += 1
+        return made
 
     def give_back(self, buf: torch.Tensor, event: torch.cuda.Event | None) -> None:
         base = buf._base if buf._base is not None else buf
