@@ -417,16 +417,17 @@ class DecodeGraphs:
             ids_row.copy_(prev[0].index_select(0, ids_row))
 
     @staticmethod
-    def _fill_runs(host: np.ndarray, adapters: list[int], seg_rows: int) -> None:
-        """LoRA segments: each run of equal adapter slots (the runner sorts rows by adapter)
-        cut into pieces of at most ``seg_rows`` rows, then empty ones of slot -1."""
-        n = len(adapters)
-        slots = np.asarray(adapters, dtype=np.int64)
+    def _segments(host: np.ndarray, slots: np.ndarray, max_rows: int = 0) -> np.ndarray:
+        """LoRA segments into the host buffer (row 4 slots, row 5 starts): one per run of
+        equal adapter slots (the runner sorts rows by adapter), cut into pieces of at most
+        ``max_rows`` rows (0: whole runs), then empty ones of slot -1. Returns the starts."""
+        n = len(slots)
         if n:
             change = np.r_[True, slots[1:] != slots[:-1]]
-            run_start = np.flatnonzero(change)
-            in_run = np.arange(n) - run_start[np.cumsum(change) - 1]
-            starts = np.flatnonzero(change | (in_run % seg_rows == 0))
+            if max_rows:
+                run_start = np.flatnonzero(change)
+                change |= (np.arange(n) - run_start[np.cumsum(change) - 1]) % max_rows == 0
+            starts = np.flatnonzero(change)
         else:
             starts = slots
         k = len(starts)
@@ -434,20 +435,21 @@ class DecodeGraphs:
         host[4, k:] = -1
         host[5, :k] = starts
         host[5, k:] = n
+        return starts
+
+    @staticmethod
+    def _fill_runs(host: np.ndarray, adapters: list[int], seg_rows: int) -> None:
+        """LoRA segments: each run of one adapter's rows in pieces of at most ``seg_rows``."""
+        DecodeGraphs._segments(host, np.asarray(adapters, dtype=np.int64), seg_rows)
 
     @staticmethod
     def _fill_groups(host: np.ndarray, head: int, adapters: list[int]) -> None:
-        """LoRA segments: one per run of equal adapter slots (the runner sorts rows by
-        adapter), then empty ones of slot -1; the tile map: (segment, 16-row tile) of each
-        adapter segment's tiles, after their count."""
+        """LoRA segments: one per run of equal adapter slots; the tile map: (segment, 16-row
+        tile) of each adapter segment's tiles, after their count."""
         n = len(adapters)
         slots = np.asarray(adapters, dtype=np.int64)
-        starts = np.flatnonzero(np.r_[True, slots[1:] != slots[:-1]]) if n else slots
+        starts = DecodeGraphs._segments(host, slots)
         groups = len(starts)
-        host[4, :groups] = slots[starts]
-        host[4, groups:] = -1
-        host[5, :groups] = starts
-        host[5, groups:] = n
         lengths = np.diff(np.r_[starts, n])
         tiles = np.where(slots[starts] >= 0, -(-lengths // GROUP_TILE_ROWS), 0)
         first = np.cumsum(tiles) - tiles  # each segment's first entry

@@ -746,7 +746,7 @@ def _expand_decode_kernel(
                     y = tl.load(y_ptrs, mask=n_ok, other=0.0).to(tl.float32)
                     y += scale * tl.sum(vj[:, None] * b.to(tl.float32), axis=0)
                     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=n_ok)
-    elif SEG_ROWS > 1:
+    else:  # row by row (one row unless SEG_ROWS > 1; rows >= 1 here)
         for mm in tl.static_range(SEG_ROWS):
             if mm < rows:
                 _expand_decode_row(
@@ -755,12 +755,6 @@ def _expand_decode_kernel(
                     stride_y_n, stride_v_split, R_PAD, ROW_ALIGN, BLOCK_S, BLOCK_R, BLOCK_N,
                     RANK_PACK,
                 )  # fmt: skip
-    else:
-        _expand_decode_row(
-            y_ptr, v_ptr, pool_ptr, b_table, v_row, tok, rank, scale, o, n, split_k,
-            first_tile, last_tile, stride_y_tok, stride_y_n, stride_v_split, R_PAD,
-            ROW_ALIGN, BLOCK_S, BLOCK_R, BLOCK_N, RANK_PACK,
-        )  # fmt: skip
 
 
 @triton.jit

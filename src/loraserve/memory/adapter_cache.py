@@ -582,32 +582,28 @@ class _StagingPool:
                 buf, _ = self._buffers.pop(min(fits)[1])
                 return buf[:numel]
             size = max(self._largest, 1 << 22)
+        return self._make(size)[:numel]
+
+    def reserve(self, count: int) -> int:
+        """Up to ``count`` free buffers of the largest size asked for so far (none before a
+        first ``take``), as ``take`` would make them. Returns how many were made."""
+        with self._lock:
+            largest = self._largest
+            free = sum(1 for buf, _ in self._buffers if buf.numel() >= largest)
+        made = max(0, count - free) if largest else 0
+        for _ in range(made):
+            self.give_back(self._make(max(largest, 1 << 22)), None)
+        return made
+
+    def _make(self, size: int) -> torch.Tensor:
+        """A new buffer (pinned on CUDA: slow), counted."""
         start = time.perf_counter()
         buf = torch.empty(size, dtype=self.dtype, pin_memory=self.pinned)
         with self._lock:
             self.allocations += 1
             self.allocated_bytes += buf.numel() * buf.element_size()
             self.allocation_seconds += time.perf_counter() - start
-        return buf[:numel]
-
-    def reserve(self, count: int) -> int:
-        """Up to ``count`` free buffers of the largest size asked for so far (none before a
-        first ``take``). Returns how many were made."""
-        with self._lock:
-            largest = self._largest
-            free = sum(1 for buf, _ in self._buffers if buf.numel() >= largest)
-        made = 0
-        for _ in range(count - free if largest else 0):
-            start = time.perf_counter()
-            size = max(largest, 1 << 22)  # as take() makes them
-            buf = torch.empty(size, dtype=self.dtype, pin_memory=self.pinned)
-            with self._lock:
-                self.allocations += 1
-                self.allocated_bytes += buf.numel() * buf.element_size()
-                self.allocation_seconds += time.perf_counter() - start
-                self._buffers.append((buf, None))
-            made += 1
-        return made
+        return buf
 
     def give_back(self, buf: torch.Tensor, event: torch.cuda.Event | None) -> None:
         base = buf._base if buf._base is not None else buf
