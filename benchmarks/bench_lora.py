@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 import triton
@@ -474,78 +474,6 @@ def sweep(args: argparse.Namespace, save=lambda rows: None) -> list[dict]:
         save(rows)
     if not args.phases or "rank_classes" in args.phases:
         rows += rank_classes(args, num_sms)
-    if not args.phases or "runs" in args.phases:
-        rows += runs_of_rows(args, num_sms, save=lambda more: save(rows + more))
-    return rows
-
-
-# Rows that share adapters, sorted (the decode graphs' order), S2's ranks: 256 rows on 52
-# adapters (S2 saturated at n ~ 50) and 251 on 92 (S2 n = 100 saturated: 2.8x its bytes
-# per row in session 14, where grouping in 16-row tiles did not pay)
-N100_GROUPS = [3] * 67 + [2] * 25
-RUNS_CASES = [(S2_GROUPS, 52), (N100_GROUPS, 92)]
-RUNS_KNOBS = {
-    "block_k": [64, 128, 256],
-    "split_k": [1, 2, 4],
-    "shrink_warps": [2, 4],
-    "expand_warps": [2, 4, 8],
-    "block_n": [128, 256],
-}
-
-
-def run_rows(case: Case, seg_rows: int) -> Case:
-    """The case's segments (one per adapter) cut into runs of at most ``seg_rows`` rows, as
-    the decode graphs' fill does with --lora-seg-rows (1: a segment per row)."""
-    b = case.batch
-    starts, slots = b.seg_start.tolist(), b.seg_slot.tolist()
-    new_starts, new_slots = [], []
-    for s, slot in enumerate(slots):
-        for row in range(starts[s], starts[s + 1], seg_rows):
-            new_starts.append(row)
-            new_slots.append(slot)
-    pad = sum(starts[s + 1] - starts[s] for s in range(len(slots))) - len(new_slots)
-    new_starts += [starts[-1]] * pad  # empty segments up to one per row, as in a graph
-    new_slots += [-1] * pad
-    device = b.seg_start.device
-    case.batch = replace(
-        b,
-        seg_start=torch.tensor([*new_starts, starts[-1]], dtype=torch.int32, device=device),
-        seg_slot=torch.tensor(new_slots, dtype=torch.int32, device=device),
-        num_segments=len(new_slots),
-        max_seg_len=min(seg_rows, b.max_seg_len),
-        seg_rows=seg_rows,
-    )
-    return case
-
-
-def runs_of_rows(args: argparse.Namespace, num_sms: int, save=lambda rows: None) -> list[dict]:
-    """Decode-form LoRA over rows that share adapters: a program per row (seg_rows 1, the
-    default) against a program per run of up to 2, 4, 8 rows of one adapter, with a few
-    tile variants each."""
-    rows = []
-    for groups, distinct in RUNS_CASES:
-        for call in ("qkv", "o"):
-            for seg_rows in (1, 2, 4, 8):
-                case = make_case(groups, distinct, 64, call, args.row_align, True, (8, 16, 32, 64))
-                floor_us = adapter_floor_us(case)
-                run_rows(case, seg_rows)
-                default = pick_tiles(case.batch, HIDDEN, len(case.out_slices), HIDDEN, num_sms)
-                knobs = RUNS_KNOBS if seg_rows > 1 else {}
-                for tiles in _variants(default, knobs, 64):
-                    try:
-                        shrink_us, expand_us = _time_variant(case, tiles)
-                    except Exception as e:  # noqa: BLE001 - a variant that fails
-                        logger.warning("runs %s %s: %s", call, tuple(tiles), e)
-                        shrink_us = expand_us = float("nan")
-                    rows.append(
-                        dict(phase="runs", call=call, rank=64, tokens=sum(groups),
-                             distinct=distinct, default=tiles == default, tiles=tuple(tiles),
-                             shrink_us=shrink_us, expand_us=expand_us, a_bytes_us=floor_us,
-                             seg_rows=seg_rows)
-                    )  # fmt: skip
-                    logger.info("%s", rows[-1])
-                del case
-                save(rows)
     return rows
 
 

@@ -18,7 +18,6 @@
 #   s2n2000_sat, s1n2000_sat  the same at R=60 for 60 s, cut at 60 s: arrivals outrun both
 #               engines (base's saturated req/s is ~36), so req/s is throughput  (4.5)
 #   s2n2000_sat_pf, s1n2000_sat_pf  ... and --adapter-prefetch 64 beside the default (6)
-#   s2n2000_sat_runs, s1n2000_sat_runs  ... and --lora-seg-rows 4 beside the default   (6)
 #   s2n2000_ai  S2 n=2000 with --admission-interval 0.5 (loraserve and base)       (6)
 #   s2n2000_split     ... with --mixed-decode-graphs 64                           (6)
 #   s2n2000_ab  default, --mixed-decode-graphs 64, --no-overlap-steps and base, one
@@ -33,9 +32,6 @@
 #   gpu_tests   tests/kernels/test_lora.py and the graph-path engine tests on CUDA     (2)
 #   probe_grouped  the probe at S4 n = 5's and a grouped S2 batch, the grouped K split
 #               rule of session 14 against 13's                                  (4)
-#   probe_runs  the probe at S2 n = 100's batch and at 52 adapters, --lora-seg-rows 1-8  (3)
-#   s2n100_runs S2 n = 100 saturated, the default vs --lora-seg-rows 4, and base    (4)
-#               (SWEEP_PHASES=runs lora_sweep: the kernels alone, seg_rows 1-8)   (2)
 #   probe_s1_side  the probe at S1's saturated batch, with and without --lora-side-stream (3)
 #   profile128  profile_step.py at batch 128, with and without adapters           (2)
 #   profile224  the same at batch 224, context 420 (S2 n=2000's decode steps)      (3)
@@ -122,9 +118,6 @@ for part in "$@"; do
         *_sat_pf)  # the same, and a deeper adapter prefetch (admissions that wait for one)
           trace=(--rate 60 --duration 60 --time-limit 60)
           variant=(--variant 'pf64=--adapter-prefetch 64') ;;
-        *_sat_runs)  # the same, and --lora-seg-rows 4 (one adapter per row here: no loss?)
-          trace=(--rate 60 --duration 60 --time-limit 60)
-          variant=(--variant 'runs4=--lora-seg-rows 4') ;;
         *_ai) extra=(--admission-interval 0.5) ;;  # admission interval 0.5 s
         *_split) extra=(--mixed-decode-graphs 64) ;;  # decode rows of mixed steps graphed
         *_nooverlap) extra=(--no-overlap-steps) ;;
@@ -146,16 +139,6 @@ for part in "$@"; do
         timeout 150 python benchmarks/decode_probe.py --points 256x420x52 --ranks 64,32,16,8 \
           $old --out "$OUT/probe_s2g52${old:+_old}.json" 2>&1 | grep -E '^(\{|engine)'
       done ;;
-    probe_runs)  # --lora-seg-rows 1 (default), 2, 4, 8: S2's ranks on rows that share
-      # adapters (S2 n = 100's saturated batch, and 52 adapters), per row and grouped
-      for m in 1 2 4 8; do
-        timeout 120 python benchmarks/decode_probe.py --points 251x430x92,256x420x52 \
-          --ranks 64,32,16,8 --lora-seg-rows $m --out "$OUT/probe_runs$m.json" 2>&1 \
-          | grep -E '^(\{|engine)' | cut -c1-330
-      done ;;
-    s2n100_runs)  # S2 n = 100 saturated: the default against --lora-seg-rows 4, and base
-      bench 400 --setting S2 -n 100 --rate 60 --duration 60 --time-limit 60 --baselines base \
-        --variant 'runs4=--lora-seg-rows 4' --out "$OUT/bench_S2_n100_r60_runs.json" ;;
     probe_s1_side)  # LoRA's extra decode time at S1's saturated batch, the shrink on the
       # base GEMM's stream (default) and on a side stream beside it (--lora-side-stream)
       for side in "" --lora-side-stream; do

@@ -56,11 +56,6 @@ KERNELS = {
         dict(N_TARGETS=3, R_PAD=16, ROW_ALIGN=8, BLOCK_C=16, BLOCK_K=512, DENSE=True),
         2,
     ),
-    "_shrink_decode_rows": (  # --lora-seg-rows 4: A tiles loaded once for a run's rows
-        lora._shrink_decode_kernel,
-        dict(N_TARGETS=3, R_PAD=64, ROW_ALIGN=8, BLOCK_C=16, BLOCK_K=128, DENSE=False, SEG_ROWS=4),
-        2,
-    ),
     "_shrink_prefill_kernel": (
         lora._shrink_prefill_kernel,
         dict(
@@ -96,11 +91,6 @@ KERNELS = {
         lora._expand_decode_kernel,
         dict(R_PAD=64, ROW_ALIGN=8, BLOCK_S=32, BLOCK_R=64, BLOCK_N=512),
         2,
-    ),
-    "_expand_decode_rows": (  # --lora-seg-rows 4: B^T tiles loaded once for a run's rows
-        lora._expand_decode_kernel,
-        dict(R_PAD=64, ROW_ALIGN=8, BLOCK_S=32, BLOCK_R=64, BLOCK_N=512, SEG_ROWS=4),
-        8,
     ),
     "_expand_decode_packed": (  # the default with max_lora_rank <= 16
         lora._expand_decode_kernel,

@@ -355,9 +355,6 @@ class EngineConfig:
     prefill_graphs: bool = False
     # Decode graphs run each adapter's rows as one LoRA segment (engine/graphs.py).
     group_lora_rows: bool = True
-    # Decode graphs' one-segment-per-row form: runs of up to this many rows of one adapter
-    # per LoRA segment instead (LoRABatch.seg_rows); 1 = a segment per row.
-    lora_seg_rows: int = 1
     # The LoRA shrink on a second CUDA stream beside the base GEMM (PackedLinear).
     lora_side_stream: bool = False
     # The decode LoRA expand packs small ranks' B^T rows of several tiles per load.

@@ -81,44 +81,6 @@ def test_padded_decode_matches_eager(setup, graph_batch, lora_backend, group_til
             assert max(abs(le[t] - lp[t]) for t in le) < 1e-5
 
 
-def test_padded_decode_runs_of_rows_match_eager(setup):
-    """--lora-seg-rows 2: the decode graphs that do not group rows in 16-row tiles run each
-    run of one adapter's sorted rows as segments of up to 2 rows (one LoRA program each);
-    tokens and logprobs as the eager path's."""
-    model_dir, adapters = setup
-    names = ["a", None, "b", "a", "a", "b", None]
-    prompts = [[5, 6, 7], [9] * 12, [30, 31], [44, 45, 46, 47], [8, 8], [3, 4], [7]]
-    eager, _ = run(model_dir, adapters, 0, names, prompts)
-    padded, _ = run(
-        model_dir, adapters, 8, names, prompts, 1e9, lora_backend="triton", lora_seg_rows=2
-    )
-    for e, p in zip(eager, padded, strict=True):
-        assert e.token_ids == p.token_ids
-        for le, lp in zip(e.logprobs, p.logprobs, strict=True):
-            assert max(abs(le[t] - lp[t]) for t in le) < 1e-5
-
-
-def test_runs_of_rows_fill():
-    """Runs of one adapter slot cut into segments of at most seg_rows rows, then empty
-    segments of slot -1 starting at the row count."""
-    import numpy as np
-
-    from loraserve.engine.graphs import DecodeGraphs
-
-    host = np.zeros((7, 10), dtype=np.int64)
-    DecodeGraphs._fill_runs(host, [3, 3, 3, 5, 5, 1, 1, 1, 1, -1], 2)
-    assert host[4].tolist() == [3, 3, 5, 1, 1, -1, -1, -1, -1, -1]
-    assert host[5].tolist() == [0, 2, 3, 5, 7, 9, 10, 10, 10, 10]
-    DecodeGraphs._fill_runs(host, [], 4)
-    assert host[4].tolist() == [-1] * 10 and host[5].tolist() == [0] * 10
-
-
-def test_lora_seg_rows_must_be_a_power_of_two(setup):
-    model_dir, _ = setup
-    with pytest.raises(ValueError, match="--lora-seg-rows 3: give a power of two"):
-        EngineArgs(model=str(model_dir), dtype="float32", lora_seg_rows=3).create_engine()
-
-
 def test_graphs_built_at_startup_and_dropped_on_shutdown(setup):
     model_dir, _ = setup
     engine = EngineArgs(

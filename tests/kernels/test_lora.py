@@ -351,55 +351,6 @@ def test_triton_tiles(name: str, call: str) -> None:
     torch.testing.assert_close(got.double(), case.expected, **TOL[torch.float32])
 
 
-# Decode rows sorted by adapter in runs of at most 4 (LoRABatch.seg_rows): one program per
-# run reads the adapter once for its rows
-SEG_ROWS = [(None, 1), (0, 3), (1, 1), (2, 4), (None, 2), (0, 2), (3, 4), (4, 1), (5, 3)]
-SEG_ROWS += [(6, 2), (2, 1), (None, 1)]
-SEG_TILES = {
-    # the whole rank in one expand step: each B^T tile loaded once for the run's rows
-    "whole_rank": LoRATiles(1, 32, 16, 3, 128, 32, n_group=2, seg_rows=4),
-    # rank in 16-row steps (R_PAD > BLOCK_R): the expand goes row by row
-    "rank_steps": LoRATiles(1, 32, 16, 2, 16, 32, seg_rows=4),
-    # small ranks' B^T of several tiles per load, row by row
-    "rank_pack": LoRATiles(1, 32, 16, 2, 128, 16, n_group=3, rank_pack=1, seg_rows=4),
-    # dense shrink columns, its K loop pipelined
-    "dense_stages": LoRATiles(1, 16, 16, 2, 16, 32, dense=1, shrink_stages=3, seg_rows=4),
-    # room for 8 rows, runs of at most 4: the missing rows masked
-    "wider_than_runs": LoRATiles(1, 32, 32, 1, 128, 64, n_group=2, seg_rows=8),
-}
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("call", ["qkv", "o", "gate_up"])
-@pytest.mark.parametrize("name", [*SEG_TILES, "picked"])
-def test_triton_seg_rows(name: str, call: str, dtype: torch.dtype) -> None:
-    """Decode-form segments of up to seg_rows rows of one adapter give each row its own
-    delta, whatever the expand's form."""
-    case = make_case(SEG_ROWS, call, dtype, MIXED_RANKS, seed=12)
-    seg_rows = SEG_TILES[name].seg_rows if name in SEG_TILES else 4
-    case.batch = dataclasses.replace(case.batch, seg_rows=seg_rows)
-    if name in SEG_TILES:
-        tiles = SEG_TILES[name]
-    else:  # what pick_tiles gives an H200 for such a batch
-        tiles = pick_tiles(case.batch, case.x.shape[1], len(case.out_slices), HIDDEN, 132)
-        assert tiles.block_m == 1 and tiles.seg_rows == 4
-    got = _run(case, lambda *a: lora_apply_triton(*a, tiles=tiles))
-    torch.testing.assert_close(got.double(), case.expected, **TOL[dtype])
-
-
-def test_seg_rows_checks() -> None:
-    case = make_case(SEG_ROWS, "o", torch.float32, MIXED_RANKS, seed=12)
-    with pytest.raises(ValueError, match="power of two"):
-        dataclasses.replace(case.batch, seg_rows=3)
-    with pytest.raises(ValueError, match="max_seg_len <= seg_rows"):
-        dataclasses.replace(case.batch, seg_rows=2)  # runs of up to 4 rows
-    one_row = LoRATiles(1, 32, 16, 1, 16, 32)
-    with pytest.raises(ValueError, match="segments of up to 1 rows"):
-        lora_apply_triton(*case.args(), tiles=one_row)  # 4-row runs need seg_rows tiles
-    with pytest.raises(ValueError, match="decode form"):
-        lora_apply_triton(*case.args(), tiles=LoRATiles(16, 16, 16, 1, 16, 16, seg_rows=2))
-
-
 @pytest.mark.parametrize("spec", ["decode", "prefill"])
 def test_triton_with_gpu_tiles(spec: str) -> None:
     """The tiles pick_tiles gives a 132-SM GPU (split K) also compute the right thing."""

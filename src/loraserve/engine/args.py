@@ -107,13 +107,6 @@ class EngineArgs:
         "16-row tiles (its weights read once per step, not once per row), replayed by steps "
         "whose rows share adapters enough; off: always one segment per row",
     )
-    lora_seg_rows: int = _opt(
-        1,
-        "decode graphs that do not group rows in 16-row tiles run up to N rows of one "
-        "adapter (a power of two) in one program of the LoRA kernels, its weights read once "
-        "for them, instead of a program per row (experimental, not yet measured on a GPU; "
-        "Triton LoRA kernels only)",
-    )
     lora_side_stream: bool = _opt(
         False,
         "run each LoRA shrink on a second CUDA stream beside its base GEMM (experimental, "
@@ -249,11 +242,6 @@ class EngineArgs:
         model_config, path = self._model_config()
         graph_batch = self._graph_batch(device)
         max_len = self.max_model_len or model_config.max_position_embeddings
-        if self.lora_seg_rows < 1 or self.lora_seg_rows & (self.lora_seg_rows - 1):
-            raise ValueError(
-                f"--lora-seg-rows {self.lora_seg_rows}: give a power of two (1, 2, 4, 8 ...); "
-                "1 = a LoRA segment per decode row"
-            )
         if max_len > model_config.max_position_embeddings:
             raise ValueError(
                 f"max_model_len={max_len} exceeds the model's max_position_embeddings="
@@ -287,7 +275,6 @@ class EngineArgs:
             overlap_steps=self.overlap_steps,
             overlap_admission=self.overlap_admission,
             group_lora_rows=self.group_lora_rows,
-            lora_seg_rows=self.lora_seg_rows,
             lora_side_stream=self.lora_side_stream,
             lora_rank_pack=self.lora_rank_pack,
             prefill_graphs=self._prefill_graphs(graph_batch),

@@ -226,7 +226,6 @@ class LLMEngine:
             max_batch,
             self.device,
             self.config.group_lora_rows,
-            self.config.lora_seg_rows,
         )
 
     def _prefill_graphs(self) -> PrefillGraphs:

@@ -171,7 +171,6 @@ class DecodeGraphs:
         max_batch: int,
         device: torch.device,
         group_lora: bool = True,
-        seg_rows: int = 1,
     ) -> None:
         self.model = model
         self.cache = adapter_cache
@@ -189,9 +188,6 @@ class DecodeGraphs:
         # steps whose rows share adapters; the padded bmm ablation keeps per-row gathers.
         self.group_lora = group_lora and lora_backend != "bmm" and adapter_cache.max_loras > 0
         self.group_tile_cost = GROUP_TILE_COST
-        # The other form: runs of up to seg_rows rows of one adapter per segment (one row
-        # each at 1); the padded bmm ablation keeps per-row gathers.
-        self.seg_rows = seg_rows if lora_backend != "bmm" and adapter_cache.max_loras else 1
         self.grouped_steps = 0  # steps that replayed the grouped graphs
         self._rows = np.arange(max_batch, dtype=np.int64)
         self.steps = 0  # decode steps served by the padded path
@@ -315,10 +311,6 @@ class DecodeGraphs:
             max_seg_len=1,
         )
         metas = {False: meta}
-        if self.seg_rows > 1:  # the same segment tensors, runs of rows by the fill
-            metas[False] = dataclasses.replace(
-                meta, max_seg_len=self.seg_rows, seg_rows=self.seg_rows
-            )
         if self.group_lora:  # the same segment tensors, grouped by the fill
             tile_map = torch.zeros((entries, 2), dtype=torch.int32, device=self.device)
             metas[True] = dataclasses.replace(
@@ -341,7 +333,7 @@ class DecodeGraphs:
             logits_indices=inputs[6],
             max_q_len=1,
             max_seq_len=self.max_blocks * self.block_size,
-            lora=LoRAInputs(self.cache.pool.buffer.view(-1), metas[False], self.lora_backend),
+            lora=LoRAInputs(self.cache.pool.buffer.view(-1), meta, self.lora_backend),
         )
         return _Static(batch, inputs, hosts, head, metas=metas)
 
@@ -351,10 +343,10 @@ class DecodeGraphs:
         batch.seq_lens.copy_(inputs[3])
         meta = static.metas[False]
         meta.seg_slot.copy_(inputs[4])
-        if self.group_lora or self.seg_rows > 1:  # segments other than one per row
-            meta.seg_start[: inputs.shape[1]].copy_(inputs[5])
-        if self.group_lora:  # both kinds of graph copy the tile map
+        if self.group_lora:  # both kinds of graph copy the segments and the tile map
             grouped = static.metas[True]
+            size = inputs.shape[1]
+            meta.seg_start[:size].copy_(inputs[5])
             area = inputs[7:head].view(-1)
             grouped.tile_count.copy_(area[:1])
             grouped.tile_maps[0].view(-1).copy_(area[1 : 1 + grouped.tile_maps[0].numel()])
@@ -401,8 +393,6 @@ class DecodeGraphs:
             host[:4, :n] = rows
         if grouped:
             self._fill_groups(host, static.head, adapters)
-        elif self.seg_rows > 1:
-            self._fill_runs(host, adapters, self.seg_rows)
         else:
             host[4, :n] = adapters
             host[4, n:] = -1
@@ -417,39 +407,18 @@ class DecodeGraphs:
             ids_row.copy_(prev[0].index_select(0, ids_row))
 
     @staticmethod
-    def _segments(host: np.ndarray, slots: np.ndarray, max_rows: int = 0) -> np.ndarray:
-        """LoRA segments into the host buffer (row 4 slots, row 5 starts): one per run of
-        equal adapter slots (the runner sorts rows by adapter), cut into pieces of at most
-        ``max_rows`` rows (0: whole runs), then empty ones of slot -1. Returns the starts."""
-        n = len(slots)
-        if n:
-            change = np.r_[True, slots[1:] != slots[:-1]]
-            if max_rows:
-                run_start = np.flatnonzero(change)
-                change |= (np.arange(n) - run_start[np.cumsum(change) - 1]) % max_rows == 0
-            starts = np.flatnonzero(change)
-        else:
-            starts = slots
-        k = len(starts)
-        host[4, :k] = slots[starts]
-        host[4, k:] = -1
-        host[5, :k] = starts
-        host[5, k:] = n
-        return starts
-
-    @staticmethod
-    def _fill_runs(host: np.ndarray, adapters: list[int], seg_rows: int) -> None:
-        """LoRA segments: each run of one adapter's rows in pieces of at most ``seg_rows``."""
-        DecodeGraphs._segments(host, np.asarray(adapters, dtype=np.int64), seg_rows)
-
-    @staticmethod
     def _fill_groups(host: np.ndarray, head: int, adapters: list[int]) -> None:
-        """LoRA segments: one per run of equal adapter slots; the tile map: (segment, 16-row
-        tile) of each adapter segment's tiles, after their count."""
+        """LoRA segments: one per run of equal adapter slots (the runner sorts rows by
+        adapter), then empty ones of slot -1; the tile map: (segment, 16-row tile) of each
+        adapter segment's tiles, after their count."""
         n = len(adapters)
         slots = np.asarray(adapters, dtype=np.int64)
-        starts = DecodeGraphs._segments(host, slots)
+        starts = np.flatnonzero(np.r_[True, slots[1:] != slots[:-1]]) if n else slots
         groups = len(starts)
+        host[4, :groups] = slots[starts]
+        host[4, groups:] = -1
+        host[5, :groups] = starts
+        host[5, groups:] = n
         lengths = np.diff(np.r_[starts, n])
         tiles = np.where(slots[starts] >= 0, -(-lengths // GROUP_TILE_ROWS), 0)
         first = np.cumsum(tiles) - tiles  # each segment's first entry

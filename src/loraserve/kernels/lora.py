@@ -117,11 +117,6 @@ class LoRABatch:
     # Decode form: the expand reads several output tiles' B^T rows of a small rank in one
     # load (LoRATiles.rank_pack).
     rank_pack: bool = False
-    # Decode form: a segment may have up to this many rows (a power of two), all of one
-    # adapter (the decode graphs' sorted rows in runs of at most this many): one program
-    # reads the adapter's A and B^T tiles once for all of them. max_seg_len must not exceed
-    # it. 1 = one row per segment.
-    seg_rows: int = 1
 
     def __post_init__(self) -> None:
         num_slots, num_layers = self.ranks.shape[:2]
@@ -140,13 +135,6 @@ class LoRABatch:
             raise ValueError("a batch with segments needs max_rank >= 1 and max_seg_len >= 1")
         if self.tile_count is not None and self.tile_maps is None:
             raise ValueError("tile_count counts tile map entries: it needs tile_maps")
-        if self.seg_rows < 1 or self.seg_rows & (self.seg_rows - 1):
-            raise ValueError(f"seg_rows={self.seg_rows} must be a power of two")
-        if self.seg_rows > 1 and (self.max_seg_len > self.seg_rows or self.grouped_rows):
-            raise ValueError(
-                f"seg_rows={self.seg_rows} needs max_seg_len <= seg_rows (it is "
-                f"{self.max_seg_len}) and no grouped_rows (the prefill form's tiles)"
-            )
 
     @property
     def num_layers(self) -> int:
@@ -408,21 +396,6 @@ def _shrink_step(acc, x_row, pool_ptr, a_off, live, k0, k_hi, stride_x_k, BLOCK_
     return acc + a.to(tl.float32) * xk[None, :]
 
 
-@triton.jit
-def _shrink_rows_step(
-    acc, x_rows, m_ok, pool_ptr, a_off, live, k0, k_hi, stride_x_k, BLOCK_K: tl.constexpr
-):
-    """acc [SEG_ROWS, BLOCK_C, BLOCK_K] += A[:, k0 : k0 + BLOCK_K] * x[row, k0 : ...] for
-    each of the segment's rows: the A tile is loaded once for all of them."""
-    k = k0 + tl.arange(0, BLOCK_K)
-    k_ok = k < k_hi
-    x_mask = m_ok[:, None] & k_ok[None, :]
-    xk = tl.load(x_rows[:, None] + k[None, :] * stride_x_k, mask=x_mask, other=0.0)
-    a_mask = live[:, None] & k_ok[None, :]
-    a = tl.load(pool_ptr + a_off[:, None] + k[None, :], mask=a_mask, other=0.0)
-    return acc + a.to(tl.float32)[None, :, :] * xk.to(tl.float32)[:, None, :]
-
-
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _shrink_decode_kernel(
     x_ptr,
@@ -450,10 +423,8 @@ def _shrink_decode_kernel(
     BLOCK_K: tl.constexpr,
     DENSE: tl.constexpr,  # the segment's live A rows packed into the columns (_a_columns)
     STAGES: tl.constexpr = 0,  # > 1: the K loop as tl.range(num_stages=STAGES)
-    SEG_ROWS: tl.constexpr = 1,  # rows a segment may have (one adapter's; LoRABatch.seg_rows)
 ):
-    """One program: one segment (one token, or up to SEG_ROWS tokens of one adapter) x
-    BLOCK_C shrink columns x one K split."""
+    """One program: one single-token segment x BLOCK_C shrink columns x one K split."""
     seg = tl.program_id(0)
     c_tile = tl.program_id(2) // split_k
     split = tl.program_id(2) % split_k
@@ -476,35 +447,16 @@ def _shrink_decode_kernel(
     # itself is not specialised): wide loads along K, masks constant per vector.
     k_lo = split * k_blocks * BLOCK_K
     k_hi = tl.minimum(in_features, k_lo + k_blocks * BLOCK_K)
-    if SEG_ROWS == 1:
-        x_row = x_ptr + tok * stride_x_tok
-        acc = tl.zeros([BLOCK_C, BLOCK_K], dtype=tl.float32)  # reduced over K once, at the end
-        if STAGES > 1:  # the compiler pipelines the loop's loads, STAGES iterations in flight
-            for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
-                acc = _shrink_step(acc, x_row, pool_ptr, a_off, live, k0, k_hi, stride_x_k, BLOCK_K)
-        else:
-            for k0 in range(k_lo, k_hi, BLOCK_K):
-                acc = _shrink_step(acc, x_row, pool_ptr, a_off, live, k0, k_hi, stride_x_k, BLOCK_K)
-        v_row = v_ptr + split * stride_v_split + tok * stride_v_tok
-        tl.store(v_row + cols, tl.sum(acc, axis=1), mask=live)
+    x_row = x_ptr + tok * stride_x_tok
+    acc = tl.zeros([BLOCK_C, BLOCK_K], dtype=tl.float32)  # reduced over K once, at the end
+    if STAGES > 1:  # the compiler pipelines the loop's loads, STAGES iterations in flight
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
+            acc = _shrink_step(acc, x_row, pool_ptr, a_off, live, k0, k_hi, stride_x_k, BLOCK_K)
     else:
-        m = tl.arange(0, SEG_ROWS)
-        m_ok = m < rows
-        x_rows = x_ptr + (tok + m) * stride_x_tok
-        acc3 = tl.zeros([SEG_ROWS, BLOCK_C, BLOCK_K], dtype=tl.float32)
-        if STAGES > 1:
-            for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
-                acc3 = _shrink_rows_step(
-                    acc3, x_rows, m_ok, pool_ptr, a_off, live, k0, k_hi, stride_x_k, BLOCK_K
-                )
-        else:
-            for k0 in range(k_lo, k_hi, BLOCK_K):
-                acc3 = _shrink_rows_step(
-                    acc3, x_rows, m_ok, pool_ptr, a_off, live, k0, k_hi, stride_x_k, BLOCK_K
-                )
-        v_rows = v_ptr + split * stride_v_split + (tok + m) * stride_v_tok
-        v_mask = m_ok[:, None] & live[None, :]
-        tl.store(v_rows[:, None] + cols[None, :], tl.sum(acc3, axis=2), mask=v_mask)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            acc = _shrink_step(acc, x_row, pool_ptr, a_off, live, k0, k_hi, stride_x_k, BLOCK_K)
+    v_row = v_ptr + split * stride_v_split + tok * stride_v_tok
+    tl.store(v_row + cols, tl.sum(acc, axis=1), mask=live)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
@@ -705,13 +657,10 @@ def _expand_decode_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
     RANK_PACK: tl.constexpr = False,  # with R_PAD <= BLOCK_R: see _expand_packed
-    SEG_ROWS: tl.constexpr = 1,  # rows a segment may have (one adapter's; LoRABatch.seg_rows)
 ):
-    """One program: one segment (one token, or up to SEG_ROWS tokens of one adapter) x one
-    target x n_group tiles of BLOCK_N output columns, one after another (the segment's
-    rank, scaling and B^T row offsets are looked up once for all of them: a program per
-    tile spends most of its time on those lookups). With several rows, each B^T tile is
-    loaded once for all of them (whole rank at once; the other forms go row by row)."""
+    """One program: one single-token segment x one target x n_group tiles of BLOCK_N output
+    columns, one after another (the segment's rank, scaling and B^T row offsets are looked
+    up once for all of them: a program per tile spends most of its time on those lookups)."""
     seg = tl.program_id(0)
     groups = tl.cdiv(n_tiles, n_group)
     t = tl.program_id(2) // groups
@@ -726,65 +675,6 @@ def _expand_decode_kernel(
     v_row = v_ptr + tok * stride_v_tok + t * R_PAD
     splits = tl.arange(0, BLOCK_S)
     last_tile = tl.minimum(first_tile + n_group, tl.cdiv(n, BLOCK_N))
-    if SEG_ROWS > 1 and not RANK_PACK and R_PAD <= BLOCK_R:
-        # Every rank in one step, as below, and each B^T tile loaded once for the rows.
-        j = tl.arange(0, BLOCK_R)
-        j_ok = j < rank
-        v_mask = (splits[:, None] < split_k) & j_ok[None, :]
-        b_off = tl.multiple_of(tl.load(b_table + j, mask=j_ok, other=0), ROW_ALIGN)
-        for n_tile in range(first_tile, last_tile):
-            cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = cols < n
-            b_mask = j_ok[:, None] & n_ok[None, :]
-            # kept in its own dtype across the rows (half the registers of fp32)
-            b = tl.load(pool_ptr + b_off[:, None] + cols[None, :], mask=b_mask, other=0.0)
-            for mm in tl.static_range(SEG_ROWS):
-                if mm < rows:
-                    v_ptrs = v_row + mm * stride_v_tok + splits[:, None] * stride_v_split
-                    vj = tl.sum(tl.load(v_ptrs + j[None, :], mask=v_mask, other=0.0), axis=0)
-                    y_ptrs = y_ptr + (tok + mm) * stride_y_tok + (o + cols) * stride_y_n
-                    y = tl.load(y_ptrs, mask=n_ok, other=0.0).to(tl.float32)
-                    y += scale * tl.sum(vj[:, None] * b.to(tl.float32), axis=0)
-                    tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=n_ok)
-    else:  # row by row (one row unless SEG_ROWS > 1; rows >= 1 here)
-        for mm in tl.static_range(SEG_ROWS):
-            if mm < rows:
-                _expand_decode_row(
-                    y_ptr, v_ptr, pool_ptr, b_table, v_row + mm * stride_v_tok, tok + mm,
-                    rank, scale, o, n, split_k, first_tile, last_tile, stride_y_tok,
-                    stride_y_n, stride_v_split, R_PAD, ROW_ALIGN, BLOCK_S, BLOCK_R, BLOCK_N,
-                    RANK_PACK,
-                )  # fmt: skip
-
-
-@triton.jit
-def _expand_decode_row(
-    y_ptr,
-    v_ptr,
-    pool_ptr,
-    b_table,
-    v_row,
-    tok,
-    rank,
-    scale,
-    o,
-    n,
-    split_k,
-    first_tile,
-    last_tile,
-    stride_y_tok,
-    stride_y_n,
-    stride_v_split,
-    R_PAD: tl.constexpr,
-    ROW_ALIGN: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    RANK_PACK: tl.constexpr,
-):
-    """y[tok, o + cols] += scale * v[tok] . B^T[:, cols] over the tiles first_tile ..
-    last_tile of one target, for one token row."""
-    splits = tl.arange(0, BLOCK_S)
     if RANK_PACK and R_PAD <= BLOCK_R:
         # The segment's rank rounded up to a power of two picks how many output tiles share
         # one [BLOCK_R, BLOCK_N] load: a rank-8 row reads 8 tiles' B^T at once, not one
@@ -1027,8 +917,6 @@ class LoRATiles(NamedTuple):
     rank_pack: int = 0
     # > 1 = the shrink's K loop pipelined over this many stages (tl.range)
     shrink_stages: int = 0
-    # decode form: rows a segment may have (LoRABatch.seg_rows); a power of two
-    seg_rows: int = 1
 
     @property
     def expand_m(self) -> int:
@@ -1055,42 +943,11 @@ def pick_tiles(
         r_pad = _r_pad(batch.max_rank)
         shape = (batch.grouped_rows, in_features, n_targets, max_out, num_sms)
         return _grouped_tiles(r_pad, *shape)
-    if batch.seg_rows > 1:
-        return _seg_rows_tiles(
-            batch.max_rank, batch.seg_rows, batch.num_segments, in_features, n_targets,
-            max_out, num_sms, batch.rank_pack,
-        )  # fmt: skip
     shape = (batch.max_rank, batch.max_seg_len, batch.num_segments)
     tiles = _pick_tiles(*shape, in_features, n_targets, max_out, num_sms)
     if batch.rank_pack and tiles.block_m == 1:
         tiles = tiles._replace(rank_pack=1)
     return tiles
-
-
-@functools.lru_cache(maxsize=1024)
-def _seg_rows_tiles(
-    max_rank: int,
-    seg_rows: int,
-    num_segments: int,
-    in_features: int,
-    n_targets: int,
-    max_out: int,
-    num_sms: int,
-    rank_pack: bool,
-) -> LoRATiles:
-    """Decode tiles for segments of up to ``seg_rows`` rows of one adapter: the one-row
-    choice, with the shrink's K step shortened by the rows (its accumulator holds
-    seg_rows x block_c x block_k values, as many as one row's at the one-row block_k), and
-    a warp per 64 output columns in the expand (4-8), whose B^T tile stays in registers
-    across the rows: sm_90 ptxas, rank 64 in 512-column tiles, spilled 15 KB with 2 warps
-    and nothing with 8. Not yet measured on a GPU."""
-    tiles = _decode_tiles(_r_pad(max_rank), num_segments, in_features, n_targets, max_out, num_sms)
-    return tiles._replace(
-        block_k=max(32, tiles.block_k // seg_rows),
-        expand_warps=min(8, max(4, tiles.block_n // 64)),
-        seg_rows=seg_rows,
-        rank_pack=int(rank_pack or tiles.rank_pack),
-    )
 
 
 @functools.lru_cache(maxsize=4096)
@@ -1241,10 +1098,6 @@ def _check_tiles(tiles: LoRATiles, r_pad: int) -> None:
         raise ValueError(f"dense must be 0 or 1, and 0 in the prefill form: {tiles}")
     if tiles.shrink_stages < 0:
         raise ValueError(f"shrink_stages must be >= 0: {tiles}")
-    if tiles.seg_rows < 1 or tiles.seg_rows & (tiles.seg_rows - 1):
-        raise ValueError(f"seg_rows must be a power of two: {tiles}")
-    if tiles.seg_rows > 1 and tiles.block_m > 1:
-        raise ValueError(f"seg_rows is for the decode form (block_m 1): {tiles}")
 
 
 def _padded_slices(out_slices: Sequence[tuple[int, int]]) -> list[int]:
@@ -1269,7 +1122,7 @@ def _shrink(
     if v is None:
         v = _scratch(x, batch, n_targets, tiles)
     k_blocks = cdiv(cdiv(in_features, tiles.split_k), tiles.block_k)
-    m_tiles = _m_tiles(batch, tiles.block_m)
+    m_tiles = cdiv(batch.max_seg_len, tiles.block_m)
     c_tiles = cdiv(n_targets * r_pad, tiles.block_c)
     grid = (batch.num_segments, m_tiles, c_tiles * tiles.split_k)
     tile_map = _tile_map(batch, tiles, 0)
@@ -1305,7 +1158,6 @@ def _shrink(
             BLOCK_K=tiles.block_k,
             DENSE=bool(tiles.dense),
             STAGES=tiles.shrink_stages,
-            SEG_ROWS=tiles.seg_rows,
             num_warps=tiles.shrink_warps,
         )
     else:
@@ -1328,12 +1180,6 @@ def _shrink(
     return v
 
 
-def _m_tiles(batch: LoRABatch, block_m: int) -> int:
-    """Grid axis 1: the longest segment's row tiles; 1 in the decode form, whose programs
-    cover their segment's rows (one, or up to seg_rows)."""
-    return cdiv(batch.max_seg_len, block_m) if block_m > 1 else 1
-
-
 def _scratch(x: Tensor, batch: LoRABatch, n_targets: int, tiles: LoRATiles) -> Tensor:
     """The shrink's fp32 output [split_k, T, n_targets * R_PAD], on the current stream."""
     width = n_targets * _r_pad(batch.max_rank)
@@ -1352,7 +1198,7 @@ def _expand(
 ) -> None:
     """y[:, slice_t] += scaling_t * (sum of v's partials) @ B^T_t for every target t."""
     n_tiles = cdiv(max(n for _, n in out_slices), tiles.block_n)
-    m_tiles = _m_tiles(batch, tiles.expand_m)
+    m_tiles = cdiv(batch.max_seg_len, tiles.expand_m)
     n_groups = cdiv(n_tiles, tiles.n_group)  # 1 tile per group in the prefill form
     grid = (batch.num_segments, m_tiles, len(out_slices) * n_groups)
     tile_map = _tile_map(batch, tiles, 1)
@@ -1390,7 +1236,6 @@ def _expand(
             BLOCK_R=tiles.block_r,
             BLOCK_N=tiles.block_n,
             RANK_PACK=bool(tiles.rank_pack),
-            SEG_ROWS=tiles.seg_rows,
             num_warps=tiles.expand_warps,
         )
     else:
@@ -1482,11 +1327,8 @@ def lora_triton_launches(
     if tiles is None:
         max_out = max(n for _, n in out_slices)
         tiles = pick_tiles(batch, x.shape[1], n_targets, max_out, _num_sms(x.device))
-    if tiles.block_m == 1 and batch.max_seg_len > tiles.seg_rows:
-        raise ValueError(
-            f"decode tiles (block_m=1) for segments of up to {tiles.seg_rows} rows, the "
-            f"batch's longest has {batch.max_seg_len}: let pick_tiles choose"
-        )
+    if tiles.block_m == 1 and batch.max_seg_len > 1:
+        raise ValueError("decode tiles (block_m=1) need max_seg_len == 1")
     _check_tiles(tiles, _r_pad(batch.max_rank))
     v = _scratch(x, batch, n_targets, tiles)
 
