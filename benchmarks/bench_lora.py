@@ -474,6 +474,71 @@ def sweep(args: argparse.Namespace, save=lambda rows: None) -> list[dict]:
         save(rows)
     if not args.phases or "rank_classes" in args.phases:
         rows += rank_classes(args, num_sms)
+    if not args.phases or "fused" in args.phases:
+        rows += fused_decode(args, num_sms, save=lambda more: save(rows + more))
+    return rows
+
+
+# --sweep's fused phase: decode LoRA in one launch (LoRATiles.fused) against the two
+# launches, each timed as one graph of the whole call (apply_us), at S1 n = 2000's
+# saturated decode batch (~195 rows on ~184 rank-8 adapters) and around it
+FUSED_CASES = [  # (segments, distinct adapters, rank, rank mix, call)
+    (195, 184, 8, (), "qkv"),
+    (195, 184, 8, (), "o"),
+    (64, 64, 8, (), "qkv"),
+    (64, 64, 8, (), "o"),
+    (16, 16, 8, (), "qkv"),
+    (195, 184, 16, (), "qkv"),
+    (195, 184, 16, (), "o"),
+    (224, 224, 64, (8, 16, 32, 64), "qkv"),  # S2 n = 2000's: mixed ranks
+    (224, 224, 64, (8, 16, 32, 64), "o"),
+]
+FUSED_KNOBS = {
+    "fused": [1, 2, 3, 4, 8],  # programs per (row, target)
+    "shrink_warps": [2, 4, 8],
+    "shrink_stages": [0, 2, 3, 4],
+    "block_k": [256, 512, 1024],
+    "block_n": [128, 256, 512, 1024],
+}
+
+
+def _time_apply(case: Case, tiles: LoRATiles) -> float:
+    """Device us of one whole lora_apply_triton call (graph replays)."""
+    args = case.args()
+    ms = triton.testing.do_bench_cudagraph(
+        lambda: lora_apply_triton(*args, tiles=tiles), return_mode="median"
+    )
+    return ms * 1e3
+
+
+def fused_decode(args: argparse.Namespace, num_sms: int, save=lambda rows: None) -> list[dict]:
+    rows = []
+    for segments, distinct, rank, mix, call in FUSED_CASES:
+        case = make_case([1] * segments, distinct, rank, call, args.row_align, True, mix)
+        floor_us = adapter_floor_us(case)
+        shape = (HIDDEN, len(case.out_slices), HIDDEN, num_sms)
+        two = pick_tiles(case.batch, *shape)
+        case.batch.fused_decode = True
+        one = pick_tiles(case.batch, *shape)
+        variants = [two, *_variants(one, FUSED_KNOBS, rank)]
+        for tiles in variants:
+            try:
+                shrink_us, expand_us = (0.0, 0.0) if tiles.fused else _time_variant(case, tiles)
+                apply_us = _time_apply(case, tiles)
+            except Exception as e:  # noqa: BLE001 - a variant that fails to compile or run
+                logger.warning("fused %s %s: %s", call, tuple(tiles), e)
+                shrink_us = expand_us = apply_us = float("nan")
+            if tiles.fused:  # one launch: all of it counts as the expand
+                expand_us = apply_us
+            rows.append(
+                dict(phase="fused", call=call, rank=rank, tokens=segments, distinct=distinct,
+                     mix=mix, default=tiles in (two, one), tiles=tuple(tiles),
+                     shrink_us=shrink_us, expand_us=expand_us, apply_us=apply_us,
+                     a_bytes_us=floor_us)
+            )  # fmt: skip
+            logger.info("%s", rows[-1])
+        del case
+        save(rows)
     return rows
 
 

@@ -97,6 +97,11 @@ KERNELS = {
         dict(R_PAD=16, ROW_ALIGN=8, BLOCK_S=32, BLOCK_R=16, BLOCK_N=512, RANK_PACK=True),
         2,
     ),
+    "_fused_decode": (  # --lora-fused-decode at rank 8 (S1)
+        lora._fused_decode_kernel,
+        dict(ROW_ALIGN=8, BLOCK_R=8, BLOCK_K=512, BLOCK_N=512, STAGES=3),
+        2,
+    ),
     "_expand_prefill_kernel": (
         lora._expand_prefill_kernel,
         dict(

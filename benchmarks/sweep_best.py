@@ -29,7 +29,11 @@ def main() -> None:
         print(f"{' '.join(map(str, key))}: default {times}, A bytes {floor:.1f} us")
         for r in variants:
             r["total_us"] = r["shrink_us"] + r["expand_us"]
-        for part in ("shrink_us", "expand_us", "total_us"):
+        parts = ["shrink_us", "expand_us", "total_us"]
+        if all("apply_us" in r for r in variants):  # the fused phase: whole calls, one graph
+            parts.append("apply_us")
+            print(f"    default apply {default['apply_us']:.1f} us (two launches)")
+        for part in parts:
             ok = [r for r in variants if not math.isnan(r[part])]
             if part == "shrink_us":
                 ok = [r for r in ok if r["shrink_us"] > 0]  # not session 11's fused-kernel rows

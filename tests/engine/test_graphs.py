@@ -299,3 +299,37 @@ def test_lora_rank_pack_gives_the_same_tokens(setup, monkeypatch):
         assert a.token_ids == b.token_ids
         for la, lb in zip(a.logprobs, b.logprobs, strict=True):
             assert max(abs(la[t] - lb[t]) for t in la) < 1e-5
+
+
+def test_lora_fused_decode_gives_the_same_tokens(setup, monkeypatch):
+    """--lora-fused-decode: decode LoRA in one launch per layer call. The same tokens and
+    logprobs as the two-launch kernels (Triton, one segment per row), the fused kernel did
+    run, and prompt steps kept the two launches."""
+    import loraserve.kernels.lora as lora
+
+    model_dir, adapters = setup
+    names = ["a", None, "b", "a", None]
+    prompts = [[5, 6, 7], [9] * 12, [30, 31], [44, 45, 46, 47], [8, 8]]
+    calls = {"fused": 0, "expand": 0}
+    real_fused, real_expand = lora._fused, lora._expand
+
+    def fused(*args):
+        calls["fused"] += 1
+        return real_fused(*args)
+
+    def expand(*args):
+        calls["expand"] += 1
+        return real_expand(*args)
+
+    monkeypatch.setattr(lora, "_fused", fused)
+    monkeypatch.setattr(lora, "_expand", expand)
+    common = dict(group_tile_cost=1e9, lora_backend="triton")
+    plain, _ = run(model_dir, adapters, 8, names, prompts, **common)
+    assert calls["fused"] == 0 and calls["expand"] > 0
+    calls.update(fused=0, expand=0)
+    one, _ = run(model_dir, adapters, 8, names, prompts, lora_fused_decode=True, **common)
+    assert calls["fused"] > 0 and calls["expand"] > 0  # decode steps fused, prompts not
+    for a, b in zip(plain, one, strict=True):
+        assert a.token_ids == b.token_ids
+        for la, lb in zip(a.logprobs, b.logprobs, strict=True):
+            assert max(abs(la[t] - lb[t]) for t in la) < 1e-5

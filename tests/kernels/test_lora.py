@@ -527,3 +527,50 @@ def test_triton_grouped_decode_persistent(call: str, dtype: torch.dtype) -> None
     torch.testing.assert_close(got.double(), case.expected, **TOL[dtype])
     with pytest.raises(ValueError, match="tile_count"):
         LoRABatch(**{**vars(b), "tile_maps": None})
+
+
+# Fused decode (LoRATiles.fused): shrink and expand in one launch, a program per (row,
+# target, share of its output tiles). Ranks up to 128 in 16-wide K and N blocks: several K
+# steps, tiles that end inside a target and past its end; 1 or 3 programs per (row, target).
+FUSED_TILES = {
+    "one_part": LoRATiles(1, 16, 16, 1, 128, 16, fused=1),
+    "three_parts": LoRATiles(1, 16, 16, 1, 128, 16, fused=3),
+    "stages": LoRATiles(1, 16, 16, 1, 128, 32, fused=2, shrink_stages=3),
+    "wide_blocks": LoRATiles(1, 16, 512, 1, 128, 512, fused=1),  # one masked step each
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("call", CALLS)
+@pytest.mark.parametrize("name", FUSED_TILES)
+def test_triton_fused_decode(name: str, call: str, dtype: torch.dtype) -> None:
+    case = make_case(DECODE, call, dtype, MIXED_RANKS, seed=11)
+    tiles = FUSED_TILES[name]
+    got = _run(case, lambda *a: lora_apply_triton(*a, tiles=tiles))
+    torch.testing.assert_close(got.double(), case.expected, **TOL[dtype])
+
+
+def test_fused_decode_picked_and_checked() -> None:
+    """LoRABatch.fused_decode: pick_tiles gives fused tiles to decode batches (the whole
+    rank per step, the output split where the grid is small), which compute the delta in a
+    strided y; tiles that cannot hold the rank, or split K, are refused."""
+    case = make_case(SMALL_DECODE, "qkv", torch.float32, SMALL_RANKS, seed=12)
+    case.batch = dataclasses.replace(case.batch, fused_decode=True)
+    tiles = pick_tiles(case.batch, 4096, 3, 4096, num_sms=132)  # a 7B layer's q|k|v on an H200
+    assert tiles.fused > 1 and tiles.block_r >= case.batch.max_rank and tiles.split_k == 1
+    big = torch.randn(case.y.shape[0], case.y.shape[1] + 7, device=DEVICE)
+    view = big[:, 3 : 3 + case.y.shape[1]]
+    view.copy_(case.y)
+    before = big.clone()
+    lora_apply_triton(case.x, view, case.pool, case.batch, LAYER, 0, case.out_slices, tiles)
+    torch.testing.assert_close(view.double(), case.expected, **TOL[torch.float32])
+    assert torch.equal(big[:, :3], before[:, :3]) and torch.equal(big[:, -4:], before[:, -4:])
+    on_cpu_grid = _run(case, lora_apply_triton)  # pick_tiles for this device
+    torch.testing.assert_close(on_cpu_grid.double(), case.expected, **TOL[torch.float32])
+    prefill = make_case(SMALL_PREFILL, "qkv", torch.float32, SMALL_RANKS).batch
+    prefill = dataclasses.replace(prefill, fused_decode=True)
+    assert pick_tiles(prefill, HIDDEN, 3, Q, num_sms=132).fused == 0  # prompts: two launches
+    with pytest.raises(ValueError, match="block_r >= max_rank"):
+        lora_apply_triton(*case.args(), tiles=tiles._replace(block_r=4))
+    with pytest.raises(ValueError, match="split_k 1"):
+        lora_apply_triton(*case.args(), tiles=tiles._replace(split_k=2))

@@ -41,6 +41,7 @@ def memory_ops():
         "_shrink_prefill_kernel",
         "_expand_decode_kernel",
         "_expand_decode_packed",
+        "_fused_decode",
         "_expand_prefill_kernel",
         "_shrink_grouped",
         "_expand_grouped",

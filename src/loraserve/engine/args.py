@@ -119,6 +119,13 @@ class EngineArgs:
         "on an H200: S2's mixed ranks 48 vs 42 us per q|k|v call; Triton LoRA kernels "
         "only)",
     )
+    lora_fused_decode: bool = _opt(
+        False,
+        "decode LoRA in one launch per layer call (shrink and expand fused, a program per "
+        "row and target, v kept in registers) instead of two; meant for small ranks, where "
+        "the boundary between the two launches costs about as much as either (experimental, "
+        "not yet measured on a GPU; Triton LoRA kernels only)",
+    )
     overlap_admission: bool = _opt(
         True,
         "also queue ahead a step that admits prompts: its decode rows read the tokens the "
@@ -277,6 +284,7 @@ class EngineArgs:
             group_lora_rows=self.group_lora_rows,
             lora_side_stream=self.lora_side_stream,
             lora_rank_pack=self.lora_rank_pack,
+            lora_fused_decode=self.lora_fused_decode,
             prefill_graphs=self._prefill_graphs(graph_batch),
             mixed_decode_graphs=int(
                 self._with_graphs(

@@ -146,6 +146,7 @@ class LLMEngine:
             self._adapter_pool(page_elems), mc, config.lora.max_loras, config.lora.max_lora_rank
         )
         self.adapter_cache.rank_pack = config.lora_rank_pack
+        self.adapter_cache.fused_decode = config.lora_fused_decode
         self.adapters = AdapterManager(
             self.adapter_store, self.adapter_cache, threads=config.lora.io_threads
         )

@@ -117,6 +117,10 @@ class LoRABatch:
     # Decode form: the expand reads several output tiles' B^T rows of a small rank in one
     # load (LoRATiles.rank_pack).
     rank_pack: bool = False
+    # Decode form: shrink and expand in one launch (_fused_decode_kernel), a program per
+    # (row, target) that keeps its v in registers. For small ranks, where the two launches'
+    # boundary costs about as much as either kernel.
+    fused_decode: bool = False
 
     def __post_init__(self) -> None:
         num_slots, num_layers = self.ranks.shape[:2]
@@ -776,6 +780,84 @@ def _expand_packed(
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=y_ok)
 
 
+@triton.jit(do_not_specialize=_RUNTIME_INTS + ("n_split",))
+def _fused_decode_kernel(
+    x_ptr,
+    y_ptr,
+    pool_ptr,
+    seg_start_ptr,
+    seg_slot_ptr,
+    row_offsets_ptr,
+    ranks_ptr,
+    scalings_ptr,
+    layer,
+    first_target,
+    num_layers,
+    table_rank,
+    in_features,
+    n_split,  # programs per (segment, target), each expanding its share of the tiles
+    o0,
+    n0,
+    o1,
+    n1,
+    o2,
+    n2,
+    stride_x_tok,
+    stride_x_k,
+    stride_y_tok,
+    stride_y_n,
+    ROW_ALIGN: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # >= every rank: the whole rank in each step
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    STAGES: tl.constexpr = 0,  # > 1: the K loop as tl.range(num_stages=STAGES)
+):
+    """Shrink and expand in one launch: one program per (one-token segment, target, 1 /
+    n_split of the target's output tiles). It computes its target's v = x . A^T over the
+    whole of K into registers, then adds scale * v . B^T to its tiles of y. Each target has
+    an A of its own, so nothing is recomputed unless n_split > 1 (each part reads A again,
+    from L2), and no fp32 scratch goes through memory."""
+    seg = tl.program_id(0)
+    t = tl.program_id(1) // n_split
+    part = tl.program_id(1) % n_split
+    tok, rows, entry = _segment(seg_start_ptr, seg_slot_ptr, seg, layer, first_target, num_layers)
+    rank = tl.load(ranks_ptr + entry + t)
+    o, n = _out_slice(t, o0, n0, o1, n1, o2, n2)
+    per_part = tl.cdiv(tl.cdiv(n, BLOCK_N), n_split)
+    first_tile = part * per_part
+    last_tile = tl.minimum(first_tile + per_part, tl.cdiv(n, BLOCK_N))
+    if (rows == 0) | (rank == 0) | (first_tile >= last_tile):
+        return
+    scale = tl.load(scalings_ptr + entry + t)
+    j = tl.arange(0, BLOCK_R)
+    j_ok = j < rank
+    table = row_offsets_ptr + (entry + t) * 2 * table_rank
+    a_off = tl.multiple_of(tl.load(table + j, mask=j_ok, other=0), ROW_ALIGN)
+    b_off = tl.multiple_of(tl.load(table + table_rank + j, mask=j_ok, other=0), ROW_ALIGN)
+    x_row = x_ptr + tok * stride_x_tok
+    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)  # reduced over K once, at the end
+    if STAGES > 1:
+        for k0 in tl.range(0, in_features, BLOCK_K, num_stages=STAGES):
+            acc = _shrink_step(
+                acc, x_row, pool_ptr, a_off, j_ok, k0, in_features, stride_x_k, BLOCK_K
+            )
+    else:
+        for k0 in range(0, in_features, BLOCK_K):
+            acc = _shrink_step(
+                acc, x_row, pool_ptr, a_off, j_ok, k0, in_features, stride_x_k, BLOCK_K
+            )
+    v = scale * tl.sum(acc, axis=1)  # [BLOCK_R]
+    for n_tile in range(first_tile, last_tile):
+        cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = cols < n
+        y_ptrs = y_ptr + tok * stride_y_tok + (o + cols) * stride_y_n
+        y = tl.load(y_ptrs, mask=n_ok, other=0.0)
+        b_mask = j_ok[:, None] & n_ok[None, :]
+        b = tl.load(pool_ptr + b_off[:, None] + cols[None, :], mask=b_mask, other=0.0)
+        y = y.to(tl.float32) + tl.sum(v[:, None] * b.to(tl.float32), axis=0)
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _expand_prefill_kernel(
     y_ptr,
@@ -917,6 +999,10 @@ class LoRATiles(NamedTuple):
     rank_pack: int = 0
     # > 1 = the shrink's K loop pipelined over this many stages (tl.range)
     shrink_stages: int = 0
+    # decode form: > 0 = shrink and expand in one launch (_fused_decode_kernel), each
+    # (row, target)'s output tiles split over this many programs; block_r >= max_rank,
+    # split_k 1, shrink_warps its warps (block_c, expand_warps, n_group unused)
+    fused: int = 0
 
     @property
     def expand_m(self) -> int:
@@ -943,6 +1029,9 @@ def pick_tiles(
         r_pad = _r_pad(batch.max_rank)
         shape = (batch.grouped_rows, in_features, n_targets, max_out, num_sms)
         return _grouped_tiles(r_pad, *shape)
+    if batch.fused_decode and batch.max_seg_len == 1:
+        shape = (batch.max_rank, batch.num_segments, in_features, n_targets, max_out, num_sms)
+        return _fused_tiles(*shape)
     shape = (batch.max_rank, batch.max_seg_len, batch.num_segments)
     tiles = _pick_tiles(*shape, in_features, n_targets, max_out, num_sms)
     if batch.rank_pack and tiles.block_m == 1:
@@ -1028,6 +1117,35 @@ def _decode_tiles(
     )  # fmt: skip
 
 
+# Fused decode (LoRATiles.fused): fp32 values a program's shrink accumulator and B^T tile
+# hold (64 a thread at 2 warps), which sets BLOCK_K and BLOCK_N by the rank.
+_FUSED_TILE_ELEMS = 4096
+_FUSED_PROGRAMS_PER_SM = 4
+
+
+@functools.lru_cache(maxsize=4096)
+def _fused_tiles(
+    max_rank: int,
+    num_segments: int,
+    in_features: int,
+    n_targets: int,
+    max_out: int,
+    num_sms: int,
+) -> LoRATiles:
+    """One launch per call: a program per (row, target) with the whole rank in each step,
+    K and N blocks as wide as _FUSED_TILE_ELEMS allows at that rank, and each (row,
+    target)'s output tiles split over several programs where the grid would give an SM
+    fewer than _FUSED_PROGRAMS_PER_SM (each part reads A again, mostly from L2). Not yet
+    measured on a GPU."""
+    block_r = max(2, next_power_of_2(max_rank))
+    width = max(32, _FUSED_TILE_ELEMS // block_r)
+    block_k = min(width, next_power_of_2(in_features))
+    block_n = min(512, width, next_power_of_2(max_out))
+    want = cdiv(_FUSED_PROGRAMS_PER_SM * num_sms, max(1, num_segments * n_targets))
+    n_split = max(1, min(want, cdiv(max_out, block_n)))
+    return LoRATiles(1, 16, block_k, 1, block_r, block_n, 2, 2, fused=n_split, shrink_stages=3)
+
+
 @functools.lru_cache(maxsize=4096)
 def _grouped_tiles(
     r_pad: int, rows: int, in_features: int, n_targets: int, max_out: int, num_sms: int
@@ -1098,6 +1216,8 @@ def _check_tiles(tiles: LoRATiles, r_pad: int) -> None:
         raise ValueError(f"dense must be 0 or 1, and 0 in the prefill form: {tiles}")
     if tiles.shrink_stages < 0:
         raise ValueError(f"shrink_stages must be >= 0: {tiles}")
+    if tiles.fused < 0 or (tiles.fused and (tiles.block_m > 1 or tiles.split_k != 1)):
+        raise ValueError(f"fused must be >= 0, and with it block_m and split_k 1: {tiles}")
 
 
 def _padded_slices(out_slices: Sequence[tuple[int, int]]) -> list[int]:
@@ -1255,6 +1375,47 @@ def _expand(
         )
 
 
+def _fused(
+    x: Tensor,
+    y: Tensor,
+    pool: Tensor,
+    batch: LoRABatch,
+    layer: int,
+    first_target: int,
+    out_slices: Sequence[tuple[int, int]],
+    tiles: LoRATiles,
+) -> None:
+    """y[:, slice_t] += scaling_t * (x @ A_t^T) @ B_t^T in one launch (decode form)."""
+    grid = (batch.num_segments, len(out_slices) * tiles.fused)
+    _fused_decode_kernel[grid](
+        x,
+        y,
+        pool,
+        batch.seg_start,
+        batch.seg_slot,
+        batch.row_offsets,
+        batch.ranks,
+        batch.scalings,
+        layer,
+        first_target,
+        batch.num_layers,
+        batch.row_offsets.shape[-1],
+        x.shape[1],
+        tiles.fused,
+        *_padded_slices(out_slices),
+        x.stride(0),
+        x.stride(1),
+        y.stride(0),
+        y.stride(1),
+        ROW_ALIGN=batch.row_align,
+        BLOCK_R=tiles.block_r,
+        BLOCK_K=tiles.block_k,
+        BLOCK_N=tiles.block_n,
+        STAGES=tiles.shrink_stages,
+        num_warps=tiles.shrink_warps,
+    )
+
+
 def _tile_map(batch: LoRABatch, tiles: LoRATiles, which: int) -> Tensor | None:
     """The batch's (segment, row tile) map for the shrink (0) or the expand (1), if it has
     one; it must have been built for these tiles' rows."""
@@ -1330,6 +1491,15 @@ def lora_triton_launches(
     if tiles.block_m == 1 and batch.max_seg_len > 1:
         raise ValueError("decode tiles (block_m=1) need max_seg_len == 1")
     _check_tiles(tiles, _r_pad(batch.max_rank))
+    if tiles.fused:
+        if tiles.block_r < batch.max_rank:
+            raise ValueError(f"fused tiles need block_r >= max_rank={batch.max_rank}: {tiles}")
+
+        def fused(y: Tensor) -> None:
+            _check_output(x, y, out_slices)
+            _fused(x, y, pool, batch, layer, first_target, out_slices, tiles)
+
+        return lambda: None, fused  # one launch, which needs y: nothing to run apart
     v = _scratch(x, batch, n_targets, tiles)
 
     def shrink() -> None:

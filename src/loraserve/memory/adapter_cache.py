@@ -124,6 +124,7 @@ class AdapterCache:
         # Rows start at multiples of every width and of the page: kernels may use wide loads.
         self.row_align = 8 if all(w % 8 == 0 for w in widths) else 1
         self.rank_pack = False  # LoRABatch.rank_pack of the batches made here (the engine's)
+        self.fused_decode = False  # ... and LoRABatch.fused_decode
         shape = (max_loras, model.num_hidden_layers, len(LORA_TARGETS))
         self.row_offsets = torch.zeros((*shape, 2, max_rank), dtype=torch.int64, device=self.device)
         self.ranks = torch.zeros(shape, dtype=torch.int32, device=self.device)
@@ -213,6 +214,7 @@ class AdapterCache:
             num_segments=seg_slot.shape[0],
             row_align=self.row_align,
             rank_pack=self.rank_pack,
+            fused_decode=self.fused_decode,
         )
 
     # ---- loading and eviction -------------------------------------------------------
