@@ -18,7 +18,7 @@
 #   s2n2000_sat, s1n2000_sat  the same at R=60 for 60 s, cut at 60 s: arrivals outrun both
 #               engines (base's saturated req/s is ~36), so req/s is throughput  (4.5)
 #   s2n2000_sat_pf, s1n2000_sat_pf  ... and --adapter-prefetch 64 beside the default (6)
-#   s2n2000_sat_fused, s1n2000_sat_fused  ... and --lora-fused-decode beside the default (6)
+#   s2n2000_sat_fused, s1n2000_sat_fused  ... and --no-lora-fused-decode beside the default (6)
 #   s2n2000_ai  S2 n=2000 with --admission-interval 0.5 (loraserve and base)       (6)
 #   s2n2000_split     ... with --mixed-decode-graphs 64                           (6)
 #   s2n2000_ab  default, --mixed-decode-graphs 64, --no-overlap-steps and base, one
@@ -34,7 +34,7 @@
 #   probe_grouped  the probe at S4 n = 5's and a grouped S2 batch, the grouped K split
 #               rule of session 14 against 13's                                  (4)
 #   probe_fused the probe at S1's and S2's n = 2000 batches, with and without
-#               --lora-fused-decode (SWEEP_PHASES=fused lora_sweep: the kernels alone)  (3)
+#               --no-lora-fused-decode (SWEEP_PHASES=fused lora_sweep: the kernels alone)  (3)
 #   probe_s1_side  the probe at S1's saturated batch, with and without --lora-side-stream (3)
 #   profile128  profile_step.py at batch 128, with and without adapters           (2)
 #   profile224  the same at batch 224, context 420 (S2 n=2000's decode steps)      (3)
@@ -121,9 +121,9 @@ for part in "$@"; do
         *_sat_pf)  # the same, and a deeper adapter prefetch (admissions that wait for one)
           trace=(--rate 60 --duration 60 --time-limit 60)
           variant=(--variant 'pf64=--adapter-prefetch 64') ;;
-        *_sat_fused)  # the same, and decode LoRA in one launch per call
+        *_sat_fused)  # the same, and decode LoRA in two launches per call (before session 15)
           trace=(--rate 60 --duration 60 --time-limit 60)
-          variant=(--variant 'fused=--lora-fused-decode') ;;
+          variant=(--variant 'two=--no-lora-fused-decode') ;;
         *_ai) extra=(--admission-interval 0.5) ;;  # admission interval 0.5 s
         *_split) extra=(--mixed-decode-graphs 64) ;;  # decode rows of mixed steps graphed
         *_nooverlap) extra=(--no-overlap-steps) ;;
@@ -145,12 +145,12 @@ for part in "$@"; do
         timeout 150 python benchmarks/decode_probe.py --points 256x420x52 --ranks 64,32,16,8 \
           $old --out "$OUT/probe_s2g52${old:+_old}.json" 2>&1 | grep -E '^(\{|engine)'
       done ;;
-    probe_fused)  # LoRA's extra decode time, two launches per call (default) against one
-      for f in "" --lora-fused-decode; do
+    probe_fused)  # LoRA's extra decode time, one launch per call (default; ranks <= 16)
+      for f in "" --no-lora-fused-decode; do  # against two
         timeout 120 python benchmarks/decode_probe.py --points 194x420x184 --ranks 8 $f \
-          --out "$OUT/probe_s1${f:+_fused}.json" 2>&1 | grep -E '^(\{|engine)' | cut -c1-330
+          --out "$OUT/probe_s1${f:+_two}.json" 2>&1 | grep -E '^(\{|engine)' | cut -c1-330
         timeout 120 python benchmarks/decode_probe.py --points 224x420x224 --ranks 64,32,16,8 \
-          $f --out "$OUT/probe_s2${f:+_fused}.json" 2>&1 | grep -E '^(\{|engine)' | cut -c1-330
+          $f --out "$OUT/probe_s2${f:+_two}.json" 2>&1 | grep -E '^(\{|engine)' | cut -c1-330
       done ;;
     probe_s1_side)  # LoRA's extra decode time at S1's saturated batch, the shrink on the
       # base GEMM's stream (default) and on a side stream beside it (--lora-side-stream)

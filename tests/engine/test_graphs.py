@@ -302,9 +302,10 @@ def test_lora_rank_pack_gives_the_same_tokens(setup, monkeypatch):
 
 
 def test_lora_fused_decode_gives_the_same_tokens(setup, monkeypatch):
-    """--lora-fused-decode: decode LoRA in one launch per layer call. The same tokens and
+    """--lora-fused-decode (the default where --max-lora-rank is 16 or less; these adapters
+    have ranks 4 and 8): decode LoRA in one launch per layer call. The same tokens and
     logprobs as the two-launch kernels (Triton, one segment per row), the fused kernel did
-    run, and prompt steps kept the two launches."""
+    run, prompt steps kept the two launches, and ranks above 16 keep them too."""
     import loraserve.kernels.lora as lora
 
     model_dir, adapters = setup
@@ -323,12 +324,15 @@ def test_lora_fused_decode_gives_the_same_tokens(setup, monkeypatch):
 
     monkeypatch.setattr(lora, "_fused", fused)
     monkeypatch.setattr(lora, "_expand", expand)
-    common = dict(group_tile_cost=1e9, lora_backend="triton")
-    plain, _ = run(model_dir, adapters, 8, names, prompts, **common)
+    common = dict(group_tile_cost=1e9, lora_backend="triton", max_lora_rank=8)
+    plain, _ = run(model_dir, adapters, 8, names, prompts, lora_fused_decode=False, **common)
     assert calls["fused"] == 0 and calls["expand"] > 0
     calls.update(fused=0, expand=0)
-    one, _ = run(model_dir, adapters, 8, names, prompts, lora_fused_decode=True, **common)
+    one, _ = run(model_dir, adapters, 8, names, prompts, **common)
     assert calls["fused"] > 0 and calls["expand"] > 0  # decode steps fused, prompts not
+    calls.update(fused=0, expand=0)
+    run(model_dir, adapters, 8, names, prompts, **{**common, "max_lora_rank": 32})
+    assert calls["fused"] == 0  # pages laid out for ranks above 16: two launches
     for a, b in zip(plain, one, strict=True):
         assert a.token_ids == b.token_ids
         for la, lb in zip(a.logprobs, b.logprobs, strict=True):

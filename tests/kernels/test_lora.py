@@ -555,7 +555,8 @@ def test_fused_decode_picked_and_checked() -> None:
     rank per step, the output split where the grid is small), which compute the delta in a
     strided y; tiles that cannot hold the rank, or split K, are refused."""
     case = make_case(SMALL_DECODE, "qkv", torch.float32, SMALL_RANKS, seed=12)
-    case.batch = dataclasses.replace(case.batch, fused_decode=True)
+    # max_rank 8: the ranks of LAYER (the other layer's, random up to 19, are not read)
+    case.batch = dataclasses.replace(case.batch, fused_decode=True, max_rank=8)
     tiles = pick_tiles(case.batch, 4096, 3, 4096, num_sms=132)  # a 7B layer's q|k|v on an H200
     assert tiles.fused > 1 and tiles.block_r >= case.batch.max_rank and tiles.split_k == 1
     big = torch.randn(case.y.shape[0], case.y.shape[1] + 7, device=DEVICE)
@@ -570,6 +571,8 @@ def test_fused_decode_picked_and_checked() -> None:
     prefill = make_case(SMALL_PREFILL, "qkv", torch.float32, SMALL_RANKS).batch
     prefill = dataclasses.replace(prefill, fused_decode=True)
     assert pick_tiles(prefill, HIDDEN, 3, Q, num_sms=132).fused == 0  # prompts: two launches
+    rank_20 = dataclasses.replace(case.batch, max_rank=20)  # fused lost at large ranks
+    assert pick_tiles(rank_20, 4096, 3, 4096, num_sms=132).fused == 0
     with pytest.raises(ValueError, match="block_r >= max_rank"):
         lora_apply_triton(*case.args(), tiles=tiles._replace(block_r=4))
     with pytest.raises(ValueError, match="split_k 1"):

@@ -120,11 +120,11 @@ class EngineArgs:
         "only)",
     )
     lora_fused_decode: bool = _opt(
-        False,
-        "decode LoRA in one launch per layer call (shrink and expand fused, a program per "
-        "row and target, v kept in registers) instead of two; meant for small ranks, where "
-        "the boundary between the two launches costs about as much as either (experimental, "
-        "not yet measured on a GPU; Triton LoRA kernels only)",
+        True,
+        "with --max-lora-rank 16 or less, decode LoRA in one launch per layer call (shrink "
+        "and expand fused, a program per row and target, v kept in registers) instead of "
+        "two. On an H200 at S1's rank-8 batch it cut LoRA's extra decode step time from "
+        "0.90 to 0.77 ms; at rank 64 it lost. Triton LoRA kernels only",
     )
     overlap_admission: bool = _opt(
         True,

@@ -27,6 +27,11 @@ a column past its target's rank is masked (never loaded, never stored, never rea
 The shrink may split the input features over ``split_k`` programs; each writes its own
 partial sum into v [split_k, T, n_targets * R_PAD] and the expand adds the partials.
 
+Decode batches of ranks <= 16 (``LoRABatch.fused_decode``, the engine's default) run both
+in one launch instead: a program per (token, target) computes v in registers over the whole
+of K and then expands it (``_fused_decode_kernel``); at such ranks the boundary between two
+launches costs about as much as either kernel.
+
 Two kernel forms, picked by ``max_seg_len`` (Punica's BGMV/SGMV, S-LoRA's MBGMV/MBGMM):
 decode (every segment one token) uses matrix-vector programs without tl.dot; prefill tiles
 each segment's rows by BLOCK_M and uses tl.dot (every operand dimension >= 16). Both
@@ -117,9 +122,10 @@ class LoRABatch:
     # Decode form: the expand reads several output tiles' B^T rows of a small rank in one
     # load (LoRATiles.rank_pack).
     rank_pack: bool = False
-    # Decode form: shrink and expand in one launch (_fused_decode_kernel), a program per
-    # (row, target) that keeps its v in registers. For small ranks, where the two launches'
-    # boundary costs about as much as either kernel.
+    # Decode form with max_rank <= 16: shrink and expand in one launch
+    # (_fused_decode_kernel), a program per (row, target) that keeps its v in registers.
+    # Small ranks only: there the boundary between two launches costs about as much as
+    # either kernel; at rank 64 (S2's mixed ranks) the fused programs ran 1.5-1.8x slower.
     fused_decode: bool = False
 
     def __post_init__(self) -> None:
@@ -1029,7 +1035,7 @@ def pick_tiles(
         r_pad = _r_pad(batch.max_rank)
         shape = (batch.grouped_rows, in_features, n_targets, max_out, num_sms)
         return _grouped_tiles(r_pad, *shape)
-    if batch.fused_decode and batch.max_seg_len == 1:
+    if batch.fused_decode and batch.max_seg_len == 1 and batch.max_rank <= _FUSED_MAX_RANK:
         shape = (batch.max_rank, batch.num_segments, in_features, n_targets, max_out, num_sms)
         return _fused_tiles(*shape)
     shape = (batch.max_rank, batch.max_seg_len, batch.num_segments)
@@ -1117,10 +1123,10 @@ def _decode_tiles(
     )  # fmt: skip
 
 
-# Fused decode (LoRATiles.fused): fp32 values a program's shrink accumulator and B^T tile
-# hold (64 a thread at 2 warps), which sets BLOCK_K and BLOCK_N by the rank.
-_FUSED_TILE_ELEMS = 4096
-_FUSED_PROGRAMS_PER_SM = 4
+# Fused decode (LoRATiles.fused): up to this max rank; fp32 values in a program's shrink
+# accumulator (64 a thread at 2 warps), which sets BLOCK_K by the rank.
+_FUSED_MAX_RANK = 16
+_FUSED_ACC_ELEMS = 4096
 
 
 @functools.lru_cache(maxsize=4096)
@@ -1133,15 +1139,21 @@ def _fused_tiles(
     num_sms: int,
 ) -> LoRATiles:
     """One launch per call: a program per (row, target) with the whole rank in each step,
-    K and N blocks as wide as _FUSED_TILE_ELEMS allows at that rank, and each (row,
-    target)'s output tiles split over several programs where the grid would give an SM
-    fewer than _FUSED_PROGRAMS_PER_SM (each part reads A again, mostly from L2). Not yet
-    measured on a GPU."""
+    the K block as wide as _FUSED_ACC_ELEMS allows at that rank, 512 output columns per
+    step, 2 warps, the K loop pipelined 3 deep, and each (row, target)'s output tiles split
+    over several programs where the grid has fewer programs than SMs (each part reads A
+    again, mostly from L2).
+
+    Session 15's sweep on an H200, whole calls against the two launches (7B widths, us):
+    rank 8 over 195 rows of 184 adapters q|k|v 24.1 vs 29.8 and o 8.7 vs 10.6; 64 rows
+    q|k|v 8.5 vs 9.9 and o (split 3) 5.7 vs 7.3; 16 rows q|k|v (split 3) 5.6 vs 6.7; rank 16
+    over 195 rows q|k|v 42.1 vs 55.3 (its K block 256: 512 took 88) and o 20.5 vs 20.4.
+    Splits past one program per SM lost (q|k|v over 195 rows: 29.4 with 2), as did 4 or 8
+    warps (2-4x slower) and 128-256 output columns."""
     block_r = max(2, next_power_of_2(max_rank))
-    width = max(32, _FUSED_TILE_ELEMS // block_r)
-    block_k = min(width, next_power_of_2(in_features))
-    block_n = min(512, width, next_power_of_2(max_out))
-    want = cdiv(_FUSED_PROGRAMS_PER_SM * num_sms, max(1, num_segments * n_targets))
+    block_k = min(max(32, _FUSED_ACC_ELEMS // block_r), next_power_of_2(in_features))
+    block_n = min(512, next_power_of_2(max_out))
+    want = cdiv(num_sms, max(1, num_segments * n_targets))
     n_split = max(1, min(want, cdiv(max_out, block_n)))
     return LoRATiles(1, 16, block_k, 1, block_r, block_n, 2, 2, fused=n_split, shrink_stages=3)
 
@@ -1462,7 +1474,8 @@ def lora_apply_triton(
     out_slices: Sequence[tuple[int, int]],  # per target (output column offset, width)
     tiles: LoRATiles | None = None,  # None: pick_tiles
 ) -> None:
-    """Shrink then expand, two launches, no device sync (CUDA-graph safe)."""
+    """Shrink then expand, two launches (one with fused tiles), no device sync (CUDA-graph
+    safe)."""
     if batch.num_segments == 0:
         return
     shrink, expand = lora_triton_launches(x, pool, batch, layer, first_target, out_slices, tiles)
