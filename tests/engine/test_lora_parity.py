@@ -142,27 +142,34 @@ def test_mixed_batch_matches_peft(base_dir, adapter_dirs, lora_backend):
     assert all(t != base_tokens for t in want_tokens[:-1])
 
 
-def test_small_max_rank_packed_kernels_match_peft(base_dir, adapter_dirs, monkeypatch):
-    """With max_lora_rank <= 16 the decode LoRA kernels pack (dense shrink columns, several
-    output tiles' B^T rows per expand load): PEFT's tokens and logprobs still, and the
-    decode calls did run packed."""
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "two_launches"])
+def test_small_max_rank_kernels_match_peft(base_dir, adapter_dirs, monkeypatch, fused):
+    """With max_lora_rank <= 16 decode LoRA runs fused, in one launch per call (the
+    default), or with --no-lora-fused-decode in two packed launches (dense shrink columns,
+    several output tiles' B^T rows per expand load): PEFT's tokens and logprobs either way,
+    and the decode calls did run in the form asked for."""
     import loraserve.kernels.lora as lora
 
     names = [n for n, kw in ADAPTERS.items() if kw["r"] <= 16] + [None]
     prompts = equal_length_prompts(len(names), seed=6)
     want_tokens, want_logprobs = peft_mixed_batch(base_dir, adapter_dirs, prompts, names)
     decode_tiles = []
-    real = lora._expand
+    real_expand, real_fused = lora._expand, lora._fused
 
     def expand(*args):
         if args[-1].block_m == 1:
             decode_tiles.append(args[-1])
-        return real(*args)
+        return real_expand(*args)
+
+    def fused_call(*args):
+        decode_tiles.append(args[-1])
+        return real_fused(*args)
 
     monkeypatch.setattr(lora, "_expand", expand)
+    monkeypatch.setattr(lora, "_fused", fused_call)
     engine = EngineArgs(
         model=str(base_dir), dtype="float32", device=DEVICE, max_lora_rank=16,
-        lora_backend="triton",
+        lora_backend="triton", lora_fused_decode=fused,
     ).create_engine()  # fmt: skip
     for name in names[:-1]:
         engine.add_adapter(name, adapter_dirs[name])
@@ -172,7 +179,10 @@ def test_small_max_rank_packed_kernels_match_peft(base_dir, adapter_dirs, monkey
     results = {}
     while engine.has_unfinished():
         results.update({o.request_id: o for o in engine.step()})
-    assert decode_tiles and all(t.dense and t.rank_pack for t in decode_tiles)
+    if fused:
+        assert decode_tiles and all(t.fused for t in decode_tiles)
+    else:
+        assert decode_tiles and all(t.dense and t.rank_pack and not t.fused for t in decode_tiles)
     assert_matches_peft(results, names, want_tokens, want_logprobs)
 
 
