@@ -705,15 +705,10 @@ def _expand_decode_kernel(
         v_mask = (splits[:, None] < split_k) & j_ok[None, :]
         vj = tl.sum(tl.load(v_ptrs, mask=v_mask, other=0.0), axis=0)  # all partials
         b_off = tl.multiple_of(tl.load(b_table + j, mask=j_ok, other=0), ROW_ALIGN)
-        for n_tile in range(first_tile, last_tile):
-            cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = cols < n
-            y_ptrs = y_ptr + tok * stride_y_tok + (o + cols) * stride_y_n
-            y = tl.load(y_ptrs, mask=n_ok, other=0.0)
-            b_mask = j_ok[:, None] & n_ok[None, :]
-            b = tl.load(pool_ptr + b_off[:, None] + cols[None, :], mask=b_mask, other=0.0)
-            y = y.to(tl.float32) + scale * tl.sum(vj[:, None] * b.to(tl.float32), axis=0)
-            tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+        _add_whole_rank(
+            y_ptr, pool_ptr, tok, o, n, first_tile, last_tile, vj, scale, b_off, j_ok,
+            stride_y_tok, stride_y_n, BLOCK_N,
+        )  # fmt: skip
     else:
         for n_tile in range(first_tile, last_tile):
             cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -733,6 +728,37 @@ def _expand_decode_kernel(
                 acc += vj[:, None] * b.to(tl.float32)
             y = y.to(tl.float32) + scale * tl.sum(acc, axis=0)
             tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _add_whole_rank(
+    y_ptr,
+    pool_ptr,
+    tok,
+    o,
+    n,
+    first_tile,
+    last_tile,
+    v,  # [BLOCK_R] fp32, one token's x . A^T (every partial added)
+    scale,
+    b_off,  # [BLOCK_R] B^T row offsets
+    j_ok,  # [BLOCK_R] rank rows that exist
+    stride_y_tok,
+    stride_y_n,
+    BLOCK_N: tl.constexpr,
+):
+    """y[tok, o + cols] += scale * v . B^T[:, cols] over the output tiles first_tile ..
+    last_tile of one target, the whole rank in each step: each tile waits for one load
+    (B^T, y beside it), not a chain."""
+    for n_tile in range(first_tile, last_tile):
+        cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = cols < n
+        y_ptrs = y_ptr + tok * stride_y_tok + (o + cols) * stride_y_n
+        y = tl.load(y_ptrs, mask=n_ok, other=0.0)
+        b_mask = j_ok[:, None] & n_ok[None, :]
+        b = tl.load(pool_ptr + b_off[:, None] + cols[None, :], mask=b_mask, other=0.0)
+        y = y.to(tl.float32) + scale * tl.sum(v[:, None] * b.to(tl.float32), axis=0)
+        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
@@ -853,15 +879,10 @@ def _fused_decode_kernel(
                 acc, x_row, pool_ptr, a_off, j_ok, k0, in_features, stride_x_k, BLOCK_K
             )
     v = scale * tl.sum(acc, axis=1)  # [BLOCK_R]
-    for n_tile in range(first_tile, last_tile):
-        cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = cols < n
-        y_ptrs = y_ptr + tok * stride_y_tok + (o + cols) * stride_y_n
-        y = tl.load(y_ptrs, mask=n_ok, other=0.0)
-        b_mask = j_ok[:, None] & n_ok[None, :]
-        b = tl.load(pool_ptr + b_off[:, None] + cols[None, :], mask=b_mask, other=0.0)
-        y = y.to(tl.float32) + tl.sum(v[:, None] * b.to(tl.float32), axis=0)
-        tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+    _add_whole_rank(
+        y_ptr, pool_ptr, tok, o, n, first_tile, last_tile, v, 1.0, b_off, j_ok,
+        stride_y_tok, stride_y_n, BLOCK_N,
+    )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
