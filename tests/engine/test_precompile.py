@@ -44,6 +44,11 @@ def test_probe_lengths_cover_every_variant(tiny_model_factory):
     all_keys = {_lora_key(_shapes(linears), 64, 1, s, sms) for s in range(1, 257)}
     assert {_lora_key(_shapes(linears), 64, 1, s, sms) for s in sizes} == all_keys
     assert sizes[0] == 1 and sizes == sorted(set(sizes))
+    # Fused decode LoRA (max rank <= 16) compiles one variant whatever the batch: its output
+    # split is a runtime int. Two launches at rank 8 need several.
+    assert decode_batch_sizes(linears, 8, 256, sms, fused=True) == [1]
+    assert len(decode_batch_sizes(linears, 8, 256, sms)) > 1
+    assert len(decode_batch_sizes(linears, 64, 256, sms, fused=True)) == len(sizes)
 
 
 def test_precompile_probes_leave_the_engine_unchanged(tiny_model_factory, tmp_path):

@@ -28,7 +28,7 @@ import torch
 
 from loraserve.kernels.attention import _block_m, decode_num_splits
 from loraserve.kernels.host import next_power_of_2
-from loraserve.kernels.lora import _num_sms, _pick_tiles
+from loraserve.kernels.lora import _FUSED_MAX_RANK, _fused_tiles, _num_sms, _pick_tiles
 from loraserve.memory.adapter_cache import AdapterCache
 from loraserve.memory.pool import PageKind, PagePool
 from loraserve.model.batch import ForwardBatch, LoRAInputs
@@ -64,24 +64,35 @@ def prefill_shapes(
 
 
 def decode_batch_sizes(
-    linears: list[PackedLinear], max_rank: int, max_seqs: int, num_sms: int
+    linears: list[PackedLinear], max_rank: int, max_seqs: int, num_sms: int, fused: bool = False
 ) -> list[int]:
-    """One decode batch size per distinct LoRA matrix-vector tile choice."""
+    """One decode batch size per distinct LoRA matrix-vector tile choice (``fused``: the
+    batches' LoRABatch.fused_decode)."""
     seen: dict[tuple, int] = {}
     shapes = _shapes(linears)
     for s in range(1, max_seqs + 1):
-        seen.setdefault(_lora_key(shapes, max_rank, 1, s, num_sms), s)
+        seen.setdefault(_lora_key(shapes, max_rank, 1, s, num_sms, fused), s)
     return sorted(seen.values())
 
 
 def _lora_key(
-    shapes: list[tuple[int, int, int]], max_rank: int, seg_len: int, segments: int, num_sms: int
+    shapes: list[tuple[int, int, int]],
+    max_rank: int,
+    seg_len: int,
+    segments: int,
+    num_sms: int,
+    fused: bool = False,
 ) -> tuple:
     """The compile-time part of every layer's LoRA tiles. split_k is a runtime int, of which
     Triton specialises only == 1 and % 16 == 0; the decode expand kernel also sums the
-    splits in a power-of-two block (BLOCK_S)."""
+    splits in a power-of-two block (BLOCK_S). The fused decode kernel's output split is a
+    runtime int it does not specialise at all."""
     key = []
     for in_features, n_targets, max_out in shapes:
+        if fused and seg_len == 1 and max_rank <= _FUSED_MAX_RANK:
+            shape = (max_rank, segments, in_features, n_targets, max_out, num_sms)
+            key.append((_fused_tiles(*shape)._replace(fused=1), None))
+            continue
         tiles = _pick_tiles(max_rank, seg_len, segments, in_features, n_targets, max_out, num_sms)
         k = tiles.split_k
         split = (k == 1, k % 16 == 0, next_power_of_2(k) if tiles.block_m == 1 else 0)
@@ -130,7 +141,8 @@ def precompile(
             probe.run([n] + [2] * (seqs - 1), max_seq_len=n)
             forwards += 1
         if eager_decode_max > 0:
-            for s in decode_batch_sizes(linears, max(max_rank, 1), eager_decode_max, sms):
+            fused = adapter_cache.fused_decode if lora else False
+            for s in decode_batch_sizes(linears, max(max_rank, 1), eager_decode_max, sms, fused):
                 probe.run([1] * s, max_seq_len=1)
                 forwards += 1
             q = torch.empty(1, attn.num_heads, attn.head_dim, device=device)
