@@ -30,7 +30,8 @@
 #   s2n2000_side   default vs --lora-side-stream, and base                        (6)
 #   s2n2000_pack   default vs --lora-rank-pack vs --lora-side-stream, and base     (8)
 #   overlap_tests  test_overlap.py and test_graphs.py on CUDA, output to a file      (2)
-#   gpu_tests   tests/kernels/test_lora.py and the graph-path engine tests on CUDA     (2)
+#   gpu_tests   tests/kernels/test_lora.py and the graph-path engine tests on CUDA, output
+#               to a file (over 5 min since session 15's fused tests)             (6-8)
 #   probe_grouped  the probe at S4 n = 5's and a grouped S2 batch, the grouped K split
 #               rule of session 14 against 13's                                  (4)
 #   probe_fused the probe at S1's and S2's n = 2000 batches, with and without
@@ -104,9 +105,11 @@ for part in "$@"; do
         > "$OUT/overlap_tests.txt" 2>&1
       grep -E "FAILED|ERROR|passed|failed" "$OUT/overlap_tests.txt" | tail -8 ;;
     gpu_tests)  # the LoRA kernels (grouped, persistent grids) and the graph paths on CUDA
-      LORASERVE_TEST_DEVICE=cuda timeout 300 python -m pytest -q tests/kernels/test_lora.py \
-        tests/engine/test_graphs.py tests/engine/test_prefill_graphs.py \
-        tests/engine/test_overlap.py 2>&1 | grep -E "^(FAILED|ERROR)|passed|failed" | tail -15 ;;
+      # (session 15: 280 s covered test_lora.py, test_graphs.py and part of the next file)
+      LORASERVE_TEST_DEVICE=cuda timeout "${TESTS_TIMEOUT:-480}" python -m pytest -q \
+        tests/kernels/test_lora.py tests/engine/test_graphs.py tests/engine/test_prefill_graphs.py \
+        tests/engine/test_overlap.py > "$OUT/gpu_tests.txt" 2>&1
+      grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.txt" | tail -15 ;;
     s2n2000_pg)  # prompt rows as graph replays too (--prefill-graphs), on one trace
       bench 560 --setting S2 -n 2000 --rate 40 --duration 50 --baselines base \
         --time-limit 70 --variant 'pg=--prefill-graphs' \
