@@ -28,7 +28,7 @@ import torch
 
 from loraserve.kernels.attention import _block_m, decode_num_splits
 from loraserve.kernels.host import next_power_of_2
-from loraserve.kernels.lora import _FUSED_MAX_RANK, _fused_tiles, _num_sms, _pick_tiles
+from loraserve.kernels.lora import _fused_tiles, _num_sms, _pick_tiles, fuses_decode
 from loraserve.memory.adapter_cache import AdapterCache
 from loraserve.memory.pool import PageKind, PagePool
 from loraserve.model.batch import ForwardBatch, LoRAInputs
@@ -89,7 +89,7 @@ def _lora_key(
     runtime int it does not specialise at all."""
     key = []
     for in_features, n_targets, max_out in shapes:
-        if fused and seg_len == 1 and max_rank <= _FUSED_MAX_RANK:
+        if fuses_decode(fused, seg_len, max_rank):
             shape = (max_rank, segments, in_features, n_targets, max_out, num_sms)
             key.append((_fused_tiles(*shape)._replace(fused=1), None))
             continue

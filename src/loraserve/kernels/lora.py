@@ -406,6 +406,21 @@ def _shrink_step(acc, x_row, pool_ptr, a_off, live, k0, k_hi, stride_x_k, BLOCK_
     return acc + a.to(tl.float32) * xk[None, :]
 
 
+@triton.jit
+def _shrink_row(
+    acc, x_row, pool_ptr, a_off, live, k_lo, k_hi, stride_x_k, BLOCK_K: tl.constexpr, STAGES
+):
+    """acc [rows of A, BLOCK_K] += A[:, k] * x[k] for k in k_lo .. k_hi; STAGES > 1: the
+    compiler pipelines the loop's loads, STAGES iterations in flight."""
+    if STAGES > 1:
+        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
+            acc = _shrink_step(acc, x_row, pool_ptr, a_off, live, k0, k_hi, stride_x_k, BLOCK_K)
+    else:
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            acc = _shrink_step(acc, x_row, pool_ptr, a_off, live, k0, k_hi, stride_x_k, BLOCK_K)
+    return acc
+
+
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _shrink_decode_kernel(
     x_ptr,
@@ -459,12 +474,7 @@ def _shrink_decode_kernel(
     k_hi = tl.minimum(in_features, k_lo + k_blocks * BLOCK_K)
     x_row = x_ptr + tok * stride_x_tok
     acc = tl.zeros([BLOCK_C, BLOCK_K], dtype=tl.float32)  # reduced over K once, at the end
-    if STAGES > 1:  # the compiler pipelines the loop's loads, STAGES iterations in flight
-        for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
-            acc = _shrink_step(acc, x_row, pool_ptr, a_off, live, k0, k_hi, stride_x_k, BLOCK_K)
-    else:
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            acc = _shrink_step(acc, x_row, pool_ptr, a_off, live, k0, k_hi, stride_x_k, BLOCK_K)
+    acc = _shrink_row(acc, x_row, pool_ptr, a_off, live, k_lo, k_hi, stride_x_k, BLOCK_K, STAGES)
     v_row = v_ptr + split * stride_v_split + tok * stride_v_tok
     tl.store(v_row + cols, tl.sum(acc, axis=1), mask=live)
 
@@ -868,16 +878,9 @@ def _fused_decode_kernel(
     b_off = tl.multiple_of(tl.load(table + table_rank + j, mask=j_ok, other=0), ROW_ALIGN)
     x_row = x_ptr + tok * stride_x_tok
     acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)  # reduced over K once, at the end
-    if STAGES > 1:
-        for k0 in tl.range(0, in_features, BLOCK_K, num_stages=STAGES):
-            acc = _shrink_step(
-                acc, x_row, pool_ptr, a_off, j_ok, k0, in_features, stride_x_k, BLOCK_K
-            )
-    else:
-        for k0 in range(0, in_features, BLOCK_K):
-            acc = _shrink_step(
-                acc, x_row, pool_ptr, a_off, j_ok, k0, in_features, stride_x_k, BLOCK_K
-            )
+    acc = _shrink_row(
+        acc, x_row, pool_ptr, a_off, j_ok, 0, in_features, stride_x_k, BLOCK_K, STAGES
+    )
     v = scale * tl.sum(acc, axis=1)  # [BLOCK_R]
     _add_whole_rank(
         y_ptr, pool_ptr, tok, o, n, first_tile, last_tile, v, 1.0, b_off, j_ok,
@@ -1056,7 +1059,7 @@ def pick_tiles(
         r_pad = _r_pad(batch.max_rank)
         shape = (batch.grouped_rows, in_features, n_targets, max_out, num_sms)
         return _grouped_tiles(r_pad, *shape)
-    if batch.fused_decode and batch.max_seg_len == 1 and batch.max_rank <= _FUSED_MAX_RANK:
+    if fuses_decode(batch.fused_decode, batch.max_seg_len, batch.max_rank):
         shape = (batch.max_rank, batch.num_segments, in_features, n_targets, max_out, num_sms)
         return _fused_tiles(*shape)
     shape = (batch.max_rank, batch.max_seg_len, batch.num_segments)
@@ -1148,6 +1151,11 @@ def _decode_tiles(
 # accumulator (64 a thread at 2 warps), which sets BLOCK_K by the rank.
 _FUSED_MAX_RANK = 16
 _FUSED_ACC_ELEMS = 4096
+
+
+def fuses_decode(fused_decode: bool, max_seg_len: int, max_rank: int) -> bool:
+    """Whether a batch's LoRA runs in one fused launch per call (LoRABatch.fused_decode)."""
+    return fused_decode and max_seg_len == 1 and max_rank <= _FUSED_MAX_RANK
 
 
 @functools.lru_cache(maxsize=4096)
