@@ -583,7 +583,7 @@ class _StagingPool:
             if fits:
                 buf, _ = self._buffers.pop(min(fits)[1])
                 return buf[:numel]
-            size = max(self._largest, 1 << 22)
+            size = self._largest
         return self._make(size)[:numel]
 
     def reserve(self, count: int) -> int:
@@ -594,13 +594,13 @@ class _StagingPool:
             free = sum(1 for buf, _ in self._buffers if buf.numel() >= largest)
         made = max(0, count - free) if largest else 0
         for _ in range(made):
-            self.give_back(self._make(max(largest, 1 << 22)), None)
+            self.give_back(self._make(largest), None)
         return made
 
     def _make(self, size: int) -> torch.Tensor:
-        """A new buffer (pinned on CUDA: slow), counted."""
+        """A new buffer of at least 4 Mi elements (pinned on CUDA: slow), counted."""
         start = time.perf_counter()
-        buf = torch.empty(size, dtype=self.dtype, pin_memory=self.pinned)
+        buf = torch.empty(max(size, 1 << 22), dtype=self.dtype, pin_memory=self.pinned)
         with self._lock:
             self.allocations += 1
             self.allocated_bytes += buf.numel() * buf.element_size()
