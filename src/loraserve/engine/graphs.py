@@ -85,6 +85,9 @@ def covering_targets(cache: AdapterCache, target_sets: list[int], requests: list
 # 0.857 per row). The break-even is near 3 rows per tile. (Until session 14: 1.6, from
 # session 7's rank-16 sweep, before the per-row kernels got faster.)
 GROUP_TILE_COST = 3.0
+# With --lora-fused-dot both forms run the same tl.dot kernel, whose per-row form reads each
+# row's adapter in a 16-row tile of its own: grouping saves reads as soon as rows share.
+GROUP_TILE_COST_FUSED_DOT = 1.0
 
 
 def capture(
@@ -187,7 +190,8 @@ class DecodeGraphs:
         # Graphs with one segment per run of one adapter's rows (grouped tiles) too, for
         # steps whose rows share adapters; the padded bmm ablation keeps per-row gathers.
         self.group_lora = group_lora and lora_backend != "bmm" and adapter_cache.max_loras > 0
-        self.group_tile_cost = GROUP_TILE_COST
+        dot = adapter_cache.fused_dot
+        self.group_tile_cost = GROUP_TILE_COST_FUSED_DOT if dot else GROUP_TILE_COST
         self.grouped_steps = 0  # steps that replayed the grouped graphs
         self._rows = np.arange(max_batch, dtype=np.int64)
         self.steps = 0  # decode steps served by the padded path
