@@ -571,12 +571,24 @@ FUSED_DOT_KNOBS = {
     "block_n": [128, 256, 512],
     "shrink_warps": [2, 4, 8],
     "shrink_stages": [0, 2, 4],
+    "expand_stages": [2, 3, 4],
 }
+# session 16's first sweep: the output tile loop not pipelined, and these were best
+FUSED_DOT_COMBOS = [
+    dict(expand_stages=s, block_n=n, fused=f, shrink_warps=w)
+    for s in (2, 3)
+    for n in (128, 256)
+    for f in (1, 2, 4)
+    for w in (4, 8)
+]
 
 
 def fused_dot(args: argparse.Namespace, num_sms: int, save=lambda rows: None) -> list[dict]:
     rows = []
     for seg_lens, distinct, rank, mix, call, grouped in FUSED_DOT_CASES:
+        label = f"{sum(seg_lens)}/{distinct}{'g' if grouped else ''}"
+        if args.dot_cases and label not in args.dot_cases:
+            continue
         case = make_case(seg_lens, distinct, rank, call, args.row_align, True, mix)
         floor_us = adapter_floor_us(case)
         if grouped:
@@ -587,7 +599,7 @@ def fused_dot(args: argparse.Namespace, num_sms: int, save=lambda rows: None) ->
         case.batch.fused_dot = True
         one = pick_tiles(case.batch, *shape)
         error = _apply_error(case, one)
-        for tiles in [engine, *_variants(one, FUSED_DOT_KNOBS, rank)]:
+        for tiles in [engine, *_variants(one, FUSED_DOT_KNOBS, rank, FUSED_DOT_COMBOS)]:
             try:
                 apply_us = _time_apply(case, tiles)
             except Exception as e:  # noqa: BLE001 - a variant that fails to compile or run
@@ -739,6 +751,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prefill-batch", type=int, default=4)
     p.add_argument("--row-align", type=int, default=8, help="LoRABatch.row_align (elements)")
     p.add_argument("--sweep", action="store_true", help="time block-size variants instead")
+    p.add_argument(
+        "--dot-cases",
+        type=lambda s: set(s.split(",")),
+        default=None,
+        help="with --sweep's fused_dot phase: only these cases, ROWS/ADAPTERS[g] (g: grouped), "
+        "e.g. 251/92g,224/224; default all",
+    )
     p.add_argument(
         "--phases",
         type=lambda s: set(s.split(",")),

@@ -567,7 +567,7 @@ def test_triton_fused_decode(name: str, call: str, dtype: torch.dtype) -> None:
 FUSED_DOT_TILES = {
     "one_part": LoRATiles(16, 16, 16, 1, 128, 16, fused=1),
     "three_parts": LoRATiles(16, 16, 16, 1, 128, 32, fused=3),
-    "stages": LoRATiles(16, 16, 32, 1, 128, 16, fused=2, shrink_stages=3),
+    "stages": LoRATiles(16, 16, 32, 1, 128, 16, fused=2, shrink_stages=3, expand_stages=3),
 }
 
 

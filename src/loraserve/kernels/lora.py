@@ -929,6 +929,7 @@ def _fused_dot_kernel(
     TILE_MAP: tl.constexpr,  # program_id(0) indexes tile_map_ptr's (segment, row tile)
     PERSISTENT: tl.constexpr,  # programs of axis 0 stride over tile_count_ptr's live entries
     STAGES: tl.constexpr = 0,  # > 1: the K loop as tl.range(num_stages=STAGES)
+    EXPAND_STAGES: tl.constexpr = 0,  # > 1: the output tile loop the same way
 ):
     """Shrink and expand in one launch on the tensor cores: one program per (BLOCK_M rows
     of one segment, target, 1 / n_split of the target's output tiles). It computes the
@@ -947,7 +948,7 @@ def _fused_dot_kernel(
                 ranks_ptr, scalings_ptr, seg, m_tile, t, part, layer, first_target,
                 num_layers, table_rank, in_features, n_split, o0, n0, o1, n1, o2, n2,
                 stride_x_tok, stride_x_k, stride_y_tok, stride_y_n, ROW_ALIGN, BLOCK_M,
-                BLOCK_R, BLOCK_K, BLOCK_N, DOT_PRECISION, STAGES,
+                BLOCK_R, BLOCK_K, BLOCK_N, DOT_PRECISION, STAGES, EXPAND_STAGES,
             )  # fmt: skip
 
 
@@ -988,6 +989,7 @@ def _fused_dot_tile(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     STAGES: tl.constexpr,
+    EXPAND_STAGES: tl.constexpr,
 ):
     """_fused_dot_kernel's work on one (segment, row tile, target, part)."""
     start, rows, entry = _segment(seg_start_ptr, seg_slot_ptr, seg, layer, first_target, num_layers)
@@ -1020,16 +1022,47 @@ def _fused_dot_tile(
                 )  # fmt: skip
         scale = tl.load(scalings_ptr + entry + t)
         v = scale * acc  # [BLOCK_M, BLOCK_R] fp32
-        for n_tile in range(first_tile, last_tile):
-            cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = cols < n
-            y_ptrs = y_ptr + tok[:, None] * stride_y_tok + (o + cols[None, :]) * stride_y_n
-            y_mask = m_ok[:, None] & n_ok[None, :]
-            y = tl.load(y_ptrs, mask=y_mask, other=0.0)  # issued early: hides behind B's
-            b_mask = j_ok[:, None] & n_ok[None, :]
-            b = tl.load(pool_ptr + b_off[:, None] + cols[None, :], mask=b_mask, other=0.0)
-            d = tl.dot(v, b.to(tl.float32), input_precision=DOT_PRECISION)
-            tl.store(y_ptrs, (y.to(tl.float32) + d).to(y_ptr.dtype.element_ty), mask=y_mask)
+        if EXPAND_STAGES > 1:  # B^T tiles in flight while earlier ones are added
+            for n_tile in tl.range(first_tile, last_tile, num_stages=EXPAND_STAGES):
+                _add_dot_tile(
+                    y_ptr, pool_ptr, tok, m_ok, o, n, n_tile, v, b_off, j_ok, stride_y_tok,
+                    stride_y_n, BLOCK_N, DOT_PRECISION,
+                )  # fmt: skip
+        else:
+            for n_tile in range(first_tile, last_tile):
+                _add_dot_tile(
+                    y_ptr, pool_ptr, tok, m_ok, o, n, n_tile, v, b_off, j_ok, stride_y_tok,
+                    stride_y_n, BLOCK_N, DOT_PRECISION,
+                )  # fmt: skip
+
+
+@triton.jit
+def _add_dot_tile(
+    y_ptr,
+    pool_ptr,
+    tok,
+    m_ok,
+    o,
+    n,
+    n_tile,
+    v,  # [BLOCK_M, BLOCK_R] fp32, scaled
+    b_off,
+    j_ok,
+    stride_y_tok,
+    stride_y_n,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """y[tok, o + cols] += v . B^T[:, cols] for output tile n_tile (tl.dot)."""
+    cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = cols < n
+    y_ptrs = y_ptr + tok[:, None] * stride_y_tok + (o + cols[None, :]) * stride_y_n
+    y_mask = m_ok[:, None] & n_ok[None, :]
+    y = tl.load(y_ptrs, mask=y_mask, other=0.0)  # issued early: hides behind B's latency
+    b_mask = j_ok[:, None] & n_ok[None, :]
+    b = tl.load(pool_ptr + b_off[:, None] + cols[None, :], mask=b_mask, other=0.0)
+    d = tl.dot(v, b.to(tl.float32), input_precision=DOT_PRECISION)
+    tl.store(y_ptrs, (y.to(tl.float32) + d).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
@@ -1178,6 +1211,8 @@ class LoRATiles(NamedTuple):
     # (block_c, expand_warps, n_group unused). block_m 1: _fused_decode_kernel; block_m >=
     # 16 (= expand_block_m): _fused_dot_kernel, on tl.dot, over block_m-row tiles
     fused: int = 0
+    # _fused_dot_kernel: > 1 = its output tile loop pipelined over this many stages
+    expand_stages: int = 0
 
     @property
     def expand_m(self) -> int:
@@ -1672,6 +1707,7 @@ def _fused_dot(
         TILE_MAP=tile_map is not None,
         PERSISTENT=tile_map is not None and batch.tile_count is not None,
         STAGES=tiles.shrink_stages,
+        EXPAND_STAGES=tiles.expand_stages,
         num_warps=tiles.shrink_warps,
     )
 
