@@ -37,7 +37,7 @@
 #   probe_fused the probe at S1's and S2's n = 2000 batches, with and without
 #               --no-lora-fused-decode (SWEEP_PHASES=fused lora_sweep: the kernels alone)  (3)
 #   dot_tests   the tl.dot fused kernel's tests and test_graphs.py on CUDA        (2)
-#   probe_dot   the probe at S2 n = 100's and 2000's, S1's and S4 n = 5's batches, the
+#   probe_dot   the probe at S2 n = 100's batch and two more where rows share adapters, the
 #               default kernels against --lora-fused-dot (SWEEP_PHASES=fused_dot
 #               lora_sweep: the kernels alone)                                    (6)
 #   probe_s1_side  the probe at S1's saturated batch, with and without --lora-side-stream (3)
@@ -158,15 +158,10 @@ for part in "$@"; do
         > "$OUT/dot_tests.txt" 2>&1
       grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/dot_tests.txt" | tail -15 ;;
     probe_dot)  # LoRA's extra decode time, the default kernels against --lora-fused-dot:
-      # S2 n = 100's and n = 2000's batches, S1's, and S4 n = 5's (13B)
+      # S2 n = 100's batch, 256 rows on 52 adapters and 240 rows on 160 (grouped steps)
       for f in "" --lora-fused-dot; do
-        timeout 150 python benchmarks/decode_probe.py --points 251x430x92,224x420x224 \
+        timeout 170 python benchmarks/decode_probe.py --points 251x430x92,256x420x52,240x430x160 \
           --ranks 64,32,16,8 $f --out "$OUT/probe_s2${f:+_dot}.json" 2>&1 \
-          | grep -E '^(\{|engine)' | cut -c1-400
-        timeout 100 python benchmarks/decode_probe.py --points 194x420x184 --ranks 8 $f \
-          --out "$OUT/probe_s1${f:+_dot}.json" 2>&1 | grep -E '^(\{|engine)' | cut -c1-400
-        timeout 120 python benchmarks/decode_probe.py --model llama-13b --points 29x260x5 \
-          --ranks 64,32,16 $f --out "$OUT/probe_s4n5${f:+_dot}.json" 2>&1 \
           | grep -E '^(\{|engine)' | cut -c1-400
       done ;;
     probe_fused)  # LoRA's extra decode time, one launch per call (default; ranks <= 16)

@@ -112,7 +112,8 @@ def equal_length_prompts(n, length=11, seed=5):
 def test_mixed_batch_matches_peft(base_dir, adapter_dirs, lora_backend, monkeypatch):
     """Every adapter form (ranks up to 128, all 7 targets or some, rsLoRA) in one batch:
     PEFT's tokens and logprobs with the torch reference, the Triton kernels, and the Triton
-    kernels with --lora-fused-dot (whose decode steps then run the tl.dot fused kernel)."""
+    kernels with --lora-fused-dot, decode steps on the graph path with every step's rows
+    grouped by adapter (so they run the tl.dot fused kernel)."""
     import loraserve.kernels.lora as lora
 
     names = [*ADAPTERS, None]
@@ -133,7 +134,10 @@ def test_mixed_batch_matches_peft(base_dir, adapter_dirs, lora_backend, monkeypa
         max_lora_rank=128,
         lora_backend="triton" if lora_backend == "fused_dot" else lora_backend,
         lora_fused_dot=lora_backend == "fused_dot",
+        cuda_graph_max_batch=len(names) if lora_backend == "fused_dot" else None,
     ).create_engine()
+    if lora_backend == "fused_dot":
+        engine.runner.graphs.group_tile_cost = 0.0
     for name, path in adapter_dirs.items():
         engine.add_adapter(name, path)
     params = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, logprobs=2, ignore_eos=True)

@@ -589,18 +589,22 @@ def test_triton_fused_dot(name: str, call: str, dtype: torch.dtype) -> None:
 
 
 def test_fused_dot_picked() -> None:
-    """LoRABatch.fused_dot: pick_tiles gives tl.dot fused tiles to decode batches, grouped
-    or one row per segment, at any rank (before fused_decode's rule), and two launches to
+    """LoRABatch.fused_dot: pick_tiles gives tl.dot fused tiles to grouped decode batches at
+    any rank, and keeps its other choices for one row per segment (where it lost) and for
     prompt rows."""
-    case = make_case(DECODE, "qkv", torch.float32, MIXED_RANKS, seed=15)
-    b = dataclasses.replace(case.batch, fused_dot=True, fused_decode=True)
+    case = _grouped_case("qkv", torch.float32, seed=15)
+    b = dataclasses.replace(case.batch, fused_dot=True)
     tiles = pick_tiles(b, 4096, 3, 4096, num_sms=132)
     assert tiles.fused >= 1 and tiles.block_m == 16 and tiles.block_r >= b.max_rank
+    assert tiles.expand_stages > 1
     got = _run(dataclasses.replace(case, batch=b), lora_apply_triton)
     torch.testing.assert_close(got.double(), case.expected, **TOL[torch.float32])
-    grouped = dataclasses.replace(b, grouped_rows=300, max_seg_len=20)
-    assert pick_tiles(grouped, 4096, 3, 4096, num_sms=132).fused >= 1
-    prefill = dataclasses.replace(make_case(PREFILL, "qkv", torch.float32, MIXED_RANKS).batch)
+    per_row = make_case(DECODE, "qkv", torch.float32, MIXED_RANKS, seed=15).batch
+    per_row = dataclasses.replace(per_row, fused_dot=True)
+    assert pick_tiles(per_row, 4096, 3, 4096, num_sms=132).block_m == 1
+    small = dataclasses.replace(b, grouped_rows=32)  # S4 n = 5's batch: it lost there
+    assert pick_tiles(small, 4096, 3, 4096, num_sms=132).fused == 0
+    prefill = make_case(PREFILL, "qkv", torch.float32, MIXED_RANKS).batch
     prefill = dataclasses.replace(prefill, fused_dot=True)
     assert pick_tiles(prefill, HIDDEN, 3, Q, num_sms=132).fused == 0
     with pytest.raises(ValueError, match="expand_block_m = block_m"):

@@ -85,9 +85,10 @@ def covering_targets(cache: AdapterCache, target_sets: list[int], requests: list
 # 0.857 per row). The break-even is near 3 rows per tile. (Until session 14: 1.6, from
 # session 7's rank-16 sweep, before the per-row kernels got faster.)
 GROUP_TILE_COST = 3.0
-# With --lora-fused-dot both forms run the same tl.dot kernel, whose per-row form reads each
-# row's adapter in a 16-row tile of its own: grouping saves reads as soon as rows share.
-GROUP_TILE_COST_FUSED_DOT = 1.0
+# With --lora-fused-dot the grouped graphs run the tl.dot fused kernel: session 16's sweep
+# (S2's ranks, whole calls) had it 13% under the per-row kernels at 251 rows on 92 adapters
+# (~2.6 rows per tile) and 18% over them with one row per tile; break-even near 1.8.
+GROUP_TILE_COST_FUSED_DOT = 2.0
 
 
 def capture(

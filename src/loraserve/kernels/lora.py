@@ -127,9 +127,9 @@ class LoRABatch:
     # Small ranks only: there the boundary between two launches costs about as much as
     # either kernel; at rank 64 (S2's mixed ranks) the fused programs ran 1.5-1.8x slower.
     fused_decode: bool = False
-    # Decode form, any rank, rows grouped by adapter or not: shrink and expand in one
-    # tensor-core launch (_fused_dot_kernel), a program per (16-row tile, target); before
-    # fused_decode's rule.
+    # Grouped decode rows (grouped_rows > 0), any rank: shrink and expand in one
+    # tensor-core launch (_fused_dot_kernel), a program per (16-row tile of one adapter's
+    # rows, target), instead of the grouped two launches.
     fused_dot: bool = False
 
     def __post_init__(self) -> None:
@@ -1235,9 +1235,8 @@ def pick_tiles(
     batch: LoRABatch, in_features: int, n_targets: int, max_out: int, num_sms: int
 ) -> LoRATiles:
     """Block sizes for a call (cached: a few host ints decide them)."""
-    if batch.fused_dot and (batch.grouped_rows or batch.max_seg_len == 1):
-        rows = batch.grouped_rows or batch.num_segments
-        shape = (rows, in_features, n_targets, max_out, num_sms)
+    if batch.fused_dot and batch.grouped_rows >= num_sms:  # lost on small batches
+        shape = (batch.grouped_rows, in_features, n_targets, max_out, num_sms)
         return _fused_dot_tiles(_r_pad(batch.max_rank), *shape)
     if batch.grouped_rows:
         r_pad = _r_pad(batch.max_rank)
@@ -1375,19 +1374,30 @@ def _fused_tiles(
 def _fused_dot_tiles(
     r_pad: int, rows: int, in_features: int, n_targets: int, max_out: int, num_sms: int
 ) -> LoRATiles:
-    """One tensor-core launch per call (LoRABatch.fused_dot): 16-row tiles, the whole
-    (padded) rank at once, A in [r_pad, block_k] steps pipelined 3 deep and B^T in
-    [r_pad, block_n] tiles (each about 16 KB), 4 warps; each (tile, target)'s output tiles
-    split over several programs where there are fewer than two programs per SM (each part
-    reads A again, mostly from L2). ``rows`` counts every row as its own tile (the worst
-    case: one adapter per row)."""
+    """One tensor-core launch per call over grouped decode rows (LoRABatch.fused_dot):
+    16-row tiles, the whole (padded) rank at once, A in [r_pad, block_k] steps and the
+    output tiles both pipelined 3 deep; several targets (q|k|v): 4 warps and 128 output
+    columns per tile, one target: 8 warps and 256; each (tile, target)'s output tiles split
+    over several programs where there are fewer than two programs per SM (each part reads
+    A again, mostly from L2). ``rows`` counts every row as its own tile (the worst case).
+
+    Session 16's sweep on an H200 (S2's ranks 8-64, 7B widths, whole calls in us, against
+    the engine's kernels for the batch): 251 rows on 92 adapters grouped, q|k|v 70.2 and o
+    35.3 against 80.8 and 40.1 (one row per segment, what the engine ran there) or 94.6
+    and 39.4 (grouped, two launches); 256 rows on 52 adapters q|k|v 51.0 and o 25.5 against
+    58.7 and 22.6 (grouped, two launches). It lost with one row per segment (S2 n = 2000's
+    224 rows: q|k|v 124.1 against 100.0) and at S4 n = 5's 29 rows on 5 adapters (19.8
+    against 15.0): a program streams its whole A and B^T alone."""
     block_k = min(256, max(16, 8192 // r_pad), next_power_of_2(in_features))
-    block_n = min(256, max(16, 16384 // r_pad), next_power_of_2(max_out))
+    wide = 256 if n_targets == 1 else 128
+    block_n = min(wide, max(16, 16384 // r_pad), next_power_of_2(max_out))
     want = cdiv(2 * num_sms, max(1, rows * n_targets))
     n_split = max(1, min(want, cdiv(max_out, block_n)))
+    warps = 8 if n_targets == 1 else 4
     return LoRATiles(
-        GROUP_TILE_ROWS, 16, block_k, 1, r_pad, block_n, 4, 4, fused=n_split, shrink_stages=3
-    )
+        GROUP_TILE_ROWS, 16, block_k, 1, r_pad, block_n, warps, warps, fused=n_split,
+        shrink_stages=3, expand_stages=3,
+    )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=4096)
