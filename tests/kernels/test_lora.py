@@ -593,7 +593,7 @@ def test_fused_dot_picked() -> None:
     any rank, and keeps its other choices for one row per segment (where it lost) and for
     prompt rows."""
     case = _grouped_case("qkv", torch.float32, seed=15)
-    b = dataclasses.replace(case.batch, fused_dot=True)
+    b = dataclasses.replace(case.batch, fused_dot=True, grouped_rows=256)  # (picking only)
     tiles = pick_tiles(b, 4096, 3, 4096, num_sms=132)
     assert tiles.fused >= 1 and tiles.block_m == 16 and tiles.block_r >= b.max_rank
     assert tiles.expand_stages > 1
