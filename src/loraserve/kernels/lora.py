@@ -1235,7 +1235,7 @@ def pick_tiles(
     batch: LoRABatch, in_features: int, n_targets: int, max_out: int, num_sms: int
 ) -> LoRATiles:
     """Block sizes for a call (cached: a few host ints decide them)."""
-    if batch.fused_dot and batch.grouped_rows >= num_sms:  # lost on small batches
+    if batch.fused_dot and batch.grouped_rows >= _FUSED_DOT_MIN_ROWS_PER_SM * num_sms:
         shape = (batch.grouped_rows, in_features, n_targets, max_out, num_sms)
         return _fused_dot_tiles(_r_pad(batch.max_rank), *shape)
     if batch.grouped_rows:
@@ -1333,6 +1333,9 @@ def _decode_tiles(
 # Fused decode (LoRATiles.fused): up to this max rank; fp32 values in a program's shrink
 # accumulator (64 a thread at 2 warps), which sets BLOCK_K by the rank.
 _FUSED_MAX_RANK = 16
+# LoRABatch.fused_dot: grouped batches of at least this many rows per SM (it lost at S4
+# n = 5's 29 rows on 5 adapters, where a program streams its whole A and B^T alone)
+_FUSED_DOT_MIN_ROWS_PER_SM = 1.0
 _FUSED_ACC_ELEMS = 4096
 
 
