@@ -1235,7 +1235,8 @@ def pick_tiles(
     batch: LoRABatch, in_features: int, n_targets: int, max_out: int, num_sms: int
 ) -> LoRATiles:
     """Block sizes for a call (cached: a few host ints decide them)."""
-    if batch.fused_dot and batch.grouped_rows >= _FUSED_DOT_MIN_ROWS_PER_SM * num_sms:
+    rows = batch.grouped_rows
+    if batch.fused_dot and rows and rows >= _FUSED_DOT_MIN_ROWS_PER_SM * num_sms:
         shape = (batch.grouped_rows, in_features, n_targets, max_out, num_sms)
         return _fused_dot_tiles(_r_pad(batch.max_rank), *shape)
     if batch.grouped_rows:
