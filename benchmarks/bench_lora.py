@@ -476,8 +476,6 @@ def sweep(args: argparse.Namespace, save=lambda rows: None) -> list[dict]:
         rows += rank_classes(args, num_sms)
     if not args.phases or "fused" in args.phases:
         rows += fused_decode(args, num_sms, save=lambda more: save(rows + more))
-    if not args.phases or "fused_dot" in args.phases:
-        rows += fused_dot(args, num_sms, save=lambda more: save(rows + more))
     return rows
 
 
@@ -542,91 +540,6 @@ def fused_decode(args: argparse.Namespace, num_sms: int, save=lambda rows: None)
         del case
         save(rows)
     return rows
-
-
-# --sweep's fused_dot phase: decode LoRA in one tensor-core launch (LoRABatch.fused_dot,
-# _fused_dot_kernel) against the engine's default for the same batch, each timed as one
-# graph of the whole call (apply_us). Rows one per segment (sorted by adapter, as the decode
-# graphs order them) or grouped by adapter (the grouped decode graphs' form).
-S2N100_GROUPS = [3] * 67 + [2] * 25  # S2 n = 100 saturated: 251 rows on 92 adapters
-S2_MIX = (8, 16, 32, 64)
-FUSED_DOT_CASES = [  # (segment lengths, distinct adapters, rank, rank mix, call, grouped)
-    ([1] * 251, 92, 64, S2_MIX, "qkv", False),  # S2 n = 100's batch, one row per segment
-    ([1] * 251, 92, 64, S2_MIX, "o", False),
-    (S2N100_GROUPS, 92, 64, S2_MIX, "qkv", True),  # ... grouped
-    (S2N100_GROUPS, 92, 64, S2_MIX, "o", True),
-    (S2_GROUPS, 52, 64, S2_MIX, "qkv", True),  # 256 rows on 52 adapters, grouped
-    (S2_GROUPS, 52, 64, S2_MIX, "o", True),
-    ([1] * 224, 224, 64, S2_MIX, "qkv", False),  # S2 n = 2000's: an adapter per row
-    ([1] * 224, 224, 64, S2_MIX, "o", False),
-    ([1] * 195, 184, 8, (), "qkv", False),  # S1 n = 2000's (default: fused_decode)
-    ([1] * 195, 184, 8, (), "o", False),
-    ([6, 6, 6, 6, 5], 5, 64, (64, 32, 16), "qkv", True),  # S4 n = 5's (7B widths), grouped
-    ([6, 6, 6, 6, 5], 5, 64, (64, 32, 16), "o", True),
-    ([1] * 16, 16, 64, S2_MIX, "qkv", False),  # a small batch
-]
-FUSED_DOT_KNOBS = {
-    "fused": [1, 2, 4, 8],  # programs per (tile, target)
-    "block_k": [64, 128, 256],
-    "block_n": [128, 256, 512],
-    "shrink_warps": [2, 4, 8],
-    "shrink_stages": [0, 2, 4],
-    "expand_stages": [2, 3, 4],
-}
-# session 16's first sweep: the output tile loop not pipelined, and these were best
-FUSED_DOT_COMBOS = [
-    dict(expand_stages=s, block_n=n, fused=f, shrink_warps=w)
-    for s in (2, 3)
-    for n in (128, 256)
-    for f in (1, 2, 4)
-    for w in (4, 8)
-]
-
-
-def fused_dot(args: argparse.Namespace, num_sms: int, save=lambda rows: None) -> list[dict]:
-    rows = []
-    for seg_lens, distinct, rank, mix, call, grouped in FUSED_DOT_CASES:
-        label = f"{sum(seg_lens)}/{distinct}{'g' if grouped else ''}"
-        if args.dot_cases and label not in args.dot_cases:
-            continue
-        case = make_case(seg_lens, distinct, rank, call, args.row_align, True, mix)
-        floor_us = adapter_floor_us(case)
-        if grouped:
-            group_rows(case)
-        shape = (HIDDEN, len(case.out_slices), HIDDEN, num_sms)
-        case.batch.fused_decode = True  # (applies at ranks <= 16 only)
-        engine = pick_tiles(case.batch, *shape)
-        case.batch.fused_dot = True
-        one = pick_tiles(case.batch, *shape)
-        error = _apply_error(case, one)
-        for tiles in [engine, *_variants(one, FUSED_DOT_KNOBS, rank, FUSED_DOT_COMBOS)]:
-            try:
-                apply_us = _time_apply(case, tiles)
-            except Exception as e:  # noqa: BLE001 - a variant that fails to compile or run
-                logger.warning("fused_dot %s %s: %s", call, tuple(tiles), e)
-                apply_us = float("nan")
-            rows.append(
-                dict(phase="fused_dot", call=call, rank=rank, tokens=sum(seg_lens),
-                     distinct=distinct, mix=mix, grouped=grouped, engine=tiles == engine,
-                     default=tiles == one, tiles=tuple(tiles), apply_us=apply_us,
-                     a_bytes_us=floor_us, max_error=error)
-            )  # fmt: skip
-            logger.info("%s", rows[-1])
-        del case
-        save(rows)
-    return rows
-
-
-def _apply_error(case: Case, tiles: LoRATiles) -> float:
-    """Max abs difference of one call with ``tiles`` from the torch reference (bf16)."""
-    y0 = case.y.clone()
-    lora_apply_triton(*case.args(), tiles=tiles)
-    got = case.y.float()
-    case.y.copy_(y0)
-    lora_apply_ref(*case.args())
-    error = (got - case.y.float()).abs().max().item()
-    case.y.copy_(y0)
-    return error
 
 
 def rank_classes(args: argparse.Namespace, num_sms: int) -> list[dict]:
@@ -751,13 +664,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prefill-batch", type=int, default=4)
     p.add_argument("--row-align", type=int, default=8, help="LoRABatch.row_align (elements)")
     p.add_argument("--sweep", action="store_true", help="time block-size variants instead")
-    p.add_argument(
-        "--dot-cases",
-        type=lambda s: set(s.split(",")),
-        default=None,
-        help="with --sweep's fused_dot phase: only these cases, ROWS/ADAPTERS[g] (g: grouped), "
-        "e.g. 251/92g,224/224; default all",
-    )
     p.add_argument(
         "--phases",
         type=lambda s: set(s.split(",")),

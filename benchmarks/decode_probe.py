@@ -34,7 +34,6 @@ def main() -> None:
     parser.add_argument("--lora-side-stream", action="store_true", help="the engine option")
     parser.add_argument("--no-group-lora-rows", action="store_true", help="the engine option")
     parser.add_argument("--no-lora-fused-decode", action="store_true", help="the engine option")
-    parser.add_argument("--lora-fused-dot", action="store_true", help="the engine option")
     parser.add_argument(
         "--old-grouped-split",
         action="store_true",
@@ -62,7 +61,6 @@ def main() -> None:
         lora_side_stream=args.lora_side_stream,
         group_lora_rows=not args.no_group_lora_rows,
         lora_fused_decode=not args.no_lora_fused_decode,
-        lora_fused_dot=args.lora_fused_dot,
     ).create_engine()
     print(f"engine ready in {time.perf_counter() - start:.1f} s", flush=True)
     register_adapters(engine, max(d for _, _, d in points), ranks, args.targets.split(","))

@@ -36,10 +36,6 @@
 #               rule of session 14 against 13's                                  (4)
 #   probe_fused the probe at S1's and S2's n = 2000 batches, with and without
 #               --no-lora-fused-decode (SWEEP_PHASES=fused lora_sweep: the kernels alone)  (3)
-#   dot_tests   the tl.dot fused kernel's tests and test_graphs.py on CUDA        (2)
-#   probe_dot   the probe at S2 n = 100's batch and two more where rows share adapters, the
-#               default kernels against --lora-fused-dot (SWEEP_PHASES=fused_dot
-#               lora_sweep: the kernels alone)                                    (6)
 #   probe_s1_side  the probe at S1's saturated batch, with and without --lora-side-stream (3)
 #   profile128  profile_step.py at batch 128, with and without adapters           (2)
 #   profile224  the same at batch 224, context 420 (S2 n=2000's decode steps)      (3)
@@ -152,18 +148,6 @@ for part in "$@"; do
         timeout 150 python benchmarks/decode_probe.py --points 256x420x52 --ranks 64,32,16,8 \
           $old --out "$OUT/probe_s2g52${old:+_old}.json" 2>&1 | grep -E '^(\{|engine)'
       done ;;
-    dot_tests)  # the tl.dot fused kernel's tests on CUDA (bf16 sweep errors: lora_sweep)
-      LORASERVE_TEST_DEVICE=cuda timeout "${TESTS_TIMEOUT:-150}" python -m pytest -q \
-        tests/kernels/test_lora.py -k "fused_dot" tests/engine/test_graphs.py \
-        > "$OUT/dot_tests.txt" 2>&1
-      grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/dot_tests.txt" | tail -15 ;;
-    probe_dot)  # LoRA's extra decode time, the default kernels against --lora-fused-dot:
-      # S2 n = 100's batch, 256 rows on 52 adapters and 240 rows on 160 (grouped steps)
-      for f in "" --lora-fused-dot; do
-        timeout 170 python benchmarks/decode_probe.py --points 251x430x92,256x420x52,240x430x160 \
-          --ranks 64,32,16,8 $f --out "$OUT/probe_s2${f:+_dot}.json" 2>&1 \
-          | grep -E '^(\{|engine)' | cut -c1-400
-      done ;;
     probe_fused)  # LoRA's extra decode time, one launch per call (default; ranks <= 16)
       for f in "" --no-lora-fused-decode; do  # against two
         timeout 120 python benchmarks/decode_probe.py --points 194x420x184 --ranks 8 $f \
@@ -221,7 +205,6 @@ for part in "$@"; do
       tar czf "$OUT/profile_io.tgz" -C "$OUT" prof && rm -r "$OUT/prof" ;;
     lora_sweep)
       timeout "${SWEEP_TIMEOUT:-400}" python benchmarks/bench_lora.py --sweep ${SWEEP_PHASES:+--phases "$SWEEP_PHASES"} \
-        ${DOT_CASES:+--dot-cases "$DOT_CASES"} \
         --out "$OUT/bench_lora_sweep.json" \
         2>&1 | grep -v Warning | grep -E "^rank_cl" ;
       python benchmarks/sweep_best.py "$OUT/bench_lora_sweep.json" ;;

@@ -21,12 +21,8 @@ def main() -> None:
         rows = json.load(f)["sweep"]
     cases = defaultdict(list)
     for r in rows:
-        key = (r["phase"], r["call"], r["rank"], r["tokens"], r["distinct"])
-        cases[(*key, "grouped") if r.get("grouped") else key].append(r)
+        cases[(r["phase"], r["call"], r["rank"], r["tokens"], r["distinct"])].append(r)
     for key, variants in cases.items():
-        if key[0] == "fused_dot":
-            _print_fused_dot(key, variants, args.top)
-            continue
         default = next((r for r in variants if r["default"]), variants[0])
         floor = default.get("a_bytes_us", 0.0)
         times = f"{default['shrink_us']:.1f} / {default['expand_us']:.1f} us (shrink / expand)"
@@ -43,21 +39,6 @@ def main() -> None:
                 ok = [r for r in ok if r["shrink_us"] > 0]  # not session 11's fused-kernel rows
             for r in sorted(ok, key=lambda r: r[part])[: args.top]:
                 print(f"    best {part[:-3]:6} {r[part]:7.1f}  {r['tiles']}")
-
-
-def _print_fused_dot(key: tuple, variants: list[dict], top: int) -> None:
-    """The fused_dot phase: whole calls (one graph each), the engine's default kernels for
-    the batch against the tl.dot fused kernel's tiles."""
-    engine = next(r for r in variants if r["engine"])
-    default = next(r for r in variants if r["default"])
-    print(
-        f"{' '.join(map(str, key))}: engine default {engine['apply_us']:.1f} us, fused_dot "
-        f"{default['apply_us']:.1f} us (max error {default['max_error']:.3g}), "
-        f"A bytes {default['a_bytes_us']:.1f} us"
-    )
-    ok = [r for r in variants if not r["engine"] and not math.isnan(r["apply_us"])]
-    for r in sorted(ok, key=lambda r: r["apply_us"])[:top]:
-        print(f"    best apply {r['apply_us']:7.1f}  {r['tiles']}")
 
 
 if __name__ == "__main__":

@@ -362,9 +362,6 @@ class EngineConfig:
     # Decode LoRA with max rank <= 16: shrink and expand in one launch, a program per
     # (row, target).
     lora_fused_decode: bool = True
-    # Decode LoRA at any rank in one tensor-core launch per call, a program per (16-row tile
-    # of one adapter's rows, target); before lora_fused_decode's rule.
-    lora_fused_dot: bool = False
     # In a step that also prefills, at least this many decode rows replay the decode graphs
     # apart from the prompt rows (ModelRunner._launch_split); 0: every row runs eagerly.
     mixed_decode_graphs: int = 0

@@ -337,39 +337,3 @@ def test_lora_fused_decode_gives_the_same_tokens(setup, monkeypatch):
         assert a.token_ids == b.token_ids
         for la, lb in zip(a.logprobs, b.logprobs, strict=True):
             assert max(abs(la[t] - lb[t]) for t in la) < 1e-5
-
-
-@pytest.mark.parametrize("group_tile_cost", [0, 1e9], ids=["grouped", "per_row"])
-def test_lora_fused_dot_gives_the_same_tokens(setup, monkeypatch, group_tile_cost):
-    """--lora-fused-dot: grouped decode steps (every step, group_tile_cost 0) run LoRA in
-    one tl.dot launch per layer call over the grouped graphs' persistent tile map; steps
-    with one segment per row keep their kernels. The same tokens and logprobs as the
-    default kernels either way."""
-    import loraserve.kernels.lora as lora
-
-    model_dir, adapters = setup
-    names = ["a", None, "b", "a", None]
-    prompts = [[5, 6, 7], [9] * 12, [30, 31], [44, 45, 46, 47], [8, 8]]
-    tiles = []
-    real = lora._fused_dot
-
-    def fused_dot(*args):
-        tiles.append(args[-1])
-        return real(*args)
-
-    monkeypatch.setattr(lora, "_fused_dot", fused_dot)
-    monkeypatch.setattr(lora, "_FUSED_DOT_MIN_ROWS_PER_SM", 0.0)  # (a GPU's SMs > 8 rows)
-    common = dict(lora_backend="triton")
-    plain, _ = run(model_dir, adapters, 8, names, prompts, group_tile_cost, **common)
-    assert not tiles
-    dot, _ = run(
-        model_dir, adapters, 8, names, prompts, group_tile_cost, lora_fused_dot=True, **common
-    )
-    if group_tile_cost == 0:
-        assert tiles and all(t.fused and t.block_m == 16 for t in tiles)
-    else:
-        assert not tiles
-    for a, b in zip(plain, dot, strict=True):
-        assert a.token_ids == b.token_ids
-        for la, lb in zip(a.logprobs, b.logprobs, strict=True):
-            assert max(abs(la[t] - lb[t]) for t in la) < 1e-5

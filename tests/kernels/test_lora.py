@@ -500,23 +500,6 @@ def test_triton_tile_maps_match_the_full_grid(spec: str, call: str) -> None:
 GROUPED = [(None, 2), (0, 3), (1, 1), (2, 20), (3, 1), (4, 5), (5, 17), (6, 2)]
 
 
-def _grouped_case(call: str, dtype: torch.dtype, seed: int) -> Case:
-    """GROUPED's rows as the grouped decode graphs run them: a map of every live (segment,
-    16-row tile), padded with repeats of live entries (which would add their deltas twice
-    if read), and the live count (persistent grids)."""
-    from loraserve.kernels.lora import GROUP_TILE_ROWS
-
-    case = make_case(GROUPED, call, dtype, MIXED_RANKS, seed=seed)
-    b = case.batch
-    b.grouped_rows = case.x.shape[0]
-    live = _tile_map(b, GROUP_TILE_ROWS, 0)
-    tile_map = torch.cat([live, live[:4]]).contiguous()
-    b.tile_maps = (tile_map, tile_map)
-    b.tile_rows = (GROUP_TILE_ROWS, GROUP_TILE_ROWS)
-    b.tile_count = torch.tensor([live.shape[0]], dtype=torch.int32, device=DEVICE)
-    return case
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("call", ["qkv", "o", "down"])
 def test_triton_grouped_decode_persistent(call: str, dtype: torch.dtype) -> None:
@@ -525,8 +508,14 @@ def test_triton_grouped_decode_persistent(call: str, dtype: torch.dtype) -> None
     would add their deltas twice if read), each program several of them."""
     from loraserve.kernels.lora import GROUP_TILE_ROWS
 
-    case = _grouped_case(call, dtype, seed=6)
+    case = make_case(GROUPED, call, dtype, MIXED_RANKS, seed=6)
     b = case.batch
+    b.grouped_rows = case.x.shape[0]
+    live = _tile_map(b, GROUP_TILE_ROWS, 0)
+    tile_map = torch.cat([live, live[:4]]).contiguous()
+    b.tile_maps = (tile_map, tile_map)
+    b.tile_rows = (GROUP_TILE_ROWS, GROUP_TILE_ROWS)
+    b.tile_count = torch.tensor([live.shape[0]], dtype=torch.int32, device=DEVICE)
     tiles = pick_tiles(b, case.x.shape[1], len(case.out_slices), max(Q, HIDDEN), num_sms=132)
     assert (tiles.block_m, tiles.expand_m) == (GROUP_TILE_ROWS, GROUP_TILE_ROWS)
     got = _run(case, lora_apply_triton)
@@ -559,56 +548,6 @@ def test_triton_fused_decode(name: str, call: str, dtype: torch.dtype) -> None:
     tiles = FUSED_TILES[name]
     got = _run(case, lambda *a: lora_apply_triton(*a, tiles=tiles))
     torch.testing.assert_close(got.double(), case.expected, **TOL[dtype])
-
-
-# Fused on tl.dot (LoRATiles.fused with block_m 16): 16-row tiles of one segment, the whole
-# padded rank (128) per step, 16-wide K and N blocks (several K steps, output tiles that
-# end inside a target and past its end), 1 or 3 programs per (tile, target)
-FUSED_DOT_TILES = {
-    "one_part": LoRATiles(16, 16, 16, 1, 128, 16, fused=1),
-    "three_parts": LoRATiles(16, 16, 16, 1, 128, 32, fused=3),
-    "stages": LoRATiles(16, 16, 32, 1, 128, 16, fused=2, shrink_stages=3, expand_stages=3),
-}
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("call", CALLS)
-@pytest.mark.parametrize("name", FUSED_DOT_TILES)
-def test_triton_fused_dot(name: str, call: str, dtype: torch.dtype) -> None:
-    """One row per segment (the decode graphs' per-row form), then rows grouped by adapter
-    with a padded map and a live count (the grouped form, persistent grids; the padding
-    repeats live entries, which would add their deltas twice if read)."""
-
-    tiles = FUSED_DOT_TILES[name]
-    case = make_case(DECODE, call, dtype, MIXED_RANKS, seed=13)
-    got = _run(case, lambda *a: lora_apply_triton(*a, tiles=tiles))
-    torch.testing.assert_close(got.double(), case.expected, **TOL[dtype])
-    case = _grouped_case(call, dtype, seed=14)
-    got = _run(case, lambda *a: lora_apply_triton(*a, tiles=tiles))
-    torch.testing.assert_close(got.double(), case.expected, **TOL[dtype])
-
-
-def test_fused_dot_picked() -> None:
-    """LoRABatch.fused_dot: pick_tiles gives tl.dot fused tiles to grouped decode batches at
-    any rank, and keeps its other choices for one row per segment (where it lost) and for
-    prompt rows."""
-    case = _grouped_case("qkv", torch.float32, seed=15)
-    b = dataclasses.replace(case.batch, fused_dot=True, grouped_rows=256)  # (picking only)
-    tiles = pick_tiles(b, 4096, 3, 4096, num_sms=132)
-    assert tiles.fused >= 1 and tiles.block_m == 16 and tiles.block_r >= b.max_rank
-    assert tiles.expand_stages > 1
-    got = _run(dataclasses.replace(case, batch=b), lora_apply_triton)
-    torch.testing.assert_close(got.double(), case.expected, **TOL[torch.float32])
-    per_row = make_case(DECODE, "qkv", torch.float32, MIXED_RANKS, seed=15).batch
-    per_row = dataclasses.replace(per_row, fused_dot=True)
-    assert pick_tiles(per_row, 4096, 3, 4096, num_sms=132).block_m == 1
-    small = dataclasses.replace(b, grouped_rows=32)  # S4 n = 5's batch: it lost there
-    assert pick_tiles(small, 4096, 3, 4096, num_sms=132).fused == 0
-    prefill = make_case(PREFILL, "qkv", torch.float32, MIXED_RANKS).batch
-    prefill = dataclasses.replace(prefill, fused_dot=True)
-    assert pick_tiles(prefill, HIDDEN, 3, Q, num_sms=132).fused == 0
-    with pytest.raises(ValueError, match="expand_block_m = block_m"):
-        lora_apply_triton(*case.args(), tiles=tiles._replace(expand_block_m=32))
 
 
 def test_fused_decode_picked_and_checked() -> None:

@@ -126,13 +126,6 @@ class EngineArgs:
         "two. On an H200 at S1's rank-8 batch it cut LoRA's extra decode step time from "
         "0.90 to 0.77 ms; at rank 64 it lost. Triton LoRA kernels only",
     )
-    lora_fused_dot: bool = _opt(
-        False,
-        "decode LoRA at any rank in one launch per layer call on the tensor cores (tl.dot): "
-        "a program per 16-row tile of one adapter's rows and target, so rows that share "
-        "an adapter read it once; before --lora-fused-decode's rule (experimental, not yet "
-        "measured in the engine on a GPU; Triton LoRA kernels only)",
-    )
     overlap_admission: bool = _opt(
         True,
         "also queue ahead a step that admits prompts: its decode rows read the tokens the "
@@ -292,7 +285,6 @@ class EngineArgs:
             lora_side_stream=self.lora_side_stream,
             lora_rank_pack=self.lora_rank_pack,
             lora_fused_decode=self.lora_fused_decode,
-            lora_fused_dot=self.lora_fused_dot,
             prefill_graphs=self._prefill_graphs(graph_batch),
             mixed_decode_graphs=int(
                 self._with_graphs(

@@ -147,7 +147,6 @@ class LLMEngine:
         )
         self.adapter_cache.rank_pack = config.lora_rank_pack
         self.adapter_cache.fused_decode = config.lora_fused_decode
-        self.adapter_cache.fused_dot = config.lora_fused_dot
         self.adapters = AdapterManager(
             self.adapter_store, self.adapter_cache, threads=config.lora.io_threads
         )

@@ -85,10 +85,6 @@ def covering_targets(cache: AdapterCache, target_sets: list[int], requests: list
 # 0.857 per row). The break-even is near 3 rows per tile. (Until session 14: 1.6, from
 # session 7's rank-16 sweep, before the per-row kernels got faster.)
 GROUP_TILE_COST = 3.0
-# With --lora-fused-dot the grouped graphs run the tl.dot fused kernel: session 16's sweep
-# (S2's ranks, whole calls) had it 13% under the per-row kernels at 251 rows on 92 adapters
-# (~2.6 rows per tile) and 18% over them with one row per tile; break-even near 1.8.
-GROUP_TILE_COST_FUSED_DOT = 2.0
 
 
 def capture(
@@ -191,8 +187,7 @@ class DecodeGraphs:
         # Graphs with one segment per run of one adapter's rows (grouped tiles) too, for
         # steps whose rows share adapters; the padded bmm ablation keeps per-row gathers.
         self.group_lora = group_lora and lora_backend != "bmm" and adapter_cache.max_loras > 0
-        dot = adapter_cache.fused_dot
-        self.group_tile_cost = GROUP_TILE_COST_FUSED_DOT if dot else GROUP_TILE_COST
+        self.group_tile_cost = GROUP_TILE_COST
         self.grouped_steps = 0  # steps that replayed the grouped graphs
         self._rows = np.arange(max_batch, dtype=np.int64)
         self.steps = 0  # decode steps served by the padded path

@@ -127,10 +127,6 @@ class LoRABatch:
     # Small ranks only: there the boundary between two launches costs about as much as
     # either kernel; at rank 64 (S2's mixed ranks) the fused programs ran 1.5-1.8x slower.
     fused_decode: bool = False
-    # Grouped decode rows (grouped_rows > 0), any rank: shrink and expand in one
-    # tensor-core launch (_fused_dot_kernel), a program per (16-row tile of one adapter's
-    # rows, target), instead of the grouped two launches.
-    fused_dot: bool = False
 
     def __post_init__(self) -> None:
         num_slots, num_layers = self.ranks.shape[:2]
@@ -892,179 +888,6 @@ def _fused_decode_kernel(
     )  # fmt: skip
 
 
-@triton.jit(do_not_specialize=_RUNTIME_INTS + ("n_split",))
-def _fused_dot_kernel(
-    x_ptr,
-    y_ptr,
-    pool_ptr,
-    seg_start_ptr,
-    seg_slot_ptr,
-    row_offsets_ptr,
-    ranks_ptr,
-    scalings_ptr,
-    layer,
-    first_target,
-    num_layers,
-    table_rank,
-    in_features,
-    n_split,  # programs per (row tile, target), each expanding its share of the tiles
-    o0,
-    n0,
-    o1,
-    n1,
-    o2,
-    n2,
-    stride_x_tok,
-    stride_x_k,
-    stride_y_tok,
-    stride_y_n,
-    tile_map_ptr,
-    tile_count_ptr,
-    ROW_ALIGN: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_R: tl.constexpr,  # >= every rank: the whole rank in each step
-    BLOCK_K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    TILE_MAP: tl.constexpr,  # program_id(0) indexes tile_map_ptr's (segment, row tile)
-    PERSISTENT: tl.constexpr,  # programs of axis 0 stride over tile_count_ptr's live entries
-    STAGES: tl.constexpr = 0,  # > 1: the K loop as tl.range(num_stages=STAGES)
-    EXPAND_STAGES: tl.constexpr = 0,  # > 1: the output tile loop the same way
-):
-    """Shrink and expand in one launch on the tensor cores: one program per (BLOCK_M rows
-    of one segment, target, 1 / n_split of the target's output tiles). It computes the
-    rows' v = x . A^T over the whole of K with tl.dot, then adds scale * v . B^T to its
-    tiles of y with tl.dot: each A and B^T row is read once per row tile (and A once per
-    part), however many of the tile's rows use it, and no fp32 scratch goes through
-    memory. The decode form for any rank, rows grouped by adapter or not."""
-    t = tl.program_id(2) // n_split
-    part = tl.program_id(2) % n_split
-    first, end, step = program_entries(tile_count_ptr, PERSISTENT)
-    for e in range(first, end, step):
-        seg, m_tile = tile_entry(tile_map_ptr, e, TILE_MAP, PERSISTENT, 0)
-        if seg >= 0:  # (segment, row tile) grid axes without a map
-            _fused_dot_tile(
-                x_ptr, y_ptr, pool_ptr, seg_start_ptr, seg_slot_ptr, row_offsets_ptr,
-                ranks_ptr, scalings_ptr, seg, m_tile, t, part, layer, first_target,
-                num_layers, table_rank, in_features, n_split, o0, n0, o1, n1, o2, n2,
-                stride_x_tok, stride_x_k, stride_y_tok, stride_y_n, ROW_ALIGN, BLOCK_M,
-                BLOCK_R, BLOCK_K, BLOCK_N, DOT_PRECISION, STAGES, EXPAND_STAGES,
-            )  # fmt: skip
-
-
-@triton.jit
-def _fused_dot_tile(
-    x_ptr,
-    y_ptr,
-    pool_ptr,
-    seg_start_ptr,
-    seg_slot_ptr,
-    row_offsets_ptr,
-    ranks_ptr,
-    scalings_ptr,
-    seg,
-    m_tile,
-    t,
-    part,
-    layer,
-    first_target,
-    num_layers,
-    table_rank,
-    in_features,
-    n_split,
-    o0,
-    n0,
-    o1,
-    n1,
-    o2,
-    n2,
-    stride_x_tok,
-    stride_x_k,
-    stride_y_tok,
-    stride_y_n,
-    ROW_ALIGN: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    STAGES: tl.constexpr,
-    EXPAND_STAGES: tl.constexpr,
-):
-    """_fused_dot_kernel's work on one (segment, row tile, target, part)."""
-    start, rows, entry = _segment(seg_start_ptr, seg_slot_ptr, seg, layer, first_target, num_layers)
-    rank = tl.load(ranks_ptr + entry + t)
-    o, n = _out_slice(t, o0, n0, o1, n1, o2, n2)
-    per_part = tl.cdiv(tl.cdiv(n, BLOCK_N), n_split)
-    first_tile = part * per_part
-    last_tile = tl.minimum(first_tile + per_part, tl.cdiv(n, BLOCK_N))
-    if (m_tile * BLOCK_M < rows) & (rank > 0) & (first_tile < last_tile):
-        m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = m < rows
-        tok = start + m  # [BLOCK_M] int64
-        j = tl.arange(0, BLOCK_R)
-        j_ok = j < rank
-        table = row_offsets_ptr + (entry + t) * 2 * table_rank
-        a_off = tl.multiple_of(tl.load(table + j, mask=j_ok, other=0), ROW_ALIGN)
-        b_off = tl.multiple_of(tl.load(table + table_rank + j, mask=j_ok, other=0), ROW_ALIGN)
-        acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
-        if STAGES > 1:  # the compiler pipelines the loop's loads, STAGES iterations in flight
-            for k0 in tl.range(0, in_features, BLOCK_K, num_stages=STAGES):
-                acc = _shrink_dot(
-                    acc, x_ptr, pool_ptr, tok, m_ok, a_off, j_ok, k0, in_features,
-                    stride_x_tok, stride_x_k, BLOCK_K, DOT_PRECISION,
-                )  # fmt: skip
-        else:
-            for k0 in range(0, in_features, BLOCK_K):
-                acc = _shrink_dot(
-                    acc, x_ptr, pool_ptr, tok, m_ok, a_off, j_ok, k0, in_features,
-                    stride_x_tok, stride_x_k, BLOCK_K, DOT_PRECISION,
-                )  # fmt: skip
-        scale = tl.load(scalings_ptr + entry + t)
-        v = scale * acc  # [BLOCK_M, BLOCK_R] fp32
-        if EXPAND_STAGES > 1:  # B^T tiles in flight while earlier ones are added
-            for n_tile in tl.range(first_tile, last_tile, num_stages=EXPAND_STAGES):
-                _add_dot_tile(
-                    y_ptr, pool_ptr, tok, m_ok, o, n, n_tile, v, b_off, j_ok, stride_y_tok,
-                    stride_y_n, BLOCK_N, DOT_PRECISION,
-                )  # fmt: skip
-        else:
-            for n_tile in range(first_tile, last_tile):
-                _add_dot_tile(
-                    y_ptr, pool_ptr, tok, m_ok, o, n, n_tile, v, b_off, j_ok, stride_y_tok,
-                    stride_y_n, BLOCK_N, DOT_PRECISION,
-                )  # fmt: skip
-
-
-@triton.jit
-def _add_dot_tile(
-    y_ptr,
-    pool_ptr,
-    tok,
-    m_ok,
-    o,
-    n,
-    n_tile,
-    v,  # [BLOCK_M, BLOCK_R] fp32, scaled
-    b_off,
-    j_ok,
-    stride_y_tok,
-    stride_y_n,
-    BLOCK_N: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """y[tok, o + cols] += v . B^T[:, cols] for output tile n_tile (tl.dot)."""
-    cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = cols < n
-    y_ptrs = y_ptr + tok[:, None] * stride_y_tok + (o + cols[None, :]) * stride_y_n
-    y_mask = m_ok[:, None] & n_ok[None, :]
-    y = tl.load(y_ptrs, mask=y_mask, other=0.0)  # issued early: hides behind B's latency
-    b_mask = j_ok[:, None] & n_ok[None, :]
-    b = tl.load(pool_ptr + b_off[:, None] + cols[None, :], mask=b_mask, other=0.0)
-    d = tl.dot(v, b.to(tl.float32), input_precision=DOT_PRECISION)
-    tl.store(y_ptrs, (y.to(tl.float32) + d).to(y_ptr.dtype.element_ty), mask=y_mask)
-
-
 @triton.jit(do_not_specialize=_RUNTIME_INTS)
 def _expand_prefill_kernel(
     y_ptr,
@@ -1206,13 +1029,10 @@ class LoRATiles(NamedTuple):
     rank_pack: int = 0
     # > 1 = the shrink's K loop pipelined over this many stages (tl.range)
     shrink_stages: int = 0
-    # decode form: > 0 = shrink and expand in one launch, each (row, target)'s output tiles
-    # split over this many programs; block_r >= max_rank, split_k 1, shrink_warps its warps
-    # (block_c, expand_warps, n_group unused). block_m 1: _fused_decode_kernel; block_m >=
-    # 16 (= expand_block_m): _fused_dot_kernel, on tl.dot, over block_m-row tiles
+    # decode form: > 0 = shrink and expand in one launch (_fused_decode_kernel), each
+    # (row, target)'s output tiles split over this many programs; block_r >= max_rank,
+    # split_k 1, shrink_warps its warps (block_c, expand_warps, n_group unused)
     fused: int = 0
-    # _fused_dot_kernel: > 1 = its output tile loop pipelined over this many stages
-    expand_stages: int = 0
 
     @property
     def expand_m(self) -> int:
@@ -1235,10 +1055,6 @@ def pick_tiles(
     batch: LoRABatch, in_features: int, n_targets: int, max_out: int, num_sms: int
 ) -> LoRATiles:
     """Block sizes for a call (cached: a few host ints decide them)."""
-    rows = batch.grouped_rows
-    if batch.fused_dot and rows and rows >= _FUSED_DOT_MIN_ROWS_PER_SM * num_sms:
-        shape = (batch.grouped_rows, in_features, n_targets, max_out, num_sms)
-        return _fused_dot_tiles(_r_pad(batch.max_rank), *shape)
     if batch.grouped_rows:
         r_pad = _r_pad(batch.max_rank)
         shape = (batch.grouped_rows, in_features, n_targets, max_out, num_sms)
@@ -1334,9 +1150,6 @@ def _decode_tiles(
 # Fused decode (LoRATiles.fused): up to this max rank; fp32 values in a program's shrink
 # accumulator (64 a thread at 2 warps), which sets BLOCK_K by the rank.
 _FUSED_MAX_RANK = 16
-# LoRABatch.fused_dot: grouped batches of at least this many rows per SM (it lost at S4
-# n = 5's 29 rows on 5 adapters, where a program streams its whole A and B^T alone)
-_FUSED_DOT_MIN_ROWS_PER_SM = 1.0
 _FUSED_ACC_ELEMS = 4096
 
 
@@ -1372,36 +1185,6 @@ def _fused_tiles(
     want = cdiv(num_sms, max(1, num_segments * n_targets))
     n_split = max(1, min(want, cdiv(max_out, block_n)))
     return LoRATiles(1, 16, block_k, 1, block_r, block_n, 2, 2, fused=n_split, shrink_stages=3)
-
-
-@functools.lru_cache(maxsize=4096)
-def _fused_dot_tiles(
-    r_pad: int, rows: int, in_features: int, n_targets: int, max_out: int, num_sms: int
-) -> LoRATiles:
-    """One tensor-core launch per call over grouped decode rows (LoRABatch.fused_dot):
-    16-row tiles, the whole (padded) rank at once, A in [r_pad, block_k] steps and the
-    output tiles both pipelined 3 deep; several targets (q|k|v): 4 warps and 128 output
-    columns per tile, one target: 8 warps and 256; each (tile, target)'s output tiles split
-    over several programs where there are fewer than two programs per SM (each part reads
-    A again, mostly from L2). ``rows`` counts every row as its own tile (the worst case).
-
-    Session 16's sweep on an H200 (S2's ranks 8-64, 7B widths, whole calls in us, against
-    the engine's kernels for the batch): 251 rows on 92 adapters grouped, q|k|v 70.2 and o
-    35.3 against 80.8 and 40.1 (one row per segment, what the engine ran there) or 94.6
-    and 39.4 (grouped, two launches); 256 rows on 52 adapters q|k|v 51.0 and o 25.5 against
-    58.7 and 22.6 (grouped, two launches). It lost with one row per segment (S2 n = 2000's
-    224 rows: q|k|v 124.1 against 100.0) and at S4 n = 5's 29 rows on 5 adapters (19.8
-    against 15.0): a program streams its whole A and B^T alone."""
-    block_k = min(256, max(16, 8192 // r_pad), next_power_of_2(in_features))
-    wide = 256 if n_targets == 1 else 128
-    block_n = min(wide, max(16, 16384 // r_pad), next_power_of_2(max_out))
-    want = cdiv(2 * num_sms, max(1, rows * n_targets))
-    n_split = max(1, min(want, cdiv(max_out, block_n)))
-    warps = 8 if n_targets == 1 else 4
-    return LoRATiles(
-        GROUP_TILE_ROWS, 16, block_k, 1, r_pad, block_n, warps, warps, fused=n_split,
-        shrink_stages=3, expand_stages=3,
-    )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=4096)
@@ -1474,10 +1257,8 @@ def _check_tiles(tiles: LoRATiles, r_pad: int) -> None:
         raise ValueError(f"dense must be 0 or 1, and 0 in the prefill form: {tiles}")
     if tiles.shrink_stages < 0:
         raise ValueError(f"shrink_stages must be >= 0: {tiles}")
-    if tiles.fused < 0 or (tiles.fused and tiles.split_k != 1):
-        raise ValueError(f"fused must be >= 0, and with it split_k 1: {tiles}")
-    if tiles.fused and tiles.block_m != tiles.expand_m:
-        raise ValueError(f"fused tiles need expand_block_m = block_m: {tiles}")
+    if tiles.fused < 0 or (tiles.fused and (tiles.block_m > 1 or tiles.split_k != 1)):
+        raise ValueError(f"fused must be >= 0, and with it block_m and split_k 1: {tiles}")
 
 
 def _padded_slices(out_slices: Sequence[tuple[int, int]]) -> list[int]:
@@ -1635,7 +1416,7 @@ def _expand(
         )
 
 
-def _fused_args(
+def _fused(
     x: Tensor,
     y: Tensor,
     pool: Tensor,
@@ -1644,9 +1425,10 @@ def _fused_args(
     first_target: int,
     out_slices: Sequence[tuple[int, int]],
     tiles: LoRATiles,
-) -> tuple:
-    """The arguments both fused kernels take first."""
-    return (
+) -> None:
+    """y[:, slice_t] += scaling_t * (x @ A_t^T) @ B_t^T in one launch (decode form)."""
+    grid = (batch.num_segments, len(out_slices) * tiles.fused)
+    _fused_decode_kernel[grid](
         x,
         y,
         pool,
@@ -1666,62 +1448,11 @@ def _fused_args(
         x.stride(1),
         y.stride(0),
         y.stride(1),
-    )
-
-
-def _fused(
-    x: Tensor,
-    y: Tensor,
-    pool: Tensor,
-    batch: LoRABatch,
-    layer: int,
-    first_target: int,
-    out_slices: Sequence[tuple[int, int]],
-    tiles: LoRATiles,
-) -> None:
-    """y[:, slice_t] += scaling_t * (x @ A_t^T) @ B_t^T in one launch (decode form)."""
-    grid = (batch.num_segments, len(out_slices) * tiles.fused)
-    _fused_decode_kernel[grid](
-        *_fused_args(x, y, pool, batch, layer, first_target, out_slices, tiles),
         ROW_ALIGN=batch.row_align,
         BLOCK_R=tiles.block_r,
         BLOCK_K=tiles.block_k,
         BLOCK_N=tiles.block_n,
         STAGES=tiles.shrink_stages,
-        num_warps=tiles.shrink_warps,
-    )
-
-
-def _fused_dot(
-    x: Tensor,
-    y: Tensor,
-    pool: Tensor,
-    batch: LoRABatch,
-    layer: int,
-    first_target: int,
-    out_slices: Sequence[tuple[int, int]],
-    tiles: LoRATiles,
-) -> None:
-    """y[:, slice_t] += scaling_t * (x @ A_t^T) @ B_t^T in one launch (tl.dot form)."""
-    parts = len(out_slices) * tiles.fused
-    grid = (batch.num_segments, cdiv(batch.max_seg_len, tiles.block_m), parts)
-    tile_map = _tile_map(batch, tiles, 0)
-    if tile_map is not None:
-        grid = (_map_programs(batch, tile_map, parts, x.device), 1, parts)
-    _fused_dot_kernel[grid](
-        *_fused_args(x, y, pool, batch, layer, first_target, out_slices, tiles),
-        batch.seg_start if tile_map is None else tile_map,  # (unused without a map)
-        batch.seg_start if batch.tile_count is None else batch.tile_count,  # (unused)
-        ROW_ALIGN=batch.row_align,
-        BLOCK_M=tiles.block_m,
-        BLOCK_R=tiles.block_r,
-        BLOCK_K=tiles.block_k,
-        BLOCK_N=tiles.block_n,
-        DOT_PRECISION=_precision(x),
-        TILE_MAP=tile_map is not None,
-        PERSISTENT=tile_map is not None and batch.tile_count is not None,
-        STAGES=tiles.shrink_stages,
-        EXPAND_STAGES=tiles.expand_stages,
         num_warps=tiles.shrink_warps,
     )
 
@@ -1808,8 +1539,7 @@ def lora_triton_launches(
 
         def fused(y: Tensor) -> None:
             _check_output(x, y, out_slices)
-            run = _fused if tiles.block_m == 1 else _fused_dot
-            run(x, y, pool, batch, layer, first_target, out_slices, tiles)
+            _fused(x, y, pool, batch, layer, first_target, out_slices, tiles)
 
         return lambda: None, fused  # one launch, which needs y: nothing to run apart
     v = _scratch(x, batch, n_targets, tiles)

@@ -125,7 +125,6 @@ class AdapterCache:
         self.row_align = 8 if all(w % 8 == 0 for w in widths) else 1
         self.rank_pack = False  # LoRABatch.rank_pack of the batches made here (the engine's)
         self.fused_decode = False  # ... and LoRABatch.fused_decode
-        self.fused_dot = False  # ... and LoRABatch.fused_dot
         shape = (max_loras, model.num_hidden_layers, len(LORA_TARGETS))
         self.row_offsets = torch.zeros((*shape, 2, max_rank), dtype=torch.int64, device=self.device)
         self.ranks = torch.zeros(shape, dtype=torch.int32, device=self.device)
@@ -216,7 +215,6 @@ class AdapterCache:
             row_align=self.row_align,
             rank_pack=self.rank_pack,
             fused_decode=self.fused_decode,
-            fused_dot=self.fused_dot,
         )
 
     # ---- loading and eviction -------------------------------------------------------
