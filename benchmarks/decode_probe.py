@@ -28,6 +28,12 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--points", default="224x420x224", help="ROWSxCONTEXTxDISTINCT,...")
     parser.add_argument("--ranks", default="64,32,16,8")
+    parser.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=None,
+        help="the engine's max LoRA rank (its page tables' width); default the largest of --ranks",
+    )
     parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.85)
@@ -55,7 +61,7 @@ def main() -> None:
         gpu_memory_utilization=args.gpu_memory_utilization,
         # room for the probe's decode slack (bench/probe.py), or it shortens the context
         max_model_len=max(c for _, c, _ in points) + PROBE_WARMUP + args.steps + 129,
-        max_lora_rank=max(ranks),
+        max_lora_rank=args.max_lora_rank or max(ranks),
         max_loras=max(256, max(d for _, _, d in points)),
         max_num_seqs=max(256, max(b for b, _, _ in points)),
         lora_side_stream=args.lora_side_stream,

@@ -36,6 +36,7 @@
 #               rule of session 14 against 13's                                  (4)
 #   probe_fused the probe at S1's and S2's n = 2000 batches, with and without
 #               --no-lora-fused-decode (SWEEP_PHASES=fused lora_sweep: the kernels alone)  (3)
+#   probe_rank  the probe at S1's batch, engines with --max-lora-rank 8, 16 and 64       (3)
 #   probe_s1_side  the probe at S1's saturated batch, with and without --lora-side-stream (3)
 #   profile128  profile_step.py at batch 128, with and without adapters           (2)
 #   profile224  the same at batch 224, context 420 (S2 n=2000's decode steps)      (3)
@@ -147,6 +148,12 @@ for part in "$@"; do
           | grep -E '^(\{|engine)'
         timeout 150 python benchmarks/decode_probe.py --points 256x420x52 --ranks 64,32,16,8 \
           $old --out "$OUT/probe_s2g52${old:+_old}.json" 2>&1 | grep -E '^(\{|engine)'
+      done ;;
+    probe_rank)  # S1's rank-8 batch on engines laid out for ranks up to 8 (the bench's, fused
+      # decode), 16 and 64 (the server's default: two launches over 64-wide tables)
+      for r in 8 16 64; do
+        timeout 100 python benchmarks/decode_probe.py --points 194x420x184 --ranks 8 \
+          --max-lora-rank $r --out "$OUT/probe_s1_max$r.json" 2>&1 | grep -E '^(\{|engine)' | cut -c1-330
       done ;;
     probe_fused)  # LoRA's extra decode time, one launch per call (default; ranks <= 16)
       for f in "" --no-lora-fused-decode; do  # against two
