@@ -102,6 +102,11 @@ KERNELS = {
         dict(ROW_ALIGN=8, BLOCK_R=8, BLOCK_K=512, BLOCK_N=512, STAGES=3),
         2,
     ),
+    "_fused_decode_r16": (  # ... in tables for rank 16: two tile shapes (8 and 16 rows)
+        lora._fused_decode_kernel,
+        dict(ROW_ALIGN=8, BLOCK_R=16, BLOCK_K=512, BLOCK_N=512, STAGES=3, RANK_CLASSES=2),
+        2,
+    ),
     "_expand_prefill_kernel": (
         lora._expand_prefill_kernel,
         dict(

@@ -42,6 +42,7 @@ def memory_ops():
         "_expand_decode_kernel",
         "_expand_decode_packed",
         "_fused_decode",
+        "_fused_decode_r16",
         "_expand_prefill_kernel",
         "_shrink_grouped",
         "_expand_grouped",

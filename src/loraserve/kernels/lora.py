@@ -850,15 +850,21 @@ def _fused_decode_kernel(
     stride_y_n,
     ROW_ALIGN: tl.constexpr,
     BLOCK_R: tl.constexpr,  # >= every rank: the whole rank in each step
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # K block of the smallest rank class (halved for each larger)
     BLOCK_N: tl.constexpr,
     STAGES: tl.constexpr = 0,  # > 1: the K loop as tl.range(num_stages=STAGES)
+    RANK_CLASSES: tl.constexpr = 1,  # rank rows per step BLOCK_R >> (RANK_CLASSES - 1) ...
 ):
     """Shrink and expand in one launch: one program per (one-token segment, target, 1 /
     n_split of the target's output tiles). It computes its target's v = x . A^T over the
     whole of K into registers, then adds scale * v . B^T to its tiles of y. Each target has
     an A of its own, so nothing is recomputed unless n_split > 1 (each part reads A again,
-    from L2), and no fp32 scratch goes through memory."""
+    from L2), and no fp32 scratch goes through memory.
+
+    A program's rank picks its tile shape (RANK_CLASSES > 1): the smallest class of rank
+    rows G = BLOCK_R >> c that holds it, with K blocks as much wider as G is narrower, so a
+    rank-8 row in tables laid out for rank 16 steps through K as fast as in tables for 8
+    (each step's latency, not its bytes, bounds a program)."""
     seg = tl.program_id(0)
     t = tl.program_id(1) // n_split
     part = tl.program_id(1) % n_split
@@ -871,17 +877,52 @@ def _fused_decode_kernel(
     if (rows == 0) | (rank == 0) | (first_tile >= last_tile):
         return
     scale = tl.load(scalings_ptr + entry + t)
-    j = tl.arange(0, BLOCK_R)
-    j_ok = j < rank
     table = row_offsets_ptr + (entry + t) * 2 * table_rank
+    x_row = x_ptr + tok * stride_x_tok
+    for c in tl.static_range(RANK_CLASSES):  # class c: ranks in (G / 2, G], G = BLOCK_R >> ...
+        g_lo = (BLOCK_R >> (RANK_CLASSES - c)) if c > 0 else 0  # (class 0 from rank 1)
+        if (rank > g_lo) & (rank <= (BLOCK_R >> (RANK_CLASSES - 1 - c))):
+            _fused_row(
+                y_ptr, pool_ptr, table, table_rank, x_row, tok, rank, scale, o, n,
+                first_tile, last_tile, in_features, stride_x_k, stride_y_tok, stride_y_n,
+                ROW_ALIGN, BLOCK_R >> (RANK_CLASSES - 1 - c), BLOCK_K >> c, BLOCK_N, STAGES,
+            )  # fmt: skip
+
+
+@triton.jit
+def _fused_row(
+    y_ptr,
+    pool_ptr,
+    table,  # the (segment's adapter, layer, target)'s A row offsets; B^T's table_rank on
+    table_rank,
+    x_row,
+    tok,
+    rank,
+    scale,
+    o,
+    n,
+    first_tile,
+    last_tile,
+    in_features,
+    stride_x_k,
+    stride_y_tok,
+    stride_y_n,
+    ROW_ALIGN: tl.constexpr,
+    G: tl.constexpr,  # rank rows per step (>= rank)
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    """_fused_decode_kernel's work for one (row, target, part) in [G, BLOCK_K] A steps."""
+    j = tl.arange(0, G)
+    j_ok = j < rank
     a_off = tl.multiple_of(tl.load(table + j, mask=j_ok, other=0), ROW_ALIGN)
     b_off = tl.multiple_of(tl.load(table + table_rank + j, mask=j_ok, other=0), ROW_ALIGN)
-    x_row = x_ptr + tok * stride_x_tok
-    acc = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.float32)  # reduced over K once, at the end
+    acc = tl.zeros([G, BLOCK_K], dtype=tl.float32)  # reduced over K once, at the end
     acc = _shrink_row(
         acc, x_row, pool_ptr, a_off, j_ok, 0, in_features, stride_x_k, BLOCK_K, STAGES
     )
-    v = scale * tl.sum(acc, axis=1)  # [BLOCK_R]
+    v = scale * tl.sum(acc, axis=1)  # [G]
     _add_whole_rank(
         y_ptr, pool_ptr, tok, o, n, first_tile, last_tile, v, 1.0, b_off, j_ok,
         stride_y_tok, stride_y_n, BLOCK_N,
@@ -1151,6 +1192,18 @@ def _decode_tiles(
 # accumulator (64 a thread at 2 warps), which sets BLOCK_K by the rank.
 _FUSED_MAX_RANK = 16
 _FUSED_ACC_ELEMS = 4096
+_FUSED_MIN_CLASS = 8  # rank rows of the fused kernel's smallest tile shape (fused_rank_classes)
+
+
+def fused_rank_classes(block_r: int) -> int:
+    """Tile shapes of the fused decode kernel (RANK_CLASSES): rank rows per step 8, 16, ...
+    up to block_r, each program taking the smallest that holds its rank. Session 16's probe
+    on an H200 at S1's batch (194 rows, 184 rank-8 adapters), LoRA's extra step time with
+    one shape of block_r rows: 0.71 ms in tables for rank 8, 1.45 ms in tables for 16."""
+    classes = 1
+    while block_r >> classes >= _FUSED_MIN_CLASS:
+        classes += 1
+    return classes
 
 
 def fuses_decode(fused_decode: bool, max_seg_len: int, max_rank: int) -> bool:
@@ -1180,7 +1233,8 @@ def _fused_tiles(
     Splits past one program per SM lost (q|k|v over 195 rows: 29.4 with 2), as did 4 or 8
     warps (2-4x slower) and 128-256 output columns."""
     block_r = max(2, next_power_of_2(max_rank))
-    block_k = min(max(32, _FUSED_ACC_ELEMS // block_r), next_power_of_2(in_features))
+    smallest = block_r >> (fused_rank_classes(block_r) - 1)  # rank rows of the first class
+    block_k = min(max(32, _FUSED_ACC_ELEMS // smallest), next_power_of_2(in_features))
     block_n = min(512, next_power_of_2(max_out))
     want = cdiv(num_sms, max(1, num_segments * n_targets))
     n_split = max(1, min(want, cdiv(max_out, block_n)))
@@ -1453,6 +1507,7 @@ def _fused(
         BLOCK_K=tiles.block_k,
         BLOCK_N=tiles.block_n,
         STAGES=tiles.shrink_stages,
+        RANK_CLASSES=fused_rank_classes(tiles.block_r),
         num_warps=tiles.shrink_warps,
     )
 
