@@ -8,7 +8,7 @@ import torch
 
 from loraserve.config import LORA_TARGETS
 from loraserve.engine.args import EngineArgs
-from loraserve.engine.graphs import capture_sizes
+from loraserve.engine.graphs import DecodeGraphs, capture_sizes
 from loraserve.memory.pool import PageKind
 from loraserve.request import SamplingParams
 
@@ -25,7 +25,16 @@ def setup(graph_setup):
     return graph_setup
 
 
-def run(model_dir, adapters, graph_batch, names, prompts, group_tile_cost=None, **engine_args):
+def run(
+    model_dir,
+    adapters,
+    graph_batch,
+    names,
+    prompts,
+    group_tile_cost=None,
+    inspect=lambda engine: None,
+    **engine_args,
+):
     engine = EngineArgs(
         model=str(model_dir), dtype="float32", cuda_graph_max_batch=graph_batch, **engine_args
     ).create_engine()
@@ -47,6 +56,7 @@ def run(model_dir, adapters, graph_batch, names, prompts, group_tile_cost=None, 
         assert engine.runner.graphs.steps > 0, "the padded decode path did not run"
         if group_tile_cost == 0:  # every step with adapter rows grouped
             assert engine.runner.graphs.grouped_steps > 0
+    inspect(engine)
     reserved = engine.pool.num_used(PageKind.RESERVED)
     adapter_pages = sum(len(a.pages) for a in engine.adapter_cache.resident())
     assert engine.pool.num_free == engine.pool.num_pages - reserved - adapter_pages
@@ -289,7 +299,8 @@ def test_lora_rank_pack_gives_the_same_tokens(setup, monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(lora, "_expand", expand)
-    common = dict(group_tile_cost=1e9, lora_backend="triton")
+    # (fused decode off: these ranks would run the fused kernel's small-rank graphs)
+    common = dict(group_tile_cost=1e9, lora_backend="triton", lora_fused_decode=False)
     plain, _ = run(model_dir, adapters, 8, names, prompts, **common)
     assert packed and not any(packed)
     packed.clear()
@@ -305,7 +316,7 @@ def test_lora_fused_decode_gives_the_same_tokens(setup, monkeypatch):
     """--lora-fused-decode (the default where --max-lora-rank is 16 or less; these adapters
     have ranks 4 and 8): decode LoRA in one launch per layer call. The same tokens and
     logprobs as the two-launch kernels (Triton, one segment per row), the fused kernel did
-    run, prompt steps kept the two launches, and ranks above 16 keep them too."""
+    run and prompt steps kept the two launches."""
     import loraserve.kernels.lora as lora
 
     model_dir, adapters = setup
@@ -330,10 +341,59 @@ def test_lora_fused_decode_gives_the_same_tokens(setup, monkeypatch):
     calls.update(fused=0, expand=0)
     one, _ = run(model_dir, adapters, 8, names, prompts, **common)
     assert calls["fused"] > 0 and calls["expand"] > 0  # decode steps fused, prompts not
-    calls.update(fused=0, expand=0)
-    run(model_dir, adapters, 8, names, prompts, **{**common, "max_lora_rank": 32})
-    assert calls["fused"] == 0  # pages laid out for ranks above 16: two launches
     for a, b in zip(plain, one, strict=True):
         assert a.token_ids == b.token_ids
         for la, lb in zip(a.logprobs, b.logprobs, strict=True):
             assert max(abs(la[t] - lb[t]) for t in la) < 1e-5
+
+
+def test_small_rank_graphs_where_tables_are_wider(setup, tmp_path, monkeypatch):
+    """Tables laid out for ranks above 16 (--max-lora-rank 32): decode steps whose adapters
+    all have ranks <= 16 replay graphs with the fused kernel's tiles, the others keep the
+    two launches (a rank-24 adapter's rows in a 16-row fused tile would lose rows 16-23).
+    The same tokens and logprobs as without the fused kernel either way."""
+    import loraserve.kernels.lora as lora
+    from loraserve.adapters.peft import make_random_adapter
+    from loraserve.config import ModelConfig
+
+    model_dir, adapters = setup
+    config = ModelConfig.from_dir(model_dir)
+    wide = make_random_adapter(tmp_path / "c", config, 24, ["q_proj"], seed=3)
+    adapters = {**adapters, "c": wide}
+    prompts = [[5, 6, 7], [9] * 12, [30, 31], [44, 45, 46, 47], [8, 8]]
+    fused = []
+    real = lora._fused
+
+    def fused_call(*args):
+        fused.append(args[3].max_rank)
+        return real(*args)
+
+    monkeypatch.setattr(lora, "_fused", fused_call)
+    ranks = []  # each checked step's largest adapter rank
+    real_rank = DecodeGraphs.step_rank
+
+    def step_rank(self, requests):
+        ranks.append(real_rank(self, requests))
+        return ranks[-1]
+
+    monkeypatch.setattr(DecodeGraphs, "step_rank", step_rank)
+    counts = {}
+
+    def inspect(engine):
+        graphs = engine.runner.graphs
+        counts.update(steps=graphs.steps, small=graphs.small_steps, rank=graphs.small_rank)
+
+    common = dict(group_tile_cost=1e9, lora_backend="triton", max_lora_rank=32)
+    for names in (["a", None, "b", "a", None], ["a", "c", "b", "a", None]):
+        plain, _ = run(model_dir, adapters, 8, names, prompts, lora_fused_decode=False, **common)
+        assert not fused
+        ranks.clear()
+        got, _ = run(model_dir, adapters, 8, names, prompts, inspect=inspect, **common)
+        for a, b in zip(plain, got, strict=True):
+            assert a.token_ids == b.token_ids
+            for la, lb in zip(a.logprobs, b.logprobs, strict=True):
+                assert max(abs(la[t] - lb[t]) for t in la) < 1e-5
+        assert counts["rank"] == 16 and 0 < counts["small"] and fused and set(fused) == {16}
+        assert counts["small"] == sum(r <= 16 for r in ranks)
+        assert (24 in ranks) == ("c" in names)  # its steps: two launches
+        fused.clear()

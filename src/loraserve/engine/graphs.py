@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from loraserve.config import ALL_TARGETS, QKVO_TARGETS
-from loraserve.kernels.lora import GROUP_TILE_ROWS, LoRABatch
+from loraserve.kernels.lora import FUSED_MAX_RANK, GROUP_TILE_ROWS, LoRABatch, fuses_decode
 from loraserve.memory.adapter_cache import AdapterCache
 from loraserve.memory.kv_cache import kv_slot
 from loraserve.model.batch import ForwardBatch, LoRAInputs
@@ -150,11 +150,16 @@ class _Static:
     copied: list[torch.cuda.Event | None] = field(default_factory=lambda: [None, None])
     turn: int = 0  # the host buffer the next fill uses
     logits: torch.Tensor | None = None  # [size, vocab] fp32, written by every variant
-    # by (LoRA targets, grouped LoRA rows)
-    graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = field(default_factory=dict)
-    # LoRA metadata over the same segment tensors: one segment per row (False), or grouped
-    # by adapter in 16-row tiles (True, with group_lora)
-    metas: dict[bool, LoRABatch] = field(default_factory=dict)
+    # by (LoRA targets, LoRA form: PER_ROW, GROUPED or SMALL_RANKS)
+    graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = field(default_factory=dict)
+    # LoRA metadata over the same segment tensors, by form: one segment per row (PER_ROW),
+    # grouped by adapter in 16-row tiles (GROUPED, with group_lora), one segment per row
+    # with tiles for ranks up to DecodeGraphs.small_rank (SMALL_RANKS)
+    metas: dict[int, LoRABatch] = field(default_factory=dict)
+
+
+# The forms of a step's LoRA (the graphs captured for each)
+PER_ROW, GROUPED, SMALL_RANKS = 0, 1, 2
 
 
 class DecodeGraphs:
@@ -189,6 +194,16 @@ class DecodeGraphs:
         self.group_lora = group_lora and lora_backend != "bmm" and adapter_cache.max_loras > 0
         self.group_tile_cost = GROUP_TILE_COST
         self.grouped_steps = 0  # steps that replayed the grouped graphs
+        # Where the engine's tables are laid out for ranks above the fused decode kernel's
+        # (fuses_decode), graphs with one segment per row and that kernel's tiles too, for
+        # steps whose adapters all have ranks up to small_rank (0: none). Session 16's probe
+        # at S1's batch (rank 8) on an H200, LoRA's extra step time: 0.71 ms in tables for
+        # rank 8 (fused), 2.07 ms in tables for 64 (two launches, the server's default).
+        triton = lora_backend in ("auto", "triton") and adapter_cache.max_loras > 0
+        small = triton and adapter_cache.fused_decode
+        small = small and not fuses_decode(True, 1, adapter_cache.max_rank)
+        self.small_rank = FUSED_MAX_RANK if small else 0
+        self.small_steps = 0  # steps that replayed the small-rank graphs
         self._rows = np.arange(max_batch, dtype=np.int64)
         self.steps = 0  # decode steps served by the padded path
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
@@ -232,10 +247,15 @@ class DecodeGraphs:
         targets = self.targets_for(requests)
         grouped = targets != 0 and self.groups_pay(requests)
         self.grouped_steps += grouped
+        form = GROUPED if grouped else PER_ROW
+        small = self.small_rank and targets and not grouped
+        if small and self.step_rank(requests) <= self.small_rank:
+            form = SMALL_RANKS
+            self.small_steps += 1
         self._fill(static, requests, prev, grouped)
-        graph = static.graphs.get((targets, grouped))
+        graph = static.graphs.get((targets, form))
         if graph is None:
-            self._select(static, targets, grouped)
+            self._select(static, targets, form)
             return self._forward(static)[: len(requests)]
         graph.replay()
         return static.logits[: len(requests)]
@@ -254,10 +274,17 @@ class DecodeGraphs:
         tiles = sum(-(-n // GROUP_TILE_ROWS) for n in rows.values())
         return self.group_tile_cost * tiles < sum(rows.values())
 
+    def step_rank(self, requests: list[Request]) -> int:
+        """The largest rank of the step's adapters (0: none)."""
+        ranks = self.cache.slot_ranks
+        return max(
+            (ranks[r.adapter_slot] for r in requests if r.adapter_slot is not None), default=0
+        )
+
     @staticmethod
-    def _select(static: _Static, targets: int, grouped: bool) -> None:
+    def _select(static: _Static, targets: int, form: int) -> None:
         static.batch.lora.targets = targets
-        static.batch.lora.meta = static.metas[grouped]
+        static.batch.lora.meta = static.metas[form]
 
     def targets_for(self, requests: list[Request]) -> int:
         return covering_targets(self.cache, self.target_sets, requests)
@@ -271,21 +298,21 @@ class DecodeGraphs:
         self._static[size] = static
         if self.capture:
             for targets in reversed(self.target_sets):  # the largest graph first
-                for grouped in (True, False) if self.group_lora and targets else (False,):
-                    self._capture(static, targets, grouped)
+                for form in static.metas if targets else (PER_ROW,):
+                    self._capture(static, targets, form)
         return static
 
-    def _capture(self, static: _Static, targets: int, grouped: bool) -> None:
-        self._fill(static, [], grouped=grouped)
-        self._select(static, targets, grouped)
+    def _capture(self, static: _Static, targets: int, form: int) -> None:
+        self._fill(static, [], grouped=form == GROUPED)
+        self._select(static, targets, form)
         forward = functools.partial(self._forward, static)
         graph, static.logits = capture(self.device, self._pool, forward, static.logits)
-        static.graphs[(targets, grouped)] = graph
+        static.graphs[(targets, form)] = graph
         logger.debug(
-            "captured a decode graph: batch %d, targets %#x, grouped %s",
+            "captured a decode graph: batch %d, targets %#x, LoRA form %d",
             static.batch.num_seqs,
             targets,
-            grouped,
+            form,
         )
 
     @staticmethod
@@ -310,10 +337,12 @@ class DecodeGraphs:
             torch.zeros(size, dtype=torch.int32, device=self.device),
             max_seg_len=1,
         )
-        metas = {False: meta}
+        metas = {PER_ROW: meta}
+        if self.small_rank:  # the same segments, tiles for small ranks (kernels.lora)
+            metas[SMALL_RANKS] = dataclasses.replace(meta, max_rank=self.small_rank)
         if self.group_lora:  # the same segment tensors, grouped by the fill
             tile_map = torch.zeros((entries, 2), dtype=torch.int32, device=self.device)
-            metas[True] = dataclasses.replace(
+            metas[GROUPED] = dataclasses.replace(
                 meta,
                 max_seg_len=size,
                 tile_maps=(tile_map, tile_map),  # the same 16-row tiles for both kernels
@@ -341,10 +370,10 @@ class DecodeGraphs:
         """Device-side: the int32 inputs from the int64 buffer (captured in the graph)."""
         batch, inputs, head = static.batch, static.inputs, static.head
         batch.seq_lens.copy_(inputs[3])
-        meta = static.metas[False]
+        meta = static.metas[PER_ROW]
         meta.seg_slot.copy_(inputs[4])
-        if self.group_lora:  # both kinds of graph copy the segments and the tile map
-            grouped = static.metas[True]
+        if self.group_lora:  # every kind of graph copies the segments and the tile map
+            grouped = static.metas[GROUPED]
             size = inputs.shape[1]
             meta.seg_start[:size].copy_(inputs[5])
             area = inputs[7:head].view(-1)

@@ -1190,7 +1190,7 @@ def _decode_tiles(
 
 # Fused decode (LoRATiles.fused): up to this max rank; fp32 values in a program's shrink
 # accumulator (64 a thread at 2 warps), which sets BLOCK_K by the rank.
-_FUSED_MAX_RANK = 16
+FUSED_MAX_RANK = 16
 _FUSED_ACC_ELEMS = 4096
 _FUSED_MIN_CLASS = 8  # rank rows of the fused kernel's smallest tile shape (fused_rank_classes)
 
@@ -1208,7 +1208,7 @@ def fused_rank_classes(block_r: int) -> int:
 
 def fuses_decode(fused_decode: bool, max_seg_len: int, max_rank: int) -> bool:
     """Whether a batch's LoRA runs in one fused launch per call (LoRABatch.fused_decode)."""
-    return fused_decode and max_seg_len == 1 and max_rank <= _FUSED_MAX_RANK
+    return fused_decode and max_seg_len == 1 and max_rank <= FUSED_MAX_RANK
 
 
 @functools.lru_cache(maxsize=4096)

@@ -134,6 +134,7 @@ class AdapterCache:
         # Per slot, the targets its adapter adapts (bits of LORA_TARGETS; 0: free): a step
         # launches LoRA only for the layers' projections that some adapter in it adapts.
         self.slot_targets = [0] * max_loras
+        self.slot_ranks = [0] * max_loras  # each slot's largest rank (0: free), on the host
         on_cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if on_cuda else None
         self._staging = _StagingPool(pool.buffer.dtype, pinned=on_cuda)
@@ -274,7 +275,9 @@ class AdapterCache:
                 self.discard(packed)
             return False
         slot = self._free_slots.pop()
-        self.slot_targets[slot] = target_mask(t for _, t, _, _ in packed.weights.module_entries())
+        entries = list(packed.weights.module_entries())
+        self.slot_targets[slot] = target_mask(t for _, t, _, _ in entries)
+        self.slot_ranks[slot] = max((r for _, _, r, _ in entries), default=0)
         resident = ResidentAdapter(packed.name, slot, pages, packed.weights.nbytes)
         self._copy_to_device(resident, packed)
         self._resident[packed.name] = resident
@@ -314,6 +317,7 @@ class AdapterCache:
         with torch.cuda.stream(self._stream) if self._stream is not None else nullcontext():
             self.ranks[adapter.slot] = 0
         self.slot_targets[adapter.slot] = 0
+        self.slot_ranks[adapter.slot] = 0
         self.pool.free(adapter.pages)
         self._free_slots.append(adapter.slot)
         return len(adapter.pages)
