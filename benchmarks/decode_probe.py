@@ -78,6 +78,7 @@ def main() -> None:
         result["seconds"] = time.perf_counter() - t
         graphs = engine.runner.graphs
         result["grouped_steps_so_far"] = graphs.grouped_steps if graphs is not None else 0
+        result["small_rank_steps_so_far"] = graphs.small_steps if graphs is not None else 0
         print(json.dumps(result), flush=True)
         results.append(result)
     with open(args.out, "w") as f:

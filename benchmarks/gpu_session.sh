@@ -151,9 +151,11 @@ for part in "$@"; do
       done ;;
     probe_rank)  # S1's rank-8 batch on engines laid out for ranks up to 8 (the bench's, fused
       # decode), 16 and 64 (the server's default: two launches over 64-wide tables)
-      for r in 8 16 64; do
+      for r in 8 16 64 64two; do
+        two=(); if [ "$r" = 64two ]; then two=(--no-lora-fused-decode); fi
         timeout 100 python benchmarks/decode_probe.py --points 194x420x184 --ranks 8 \
-          --max-lora-rank $r --out "$OUT/probe_s1_max$r.json" 2>&1 | grep -E '^(\{|engine)' | cut -c1-330
+          --max-lora-rank "${r%two}" ${two[@]+"${two[@]}"} --out "$OUT/probe_s1_max$r.json" 2>&1 \
+          | grep -E '^(\{|engine)' | sed -E 's/, "(adapter_bytes|decode_ratio[a-z_]*|steps|context)": [0-9.e+-]+//g'
       done ;;
     probe_fused)  # LoRA's extra decode time, one launch per call (default; ranks <= 16)
       for f in "" --no-lora-fused-decode; do  # against two

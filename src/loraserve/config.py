@@ -359,8 +359,8 @@ class EngineConfig:
     lora_side_stream: bool = False
     # The decode LoRA expand packs small ranks' B^T rows of several tiles per load.
     lora_rank_pack: bool = False
-    # Decode LoRA with max rank <= 16: shrink and expand in one launch, a program per
-    # (row, target).
+    # Decode LoRA of steps whose adapters all have ranks <= 16: shrink and expand in one
+    # launch, a program per (row, target) (with max_lora_rank > 16: graph steps only).
     lora_fused_decode: bool = True
     # In a step that also prefills, at least this many decode rows replay the decode graphs
     # apart from the prompt rows (ModelRunner._launch_split); 0: every row runs eagerly.
