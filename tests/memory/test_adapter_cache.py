@@ -84,6 +84,23 @@ def test_a_load_evicts_no_protected_adapter_and_may_keep_its_buffer():
     cache.check_integrity()
 
 
+def test_slot_ranks_follow_loads_and_evictions():
+    """AdapterCache.slot_ranks (each slot's largest rank, which picks a decode step's
+    small-rank graphs) is set at load and cleared when the adapter leaves its slot."""
+    cache = make_cache(max_loras=2)
+    assert cache.load(random_lora_weights("a", MODEL, 3, ["k_proj"], seed=5))
+    assert cache.load(random_lora_weights("b", MODEL, 7, ["q_proj", "o_proj"], seed=6))
+    a, b = cache.get("a").slot, cache.get("b").slot
+    assert (cache.slot_ranks[a], cache.slot_ranks[b]) == (3, 7)
+    cache.evict("b")
+    assert cache.slot_ranks[b] == 0 and cache.slot_ranks[a] == 3
+    assert cache.load(random_lora_weights("c", MODEL, 5, ["v_proj"], seed=7))
+    assert cache.slot_ranks[cache.get("c").slot] == 5
+    assert cache.load(random_lora_weights("d", MODEL, 1, ["v_proj"], seed=8))  # evicts one
+    assert sorted(cache.slot_ranks) == sorted(cache.slot_ranks[r.slot] for r in cache.resident())
+    assert sorted(cache.slot_ranks[r.slot] for r in cache.resident()) in ([1, 3], [1, 5])
+
+
 def test_loading_a_resident_adapter_again_gives_its_buffer_back():
     cache = make_cache()
     weights = random_lora_weights("a", MODEL, 2, ["k_proj"], seed=2)
