@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("--lora-side-stream", action="store_true", help="the engine option")
     parser.add_argument("--no-group-lora-rows", action="store_true", help="the engine option")
     parser.add_argument("--no-lora-fused-decode", action="store_true", help="the engine option")
+    parser.add_argument("--lora-fused-max-rank", type=int, default=16, help="the engine option")
     parser.add_argument(
         "--old-grouped-split",
         action="store_true",
@@ -67,6 +68,7 @@ def main() -> None:
         lora_side_stream=args.lora_side_stream,
         group_lora_rows=not args.no_group_lora_rows,
         lora_fused_decode=not args.no_lora_fused_decode,
+        lora_fused_max_rank=args.lora_fused_max_rank,
     ).create_engine()
     print(f"engine ready in {time.perf_counter() - start:.1f} s", flush=True)
     register_adapters(engine, max(d for _, _, d in points), ranks, args.targets.split(","))

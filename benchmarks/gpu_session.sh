@@ -36,6 +36,7 @@
 #               rule of session 14 against 13's                                  (4)
 #   probe_fused the probe at S1's and S2's n = 2000 batches, with and without
 #               --no-lora-fused-decode (SWEEP_PHASES=fused lora_sweep: the kernels alone)  (3)
+#   probe_fused32  the probe with --lora-fused-max-rank 16, 32, 64: rank-32 rows and S2's  (5)
 #   probe_rank  the probe at S1's batch, engines with --max-lora-rank 8, 16 and 64       (3)
 #   probe_s1_side  the probe at S1's saturated batch, with and without --lora-side-stream (3)
 #   profile128  profile_step.py at batch 128, with and without adapters           (2)
@@ -155,6 +156,17 @@ for part in "$@"; do
         two=(); if [ "$r" = 64two ]; then two=(--no-lora-fused-decode); fi
         timeout 100 python benchmarks/decode_probe.py --points 194x420x184 --ranks 8 \
           --max-lora-rank "${r%two}" ${two[@]+"${two[@]}"} --out "$OUT/probe_s1_max$r.json" 2>&1 \
+          | grep -E '^(\{|engine)' | sed -E 's/, "(adapter_bytes|decode_ratio[a-z_]*|steps|context)": [0-9.e+-]+//g'
+      done ;;
+    probe_fused32)  # fused decode LoRA above rank 16 (--lora-fused-max-rank): rank-32 rows
+      # (224 rows on 224 adapters) and S2's ranks 8-64, tables for 64, fused up to 16 (two
+      # launches for these steps), 32 and 64
+      for m in 16 32 64; do
+        timeout 100 python benchmarks/decode_probe.py --points 224x420x224 --ranks 32 \
+          --max-lora-rank 64 --lora-fused-max-rank $m --out "$OUT/probe_r32_fused$m.json" 2>&1 \
+          | grep -E '^(\{|engine)' | sed -E 's/, "(adapter_bytes|decode_ratio[a-z_]*|steps|context)": [0-9.e+-]+//g'
+        timeout 100 python benchmarks/decode_probe.py --points 224x420x224 --ranks 64,32,16,8 \
+          --lora-fused-max-rank $m --out "$OUT/probe_s2_fused$m.json" 2>&1 \
           | grep -E '^(\{|engine)' | sed -E 's/, "(adapter_bytes|decode_ratio[a-z_]*|steps|context)": [0-9.e+-]+//g'
       done ;;
     probe_fused)  # LoRA's extra decode time, one launch per call (default; ranks <= 16)

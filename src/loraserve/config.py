@@ -362,6 +362,8 @@ class EngineConfig:
     # Decode LoRA of steps whose adapters all have ranks <= 16: shrink and expand in one
     # launch, a program per (row, target) (with max_lora_rank > 16: graph steps only).
     lora_fused_decode: bool = True
+    # ... for steps whose adapters all have ranks up to this (16 measured on an H200).
+    lora_fused_max_rank: int = 16
     # In a step that also prefills, at least this many decode rows replay the decode graphs
     # apart from the prompt rows (ModelRunner._launch_split); 0: every row runs eagerly.
     mixed_decode_graphs: int = 0
@@ -377,6 +379,12 @@ class EngineConfig:
             )
         if self.max_model_len <= 0:
             raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+        if self.lora_fused_max_rank < 1:
+            raise ValueError(
+                f"lora_fused_max_rank must be >= 1, got {self.lora_fused_max_rank}: to run "
+                "decode LoRA in two launches at every rank, turn fused decode off "
+                "(--no-lora-fused-decode)"
+            )
         if self.prefill_graphs and self.cuda_graph_max_batch <= 0:
             raise ValueError(
                 "prefill_graphs needs the decode graphs (cuda_graph_max_batch > 0): drop "

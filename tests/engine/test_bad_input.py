@@ -127,3 +127,8 @@ def test_token_prompts_work_without_tokenizer(tiny_model_factory):
     assert llm.tokenizer is None
     outs = llm.generate([[1, 2, 3], [4, 5]], SamplingParams(max_tokens=3, temperature=0.0))
     assert [len(o.token_ids) for o in outs] == [3, 3] and outs[0].text == ""
+
+
+def test_fused_max_rank_below_one_is_refused(tiny_model_factory):
+    with pytest.raises(ValueError, match="lora_fused_max_rank must be >= 1.*--no-lora-fused"):
+        EngineArgs(model=str(tiny_model_factory()), lora_fused_max_rank=0).create_engine()

@@ -348,10 +348,11 @@ def test_lora_fused_decode_gives_the_same_tokens(setup, monkeypatch):
 
 
 def test_small_rank_graphs_where_tables_are_wider(setup, tmp_path, monkeypatch):
-    """Tables laid out for ranks above 16 (--max-lora-rank 32): decode steps whose adapters
-    all have ranks <= 16 replay graphs with the fused kernel's tiles, the others keep the
-    two launches (a rank-24 adapter's rows in a 16-row fused tile would lose rows 16-23).
-    The same tokens and logprobs as without the fused kernel either way."""
+    """Tables laid out for ranks above 16 (--max-lora-rank 64): decode steps whose adapters
+    all have ranks <= 16 (--lora-fused-max-rank) replay graphs with the fused kernel's
+    tiles, the others keep the two launches (a rank-24 adapter's rows in a 16-row fused
+    tile would lose rows 16-23). The same tokens and logprobs as without the fused kernel
+    either way."""
     import loraserve.kernels.lora as lora
     from loraserve.adapters.peft import make_random_adapter
     from loraserve.config import ModelConfig
@@ -383,17 +384,23 @@ def test_small_rank_graphs_where_tables_are_wider(setup, tmp_path, monkeypatch):
         graphs = engine.runner.graphs
         counts.update(steps=graphs.steps, small=graphs.small_steps, rank=graphs.small_rank)
 
-    common = dict(group_tile_cost=1e9, lora_backend="triton", max_lora_rank=32)
-    for names in (["a", None, "b", "a", None], ["a", "c", "b", "a", None]):
+    common = dict(group_tile_cost=1e9, lora_backend="triton", max_lora_rank=64)
+    with_c = ["a", "c", "b", "a", None]
+    # --lora-fused-max-rank 32: the rank-24 adapter's steps fused too (tile shapes of 8, 16
+    # and 32 rank rows in one launch)
+    for names, limit in ((["a", None, "b", "a", None], 16), (with_c, 16), (with_c, 32)):
         plain, _ = run(model_dir, adapters, 8, names, prompts, lora_fused_decode=False, **common)
         assert not fused
         ranks.clear()
-        got, _ = run(model_dir, adapters, 8, names, prompts, inspect=inspect, **common)
+        got, _ = run(
+            model_dir, adapters, 8, names, prompts, inspect=inspect, lora_fused_max_rank=limit,
+            **common,
+        )  # fmt: skip
         for a, b in zip(plain, got, strict=True):
             assert a.token_ids == b.token_ids
             for la, lb in zip(a.logprobs, b.logprobs, strict=True):
                 assert max(abs(la[t] - lb[t]) for t in la) < 1e-5
-        assert counts["rank"] == 16 and 0 < counts["small"] and fused and set(fused) == {16}
-        assert counts["small"] == sum(r <= 16 for r in ranks)
-        assert (24 in ranks) == ("c" in names)  # its steps: two launches
+        assert counts["rank"] == limit and 0 < counts["small"] and set(fused) == {limit}
+        assert counts["small"] == sum(r <= limit for r in ranks)
+        assert (24 in ranks) == ("c" in names)  # with limit 16 its steps: two launches
         fused.clear()

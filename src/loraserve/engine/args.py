@@ -127,6 +127,12 @@ class EngineArgs:
         "captured for them too. On an H200, S1 (rank 8) at n = 2000: 0.940 of base with "
         "--max-lora-rank 64, 0.896 without it; at rank 64 it lost. Triton LoRA kernels only",
     )
+    lora_fused_max_rank: int = _opt(
+        16,
+        "the largest rank of a decode step's adapters at which --lora-fused-decode applies "
+        "(16 is what was measured faster on an H200; 32 and above not yet). Triton LoRA "
+        "kernels only",
+    )
     overlap_admission: bool = _opt(
         True,
         "also queue ahead a step that admits prompts: its decode rows read the tokens the "
@@ -286,6 +292,7 @@ class EngineArgs:
             lora_side_stream=self.lora_side_stream,
             lora_rank_pack=self.lora_rank_pack,
             lora_fused_decode=self.lora_fused_decode,
+            lora_fused_max_rank=self.lora_fused_max_rank,
             prefill_graphs=self._prefill_graphs(graph_batch),
             mixed_decode_graphs=int(
                 self._with_graphs(

@@ -28,7 +28,13 @@ import torch
 
 from loraserve.kernels.attention import _block_m, decode_num_splits
 from loraserve.kernels.host import next_power_of_2
-from loraserve.kernels.lora import _fused_tiles, _num_sms, _pick_tiles, fuses_decode
+from loraserve.kernels.lora import (
+    FUSED_MAX_RANK,
+    _fused_tiles,
+    _num_sms,
+    _pick_tiles,
+    fuses_decode,
+)
 from loraserve.memory.adapter_cache import AdapterCache
 from loraserve.memory.pool import PageKind, PagePool
 from loraserve.model.batch import ForwardBatch, LoRAInputs
@@ -64,14 +70,19 @@ def prefill_shapes(
 
 
 def decode_batch_sizes(
-    linears: list[PackedLinear], max_rank: int, max_seqs: int, num_sms: int, fused: bool = False
+    linears: list[PackedLinear],
+    max_rank: int,
+    max_seqs: int,
+    num_sms: int,
+    fused: bool = False,
+    fused_max_rank: int = FUSED_MAX_RANK,
 ) -> list[int]:
-    """One decode batch size per distinct LoRA matrix-vector tile choice (``fused``: the
-    batches' LoRABatch.fused_decode)."""
+    """One decode batch size per distinct LoRA matrix-vector tile choice (``fused``,
+    ``fused_max_rank``: the batches' LoRABatch.fused_decode and fused_max_rank)."""
     seen: dict[tuple, int] = {}
     shapes = _shapes(linears)
     for s in range(1, max_seqs + 1):
-        seen.setdefault(_lora_key(shapes, max_rank, 1, s, num_sms, fused), s)
+        seen.setdefault(_lora_key(shapes, max_rank, 1, s, num_sms, fused, fused_max_rank), s)
     return sorted(seen.values())
 
 
@@ -82,6 +93,7 @@ def _lora_key(
     segments: int,
     num_sms: int,
     fused: bool = False,
+    fused_max_rank: int = FUSED_MAX_RANK,
 ) -> tuple:
     """The compile-time part of every layer's LoRA tiles. split_k is a runtime int, of which
     Triton specialises only == 1 and % 16 == 0; the decode expand kernel also sums the
@@ -89,7 +101,7 @@ def _lora_key(
     runtime int it does not specialise at all."""
     key = []
     for in_features, n_targets, max_out in shapes:
-        if fuses_decode(fused, seg_len, max_rank):
+        if fuses_decode(fused, seg_len, max_rank, fused_max_rank):
             shape = (max_rank, segments, in_features, n_targets, max_out, num_sms)
             key.append((_fused_tiles(*shape)._replace(fused=1), None))
             continue
@@ -142,7 +154,9 @@ def precompile(
             forwards += 1
         if eager_decode_max > 0:
             fused = adapter_cache.fused_decode if lora else False
-            for s in decode_batch_sizes(linears, max(max_rank, 1), eager_decode_max, sms, fused):
+            limit = adapter_cache.fused_max_rank if lora else FUSED_MAX_RANK
+            rank = max(max_rank, 1)
+            for s in decode_batch_sizes(linears, rank, eager_decode_max, sms, fused, limit):
                 probe.run([1] * s, max_seq_len=1)
                 forwards += 1
             q = torch.empty(1, attn.num_heads, attn.head_dim, device=device)

@@ -88,6 +88,8 @@ _EXPAND_PROGRAMS_PER_SM = 16
 _EXPAND_PROGRAMS_PER_SM_PACKED = 2
 _EXPAND_MAX_N_GROUP = 8
 _DECODE_BLOCK_N = 512
+# Fused decode (LoRATiles.fused): up to this max rank (LoRABatch.fused_max_rank's default)
+FUSED_MAX_RANK = 16
 _PERSISTENT_PROGRAMS_PER_SM = 8  # persistent grids (LoRABatch.tile_count): programs per SM
 GROUP_TILE_ROWS = 16  # rows per tile of a grouped decode batch (LoRABatch.grouped_rows)
 
@@ -127,6 +129,7 @@ class LoRABatch:
     # Small ranks only: there the boundary between two launches costs about as much as
     # either kernel; at rank 64 (S2's mixed ranks) the fused programs ran 1.5-1.8x slower.
     fused_decode: bool = False
+    fused_max_rank: int = FUSED_MAX_RANK  # ... up to this max_rank (the engine's option)
 
     def __post_init__(self) -> None:
         num_slots, num_layers = self.ranks.shape[:2]
@@ -1100,7 +1103,8 @@ def pick_tiles(
         r_pad = _r_pad(batch.max_rank)
         shape = (batch.grouped_rows, in_features, n_targets, max_out, num_sms)
         return _grouped_tiles(r_pad, *shape)
-    if fuses_decode(batch.fused_decode, batch.max_seg_len, batch.max_rank):
+    fused = (batch.fused_decode, batch.max_seg_len, batch.max_rank, batch.fused_max_rank)
+    if fuses_decode(*fused):
         shape = (batch.max_rank, batch.num_segments, in_features, n_targets, max_out, num_sms)
         return _fused_tiles(*shape)
     shape = (batch.max_rank, batch.max_seg_len, batch.num_segments)
@@ -1188,9 +1192,8 @@ def _decode_tiles(
     )  # fmt: skip
 
 
-# Fused decode (LoRATiles.fused): up to this max rank; fp32 values in a program's shrink
-# accumulator (64 a thread at 2 warps), which sets BLOCK_K by the rank.
-FUSED_MAX_RANK = 16
+# fp32 values in a fused decode program's shrink accumulator (64 a thread at 2 warps), which
+# sets BLOCK_K by the rank
 _FUSED_ACC_ELEMS = 4096
 _FUSED_MIN_CLASS = 8  # rank rows of the fused kernel's smallest tile shape (fused_rank_classes)
 
@@ -1206,9 +1209,12 @@ def fused_rank_classes(block_r: int) -> int:
     return classes
 
 
-def fuses_decode(fused_decode: bool, max_seg_len: int, max_rank: int) -> bool:
-    """Whether a batch's LoRA runs in one fused launch per call (LoRABatch.fused_decode)."""
-    return fused_decode and max_seg_len == 1 and max_rank <= FUSED_MAX_RANK
+def fuses_decode(
+    fused_decode: bool, max_seg_len: int, max_rank: int, limit: int = FUSED_MAX_RANK
+) -> bool:
+    """Whether a batch's LoRA runs in one fused launch per call (LoRABatch.fused_decode, up
+    to LoRABatch.fused_max_rank: ``limit``)."""
+    return fused_decode and max_seg_len == 1 and max_rank <= limit
 
 
 @functools.lru_cache(maxsize=4096)

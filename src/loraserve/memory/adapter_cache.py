@@ -41,7 +41,7 @@ import torch
 
 from loraserve.adapters.peft import LoRAWeights
 from loraserve.config import LORA_TARGETS, ModelConfig, target_mask
-from loraserve.kernels.lora import LoRABatch
+from loraserve.kernels.lora import FUSED_MAX_RANK, LoRABatch
 from loraserve.memory.pool import PageKind, PagePool
 
 logger = logging.getLogger(__name__)
@@ -125,6 +125,7 @@ class AdapterCache:
         self.row_align = 8 if all(w % 8 == 0 for w in widths) else 1
         self.rank_pack = False  # LoRABatch.rank_pack of the batches made here (the engine's)
         self.fused_decode = False  # ... and LoRABatch.fused_decode
+        self.fused_max_rank = FUSED_MAX_RANK  # ... and LoRABatch.fused_max_rank
         shape = (max_loras, model.num_hidden_layers, len(LORA_TARGETS))
         self.row_offsets = torch.zeros((*shape, 2, max_rank), dtype=torch.int64, device=self.device)
         self.ranks = torch.zeros(shape, dtype=torch.int32, device=self.device)
@@ -216,6 +217,7 @@ class AdapterCache:
             row_align=self.row_align,
             rank_pack=self.rank_pack,
             fused_decode=self.fused_decode,
+            fused_max_rank=self.fused_max_rank,
         )
 
     # ---- loading and eviction -------------------------------------------------------
