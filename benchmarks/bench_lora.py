@@ -84,16 +84,24 @@ class Result:
 
 
 def _row_offsets(num_slots: int, rank: int, g: torch.Generator, stride: int) -> torch.Tensor:
-    """int64 [num_slots, 1, 7, 2, rank]: rows ``stride`` elements apart, in random order."""
-    num_rows = num_slots * 7 * 2 * rank
+    """int64 [num_slots, LAYERS, 7, 2, rank]: rows ``stride`` elements apart, in random
+    order."""
+    num_rows = num_slots * LAYERS * 7 * 2 * rank
     perm = torch.randperm(num_rows, generator=g) * stride
-    return perm.view(num_slots, 1, 7, 2, rank).cuda()
+    return perm.view(num_slots, LAYERS, 7, 2, rank).cuda()
 
 
 # --pool-gb: spread the rows over a pool this large (the engine's pool shares ~118 GB with
 # the KV cache), to see whether reads scattered that wide cost more (GPU TLB reach) than the
 # same reads from a pool of just the adapters.
 POOL_BYTES: int | None = None
+# --layers (sweeps): each case's adapters in this many layers of rows of their own, and
+# each timing one call per layer in turn (reported per call), so the adapters read between
+# two reads of one row outgrow the H200's 50 MB L2 as in a decode step, where every layer's
+# adapters come from HBM. 1 (session 16's sweeps and before): one layer, replayed, much of
+# it L2-resident between replays; session 16's tensor-core fused kernel won such a sweep by
+# 13% and lost in the engine.
+LAYERS = 1
 
 
 def make_case(
@@ -117,7 +125,7 @@ def make_case(
     g = torch.Generator().manual_seed(0)
     first_target, out_slices = CALLS[call]
     num_slots = num_distinct
-    num_rows = num_slots * 7 * 2 * rank
+    num_rows = num_slots * LAYERS * 7 * 2 * rank
     stride = HIDDEN
     if POOL_BYTES is not None:  # bf16 elements per row slot, a multiple of HIDDEN
         stride = max(HIDDEN, POOL_BYTES // 2 // num_rows // HIDDEN * HIDDEN)
@@ -140,7 +148,7 @@ def make_case(
         seg_slot=slots.to(torch.int32).cuda(),
         row_offsets=row_offsets,
         ranks=_ranks(num_slots, rank, rank_mix),
-        scalings=torch.full((num_slots, 1, 7), 0.5, device="cuda"),
+        scalings=torch.full((num_slots, LAYERS, 7), 0.5, device="cuda"),
         max_rank=rank,
         max_seg_len=max(seg_lens),
         num_segments=len(seg_lens),
@@ -163,9 +171,10 @@ def make_case(
 
 def _ranks(num_slots: int, rank: int, rank_mix: tuple[int, ...]) -> torch.Tensor:
     if not rank_mix:
-        return torch.full((num_slots, 1, 7), rank, dtype=torch.int32, device="cuda")
+        return torch.full((num_slots, LAYERS, 7), rank, dtype=torch.int32, device="cuda")
     per_slot = torch.tensor([rank_mix[i % len(rank_mix)] for i in range(num_slots)])
-    return per_slot.to(torch.int32)[:, None, None].expand(num_slots, 1, 7).contiguous().cuda()
+    ranks = per_slot.to(torch.int32)[:, None, None].expand(num_slots, LAYERS, 7)
+    return ranks.contiguous().cuda()
 
 
 def adapter_floor_us(case: Case) -> float:
@@ -424,13 +433,22 @@ def _variants(
 
 
 def _time_variant(case: Case, tiles: LoRATiles) -> tuple[float, float]:
-    """(shrink us, expand us) of one call with the given tiles, graph replays."""
-    head = (case.x, case.pool, case.batch, 0, case.first_target, len(case.out_slices), tiles)
-    v = _shrink(*head)
-    tail = (case.y, v, case.pool, case.batch, 0, case.first_target, case.out_slices, tiles)
-    shrink_ms = triton.testing.do_bench_cudagraph(lambda: _shrink(*head), return_mode="median")
-    expand_ms = triton.testing.do_bench_cudagraph(lambda: _expand(*tail), return_mode="median")
-    return shrink_ms * 1e3, expand_ms * 1e3
+    """(shrink us, expand us) of one call with the given tiles, graph replays (a call per
+    layer in turn, LAYERS)."""
+    x, pool, b, t0, nt = case.x, case.pool, case.batch, case.first_target, len(case.out_slices)
+    v = _shrink(x, pool, b, 0, t0, nt, tiles)
+
+    def shrinks() -> None:
+        for layer in range(LAYERS):
+            _shrink(x, pool, b, layer, t0, nt, tiles)
+
+    def expands() -> None:  # (v of layer 0 for every layer: the values do not matter)
+        for layer in range(LAYERS):
+            _expand(case.y, v, pool, b, layer, t0, case.out_slices, tiles)
+
+    shrink_ms = triton.testing.do_bench_cudagraph(shrinks, return_mode="median")
+    expand_ms = triton.testing.do_bench_cudagraph(expands, return_mode="median")
+    return shrink_ms * 1e3 / LAYERS, expand_ms * 1e3 / LAYERS
 
 
 def sweep(args: argparse.Namespace, save=lambda rows: None) -> list[dict]:
@@ -503,12 +521,16 @@ FUSED_KNOBS = {
 
 
 def _time_apply(case: Case, tiles: LoRATiles) -> float:
-    """Device us of one whole lora_apply_triton call (graph replays)."""
-    args = case.args()
-    ms = triton.testing.do_bench_cudagraph(
-        lambda: lora_apply_triton(*args, tiles=tiles), return_mode="median"
-    )
-    return ms * 1e3
+    """Device us of one whole lora_apply_triton call (graph replays, a call per layer in
+    turn: LAYERS)."""
+    head, tail = case.args()[:4], case.args()[5:]
+
+    def calls() -> None:
+        for layer in range(LAYERS):
+            lora_apply_triton(*head, layer, *tail, tiles=tiles)
+
+    ms = triton.testing.do_bench_cudagraph(calls, return_mode="median")
+    return ms * 1e3 / LAYERS
 
 
 def fused_decode(args: argparse.Namespace, num_sms: int, save=lambda rows: None) -> list[dict]:
@@ -674,6 +696,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--pool-gb", type=float, default=None, help="spread adapter rows over a pool this large"
     )
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=1,
+        help="with --sweep: each case's adapters in this many layers, each timing a call per "
+        "layer in turn (more adapter bytes than L2 holds, as in a decode step); default 1",
+    )
     return p.parse_args()
 
 
@@ -682,8 +711,9 @@ def main() -> None:
     args = parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_lora needs a CUDA GPU")
-    global POOL_BYTES
+    global POOL_BYTES, LAYERS
     POOL_BYTES = None if args.pool_gb is None else int(args.pool_gb * 2**30)
+    LAYERS = args.layers
     if args.sweep:
         host_us = host_overhead(args)
 

@@ -226,6 +226,7 @@ for part in "$@"; do
       tar czf "$OUT/profile_io.tgz" -C "$OUT" prof && rm -r "$OUT/prof" ;;
     lora_sweep)
       timeout "${SWEEP_TIMEOUT:-400}" python benchmarks/bench_lora.py --sweep ${SWEEP_PHASES:+--phases "$SWEEP_PHASES"} \
+        ${SWEEP_LAYERS:+--layers "$SWEEP_LAYERS"} \
         --out "$OUT/bench_lora_sweep.json" \
         2>&1 | grep -v Warning | grep -E "^rank_cl" ;
       python benchmarks/sweep_best.py "$OUT/bench_lora_sweep.json" ;;
