@@ -27,10 +27,13 @@ a column past its target's rank is masked (never loaded, never stored, never rea
 The shrink may split the input features over ``split_k`` programs; each writes its own
 partial sum into v [split_k, T, n_targets * R_PAD] and the expand adds the partials.
 
-Decode batches of ranks <= 16 (``LoRABatch.fused_decode``, the engine's default) run both
-in one launch instead: a program per (token, target) computes v in registers over the whole
-of K and then expands it (``_fused_decode_kernel``); at such ranks the boundary between two
-launches costs about as much as either kernel.
+Decode batches of ranks <= 16 (``LoRABatch.fused_decode``, up to ``fused_max_rank``; the
+engine's default) run both in one launch instead: a program per (token, target) computes v
+in registers over the whole of K and then expands it (``_fused_decode_kernel``); at such
+ranks the boundary between two launches costs about as much as either kernel. Each program
+takes the tile shape of its own rank's class (8, 16, ... rank rows; ``fused_rank_classes``).
+The engine's decode graphs give a step this form whenever its adapters' ranks allow,
+whatever the page tables' width (engine/graphs.py, ``DecodeGraphs.small_rank``).
 
 Two kernel forms, picked by ``max_seg_len`` (Punica's BGMV/SGMV, S-LoRA's MBGMV/MBGMM):
 decode (every segment one token) uses matrix-vector programs without tl.dot; prefill tiles
