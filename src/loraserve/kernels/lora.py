@@ -127,7 +127,7 @@ class LoRABatch:
     # Decode form: the expand reads several output tiles' B^T rows of a small rank in one
     # load (LoRATiles.rank_pack).
     rank_pack: bool = False
-    # Decode form with max_rank <= 16: shrink and expand in one launch
+    # Decode form with max_rank <= fused_max_rank: shrink and expand in one launch
     # (_fused_decode_kernel), a program per (row, target) that keeps its v in registers.
     # Small ranks only: there the boundary between two launches costs about as much as
     # either kernel; at rank 64 (S2's mixed ranks) the fused programs ran 1.5-1.8x slower.
@@ -899,7 +899,7 @@ def _fused_decode_kernel(
 def _fused_row(
     y_ptr,
     pool_ptr,
-    table,  # the (segment's adapter, layer, target)'s A row offsets; B^T's table_rank on
+    table,  # the (adapter, layer, target)'s A row offsets, its B^T ones table_rank after
     table_rank,
     x_row,
     tok,
