@@ -165,8 +165,18 @@ for part in "$@"; do
         timeout 100 python benchmarks/decode_probe.py --points 224x420x224 --ranks 32 \
           --max-lora-rank 64 --lora-fused-max-rank $m --out "$OUT/probe_r32_fused$m.json" 2>&1 \
           | grep -E '^(\{|engine)' | sed -E 's/, "(adapter_bytes|decode_ratio[a-z_]*|steps|context)": [0-9.e+-]+//g'
-        timeout 100 python benchmarks/decode_probe.py --points 224x420x224 --ranks 64,32,16,8 \
+        timeout 150 python benchmarks/decode_probe.py --points 224x420x224,251x420x92 \
+          --ranks 64,32,16,8 --no-group-lora-rows \
           --lora-fused-max-rank $m --out "$OUT/probe_s2_fused$m.json" 2>&1 \
+          | grep -E '^(\{|engine)' | sed -E 's/, "(adapter_bytes|decode_ratio[a-z_]*|steps|context)": [0-9.e+-]+//g'
+      done ;;
+    probe_s4_fused)  # S4 n = 5's decode batch (13B, 29 rows on 5 adapters, ranks 16-64):
+      # grouped (default), per row fused up to rank 64, per row in two launches
+      for v in grouped fused64 rows; do
+        case $v in grouped) o=() ;; fused64) o=(--no-group-lora-rows --lora-fused-max-rank 64) ;;
+          rows) o=(--no-group-lora-rows) ;; esac
+        timeout 150 python benchmarks/decode_probe.py --model llama-13b --points 29x260x5 \
+          --ranks 64,32,16 ${o[@]+"${o[@]}"} --out "$OUT/probe_s4n5_$v.json" 2>&1 \
           | grep -E '^(\{|engine)' | sed -E 's/, "(adapter_bytes|decode_ratio[a-z_]*|steps|context)": [0-9.e+-]+//g'
       done ;;
     probe_fused)  # LoRA's extra decode time, one launch per call (default; ranks <= 16)
