@@ -170,6 +170,13 @@ for part in "$@"; do
           --lora-fused-max-rank $m --out "$OUT/probe_s2_fused$m.json" 2>&1 \
           | grep -E '^(\{|engine)' | sed -E 's/, "(adapter_bytes|decode_ratio[a-z_]*|steps|context)": [0-9.e+-]+//g'
       done ;;
+    probe_r32_small)  # rank-32 rows at 8, 32 and 224 rows on their own adapters, tables for
+      # 32: fused (--lora-fused-max-rank 32) against two launches (16, the default)
+      for m in 16 32; do
+        timeout 120 python benchmarks/decode_probe.py --points 8x260x8,32x260x32,224x420x224 \
+          --ranks 32 --max-lora-rank 32 --lora-fused-max-rank $m --out "$OUT/probe_r32s_fused$m.json" 2>&1 \
+          | grep -E '^(\{|engine)' | sed -E 's/, "(adapter_bytes|decode_ratio[a-z_]*|steps|context|seconds|[a-z_]*so_far)": [0-9.e+-]+//g'
+      done ;;
     probe_s4_fused)  # S4 n = 5's decode batch (13B, 29 rows on 5 adapters, ranks 16-64):
       # grouped (default), per row fused up to rank 64, per row in two launches
       for v in grouped fused64 rows; do
@@ -229,6 +236,19 @@ for part in "$@"; do
         --steps 20 --mixed-prompts 5 --mixed-reps 5 --mixed-decode-graphs 64 --no-overlap \
         --out-dir "$OUT/prof" 2>&1 | grep '^{'
       tar czf "$OUT/${part}.tgz" -C "$OUT" prof && rm -r "$OUT/prof" ;;
+    mixed_s1_width)  # mixed_s1's LoRA half on tables for rank 8 and for 64 (the server's
+      # default width): what prompt rows' LoRA tiles at r_pad 64 cost rank-8 adapters
+      for w in 8 64; do
+        timeout 200 python benchmarks/profile_step.py --model llama-7b --batches 237 --ranks 8 \
+          --max-lora-rank $w --context 430 --steps 20 --mixed-prompts 5 --mixed-reps 5 \
+          --mixed-decode-graphs 64 --no-overlap --scenarios lora --out-dir "$OUT/prof$w" \
+          2>&1 | grep '^{' | cut -c1-1200
+        mv "$OUT/prof$w/profile_mixed_lora_b237.txt" "$OUT/mixed_w$w.txt"; rm -rf "$OUT/prof$w"
+      done ;;
+    s1n10000)  # ANCHORS: 10,000 adapters registered, >= 2,000 distinct served in one run
+      # (S1 saturates near 31 req/s: 35 req/s for 90 s, cut at 100 s, ~2,600 distinct)
+      bench 300 --setting S1 -n 10000 --rate 35 --duration 90 --time-limit 100 \
+        --out "$OUT/bench_S1_n10000_r35.json" ;;
     profile_io)  # mixed steps with the adapter I/O threads idle vs packing (contention?)
       timeout 240 python benchmarks/profile_step.py --model llama-7b --batches 240 --context 256 \
         --steps 10 --mixed-prompts 4 --scenarios lora --io-load --io-steps 5 \

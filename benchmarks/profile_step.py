@@ -43,7 +43,7 @@ def build(args: argparse.Namespace):
         device=args.device,
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_model_len=args.context + args.steps + 64,
-        max_lora_rank=max(args.ranks),
+        max_lora_rank=args.max_lora_rank or max(args.ranks),
         max_loras=max(max(args.batches), 8),
         cuda_graph_max_batch=max(args.batches),
         max_num_batched_tokens=args.max_num_batched_tokens,
@@ -292,6 +292,12 @@ def main() -> None:
     )
     parser.add_argument("--scenarios", default="base,lora", help="base,lora | lora | base")
     parser.add_argument("--ranks", default="64,32,16,8")
+    parser.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=None,
+        help="engine option: the adapter tables' width (default: the largest of --ranks)",
+    )
     parser.add_argument("--targets", default="q_proj,k_proj,v_proj,o_proj")
     parser.add_argument("--max-num-batched-tokens", type=int, default=8192)
     parser.add_argument(
