@@ -238,10 +238,12 @@ for part in "$@"; do
       tar czf "$OUT/${part}.tgz" -C "$OUT" prof && rm -r "$OUT/prof" ;;
     mixed_s1_width)  # mixed_s1's LoRA half on tables for rank 8 and for 64 (the server's
       # default width): what prompt rows' LoRA tiles at r_pad 64 cost rank-8 adapters
-      for w in 8 64; do
+      # (..._eager: the mixed step's decode rows eager, the engine's default)
+      for w in 8 64 8_eager 64_eager; do
+        g=(--mixed-decode-graphs 64); if [[ $w == *_eager ]]; then g=(); fi
         timeout 200 python benchmarks/profile_step.py --model llama-7b --batches 237 --ranks 8 \
-          --max-lora-rank $w --context 430 --steps 20 --mixed-prompts 5 --mixed-reps 5 \
-          --mixed-decode-graphs 64 --no-overlap --scenarios lora --out-dir "$OUT/prof$w" \
+          --max-lora-rank ${w%_eager} --context 430 --steps 20 --mixed-prompts 5 --mixed-reps 5 \
+          ${g[@]+"${g[@]}"} --no-overlap --scenarios lora --out-dir "$OUT/prof$w" \
           2>&1 | grep '^{' | cut -c1-1200
         mv "$OUT/prof$w/profile_mixed_lora_b237.txt" "$OUT/mixed_w$w.txt"; rm -rf "$OUT/prof$w"
       done ;;

@@ -321,7 +321,9 @@ def main() -> None:
     args.targets = args.targets.split(",")
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
     engine = build(args)
+    print(json.dumps({"engine_ready_s": round(time.perf_counter() - start, 1)}), flush=True)
     results = []
     for batch in args.batches:
         for lora in (s == "lora" for s in args.scenarios.split(",")):

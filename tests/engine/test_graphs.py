@@ -404,3 +404,46 @@ def test_small_rank_graphs_where_tables_are_wider(setup, tmp_path, monkeypatch):
         assert counts["small"] == sum(r <= limit for r in ranks)
         assert (24 in ranks) == ("c" in names)  # with limit 16 its steps: two launches
         fused.clear()
+
+
+def test_eager_steps_take_tiles_for_their_adapters_ranks(setup, tmp_path, monkeypatch):
+    """Tables laid out for ranks up to 64 (the server's default), every step eager: a prompt
+    or decode part whose adapters all have ranks <= 16 runs tiles for 16 rank rows (its
+    decode rows the fused kernel), a part with the rank-24 adapter tiles for 64 (16 would
+    drop its rank rows 16-23). The same tokens and logprobs as the torch reference."""
+    import loraserve.kernels.lora as lora
+    from loraserve.adapters.peft import make_random_adapter
+    from loraserve.config import ModelConfig
+
+    model_dir, adapters = setup
+    config = ModelConfig.from_dir(model_dir)
+    wide = make_random_adapter(tmp_path / "c", config, 24, ["q_proj"], seed=3)
+    adapters = {**adapters, "c": wide}
+    prompts = [[5, 6, 7], [9] * 12, [30, 31], [44, 45, 46, 47], [8, 8]]
+    seen = []  # (max_rank, decode part, fused) of every triton LoRA call
+    real = lora.pick_tiles
+
+    def pick_tiles(batch, *args):
+        tiles = real(batch, *args)
+        seen.append((batch.max_rank, batch.max_seg_len == 1, tiles.fused > 0))
+        return tiles
+
+    monkeypatch.setattr(lora, "pick_tiles", pick_tiles)
+    for names, widths in (
+        (["a", None, "b", "a", None], {16}),
+        (["a", "c", "b", "a", None], {16, 64}),
+    ):
+        ref, _ = run(model_dir, adapters, 0, names, prompts, lora_backend="torch", max_lora_rank=64)
+        assert not seen
+        got, _ = run(
+            model_dir, adapters, 0, names, prompts, lora_backend="triton", max_lora_rank=64
+        )
+        for a, b in zip(ref, got, strict=True):
+            assert a.token_ids == b.token_ids
+            for la, lb in zip(a.logprobs, b.logprobs, strict=True):
+                assert max(abs(la[t] - lb[t]) for t in la) < 1e-4
+        assert {rank for rank, _, _ in seen} == widths
+        for decode in (False, True):  # prompt parts and decode parts both narrowed
+            assert any(rank == 16 and d == decode for rank, d, _ in seen)
+        assert all(fused == (d and rank == 16) for rank, d, fused in seen)
+        seen.clear()

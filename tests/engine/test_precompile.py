@@ -82,3 +82,29 @@ def test_precompile_probes_leave_the_engine_unchanged(tiny_model_factory, tmp_pa
         assert plain.token_ids == probed.token_ids
         for a, b in zip(plain.logprobs, probed.logprobs, strict=True):
             assert a.keys() == b.keys() and max(abs(a[t] - b[t]) for t in a) < 1e-5
+
+
+def test_precompile_probes_the_narrow_tiles_too(tiny_model_factory, monkeypatch):
+    """Tables for ranks up to 64: steps whose adapters all have ranks <= 16 run tiles for 16
+    (AdapterCache.width_for), so every prompt and eager decode variant is compiled for both
+    widths; tables for 16 have no narrower width."""
+    from loraserve.engine import precompile as module
+
+    seen = []
+    real = module._Probe.run
+
+    def run(self, q_lens, max_seq_len, max_rank=None):
+        seen.append((max_rank, max(q_lens) > 1))
+        return real(self, q_lens, max_seq_len, max_rank)
+
+    monkeypatch.setattr(module._Probe, "run", run)
+    model_dir = tiny_model_factory()
+    for width, widths in ((64, {64, 16}), (16, {16})):
+        engine = EngineArgs(
+            model=str(model_dir), dtype="float32", lora_backend="triton", max_lora_rank=width
+        ).create_engine()
+        assert engine.adapter_cache.small_rank == (16 if width > 16 else 0)
+        precompile(engine.model, engine.pool, engine.adapter_cache, "triton", 16, 64, 32, 4, 4)
+        for prompt in (True, False):
+            assert {rank for rank, p in seen if p == prompt} == widths
+        seen.clear()

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from loraserve.config import ALL_TARGETS, QKVO_TARGETS
-from loraserve.kernels.lora import GROUP_TILE_ROWS, LoRABatch, fuses_decode
+from loraserve.kernels.lora import GROUP_TILE_ROWS, LoRABatch
 from loraserve.memory.adapter_cache import AdapterCache
 from loraserve.memory.kv_cache import kv_slot
 from loraserve.model.batch import ForwardBatch, LoRAInputs
@@ -202,9 +202,7 @@ class DecodeGraphs:
         # (probe, same call), and S1 at n = 2000 0.940 of base against 0.896 (same trace).
         triton = lora_backend in ("auto", "triton") and adapter_cache.max_loras > 0
         small = triton and adapter_cache.fused_decode
-        limit = adapter_cache.fused_max_rank
-        small = small and not fuses_decode(True, 1, adapter_cache.max_rank, limit)
-        self.small_rank = limit if small else 0
+        self.small_rank = adapter_cache.small_rank if small else 0
         self.small_steps = 0  # steps that replayed the small-rank graphs
         self._rows = np.arange(max_batch, dtype=np.int64)
         self.steps = 0  # decode steps served by the padded path

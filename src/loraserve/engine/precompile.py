@@ -146,19 +146,23 @@ def precompile(
     try:
         probe = _Probe(model, page[0], block_size, adapter_cache if lora else None, device)
         longest = min(max_model_len - 1, max_num_batched_tokens)
-        shapes = prefill_shapes(
-            linears, group, max(max_rank, 1), longest, max_num_seqs, max_num_batched_tokens, sms
-        )
-        for n, seqs in shapes:
-            probe.run([n] + [2] * (seqs - 1), max_seq_len=n)
-            forwards += 1
+        # steps whose adapters all fit a narrower width run tiles for it (width_for)
+        small = adapter_cache.small_rank if lora else 0
+        widths = [max(max_rank, 1)] + ([small] if small else [])
+        for rank in widths:
+            shapes = prefill_shapes(
+                linears, group, rank, longest, max_num_seqs, max_num_batched_tokens, sms
+            )
+            for n, seqs in shapes:
+                probe.run([n] + [2] * (seqs - 1), max_seq_len=n, max_rank=rank)
+                forwards += 1
         if eager_decode_max > 0:
             fused = adapter_cache.fused_decode if lora else False
             limit = adapter_cache.fused_max_rank if lora else FUSED_MAX_RANK
-            rank = max(max_rank, 1)
-            for s in decode_batch_sizes(linears, rank, eager_decode_max, sms, fused, limit):
-                probe.run([1] * s, max_seq_len=1)
-                forwards += 1
+            for rank in widths:
+                for s in decode_batch_sizes(linears, rank, eager_decode_max, sms, fused, limit):
+                    probe.run([1] * s, max_seq_len=1, max_rank=rank)
+                    forwards += 1
             q = torch.empty(1, attn.num_heads, attn.head_dim, device=device)
             if decode_num_splits(q, attn.k_cache, 1, 1, max_model_len) > 1:
                 probe.run([1], max_seq_len=max_model_len)  # the split-KV decode kernels
@@ -191,7 +195,7 @@ class _Probe:
         self.cache = adapter_cache
         self.device = device
 
-    def run(self, q_lens: list[int], max_seq_len: int) -> None:
+    def run(self, q_lens: list[int], max_seq_len: int, max_rank: int | None = None) -> None:
         tokens = sum(q_lens)
         starts = [0]
         for n in q_lens:
@@ -206,7 +210,7 @@ class _Probe:
         lora = None
         if self.cache is not None:
             meta = self.cache.lora_batch(
-                t(starts, torch.int32), t([-1] * len(q_lens), torch.int32), max(q_lens)
+                t(starts, torch.int32), t([-1] * len(q_lens), torch.int32), max(q_lens), max_rank
             )
             lora = LoRAInputs(self.cache.pool.buffer.view(-1), meta, "triton")
         batch = ForwardBatch(

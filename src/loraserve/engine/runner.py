@@ -178,14 +178,18 @@ class ModelRunner:
             return None
         metas = []
         targets = 0
-        slot_targets = self.adapter_cache.slot_targets
+        cache = self.adapter_cache
+        slot_targets = cache.slot_targets
         for k, (seg_start, seg_slot) in enumerate(segments):
             longest = max(b - a for a, b in zip(seg_start, seg_start[1:], strict=False))
             starts, slots = tensors[2 * k], tensors[2 * k + 1]
-            metas.append(self.adapter_cache.lora_batch(starts, slots, longest))
+            # tiles for the part's own ranks where the tables are wider (not for the padded
+            # bmm ablation, which pads every adapter to the tables' width)
+            width = None if self.lora_backend == "bmm" else cache.width_for(seg_slot)
+            metas.append(cache.lora_batch(starts, slots, longest, width))
             for slot in set(seg_slot):
                 targets |= slot_targets[slot]
-        pool = self.adapter_cache.pool.buffer.view(-1)
+        pool = cache.pool.buffer.view(-1)
         second = metas[1] if len(metas) > 1 else None
         return LoRAInputs(pool, metas[0], self.lora_backend, second, targets)
 

@@ -32,7 +32,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -201,17 +201,23 @@ class AdapterCache:
         adapter.refcount -= 1
 
     def lora_batch(
-        self, seg_start: torch.Tensor, seg_slot: torch.Tensor, max_seg_len: int
+        self,
+        seg_start: torch.Tensor,
+        seg_slot: torch.Tensor,
+        max_seg_len: int,
+        max_rank: int | None = None,
     ) -> LoRABatch:
         """A step's LoRA metadata over this cache's tables: segment s is token rows
-        seg_start[s] .. seg_start[s + 1] with the adapter in slot seg_slot[s] (-1: none)."""
+        seg_start[s] .. seg_start[s + 1] with the adapter in slot seg_slot[s] (-1: none).
+        ``max_rank``: the kernels' tiles for ranks up to it (default: the tables' width;
+        narrower only where every adapter in the segments fits it, see ``width_for``)."""
         return LoRABatch(
             seg_start=seg_start,
             seg_slot=seg_slot,
             row_offsets=self.row_offsets,
             ranks=self.ranks,
             scalings=self.scalings,
-            max_rank=self.max_rank,
+            max_rank=self.max_rank if max_rank is None else max_rank,
             max_seg_len=max_seg_len,
             num_segments=seg_slot.shape[0],
             row_align=self.row_align,
@@ -219,6 +225,25 @@ class AdapterCache:
             fused_decode=self.fused_decode,
             fused_max_rank=self.fused_max_rank,
         )
+
+    @property
+    def small_rank(self) -> int:
+        """A narrower tile width for steps whose adapters all have ranks up to it, where the
+        tables are wider (0: none): the fused decode kernel's limit (16 by default), or 16
+        (the prompt kernels' narrowest, tl.dot's minimum) without it. Rank-8 adapters in
+        tables for rank 64 (the server's default) otherwise run tiles of 64 rank rows, most
+        of them masked: session 17 on an H200, a mixed step of 237 decode rows and 5 prompts
+        of 430 tokens, prompt LoRA 3.63 ms against 2.69 in tables for rank 8."""
+        width = self.fused_max_rank if self.fused_decode else 16
+        return width if width < self.max_rank else 0
+
+    def width_for(self, slots: Iterable[int]) -> int:
+        """The ``max_rank`` of a LoRABatch over the adapters in ``slots``: ``small_rank``
+        where each has ranks up to it, else the tables' width."""
+        small = self.small_rank
+        if small and max((self.slot_ranks[s] for s in slots), default=0) <= small:
+            return small
+        return self.max_rank
 
     # ---- loading and eviction -------------------------------------------------------
 
