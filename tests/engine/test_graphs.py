@@ -8,6 +8,7 @@ import torch
 
 from loraserve.config import LORA_TARGETS
 from loraserve.engine.args import EngineArgs
+from loraserve.engine.engine import LLMEngine
 from loraserve.engine.graphs import DecodeGraphs, capture_sizes
 from loraserve.memory.pool import PageKind
 from loraserve.request import SamplingParams
@@ -299,6 +300,8 @@ def test_lora_rank_pack_gives_the_same_tokens(setup, monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(lora, "_expand", expand)
+    # no start-up compiles on CUDA: their probes of tiles for small ranks pack by default
+    monkeypatch.setattr(LLMEngine, "_precompile", lambda self: None)
     # (fused decode off: these ranks would run the fused kernel's small-rank graphs)
     common = dict(group_tile_cost=1e9, lora_backend="triton", lora_fused_decode=False)
     plain, _ = run(model_dir, adapters, 8, names, prompts, **common)
@@ -429,6 +432,7 @@ def test_eager_steps_take_tiles_for_their_adapters_ranks(setup, tmp_path, monkey
         return tiles
 
     monkeypatch.setattr(lora, "pick_tiles", pick_tiles)
+    monkeypatch.setattr(LLMEngine, "_precompile", lambda self: None)  # (CUDA) probes of both
     for names, widths in (
         (["a", None, "b", "a", None], {16}),
         (["a", "c", "b", "a", None], {16, 64}),

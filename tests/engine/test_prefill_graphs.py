@@ -206,3 +206,26 @@ def test_prefill_graphs_with_an_abort(graph_setup):
         outs.append(drive(engine, requests, {4: abort}))
     assert_same(outs[1], outs[0])
     assert len(outs[0]["2"].token_ids) < requests[2][1].max_tokens  # the abort cut it short
+
+
+def test_prefill_graphs_with_tiles_for_small_ranks(graph_setup, tmp_path):
+    """Tables for ranks up to 64 (the default): each bucket is also captured with LoRA tiles
+    for ranks up to 16, which replays whose adapters all have ranks <= 16 take ("a" rank 4,
+    "b" rank 8); a replay with the rank-24 adapter "c" takes the full width (16-row tiles
+    would drop its rank rows 16-23). The outputs of the torch reference, eager."""
+    from loraserve.adapters.peft import make_random_adapter
+    from loraserve.config import ModelConfig
+
+    model_dir, adapters = graph_setup
+    config = ModelConfig.from_dir(model_dir)
+    wide = make_random_adapter(tmp_path / "c", config, 24, ["q_proj", "down_proj"], seed=3)
+    setup = (model_dir, {**adapters, "c": wide})
+    requests = workload(n=8, seed=2)
+    requests = [(p, s, "c" if i % 4 == 3 else a) for i, (p, s, a) in enumerate(requests)]
+    plain = drive(make_engine(setup, False, lora_backend="torch"), requests, {})
+    engine = make_engine(setup, True, lora_backend="triton", max_num_seqs=2)
+    graphs = engine.runner.prefill_graphs
+    assert graphs.widths == [64, 16]
+    got = drive(engine, requests, {})
+    assert_same(got, plain)
+    assert 0 < graphs.small_steps < graphs.steps

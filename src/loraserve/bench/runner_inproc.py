@@ -470,14 +470,16 @@ def allocator_counts(device) -> dict[str, int] | None:
 def forward_passes(engine: LLMEngine) -> dict[str, int]:
     """Forward passes so far by kind: decode graph replays (of which with LoRA rows grouped
     by adapter, and of which the small-rank graphs' fused LoRA), prefill graph replays (a
-    step may make several), eager passes; and the steps that computed prompt tokens."""
+    step may make several; of which with LoRA tiles for small ranks), eager passes; and
+    the steps that computed prompt tokens."""
     runner = engine.runner
-    graphs = runner.graphs
+    graphs, prefill = runner.graphs, runner.prefill_graphs
     return {
         "decode_graph": graphs.steps if graphs is not None else 0,
         "decode_graph_grouped": graphs.grouped_steps if graphs is not None else 0,
         "decode_graph_small_rank": graphs.small_steps if graphs is not None else 0,
-        "prefill_graph": runner.prefill_graphs.steps if runner.prefill_graphs is not None else 0,
+        "prefill_graph": prefill.steps if prefill is not None else 0,
+        "prefill_graph_small_rank": prefill.small_steps if prefill is not None else 0,
         "eager": runner.eager_passes,
         "prompt_steps": runner.prompt_steps,
     }

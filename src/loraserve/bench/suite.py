@@ -504,7 +504,8 @@ def format_run(where: str, r: dict[str, Any]) -> str:
             f", forward passes: decode graph {passes['decode_graph']} "
             f"({passes.get('decode_graph_grouped', 0)} grouped, "
             f"{passes.get('decode_graph_small_rank', 0)} small-rank), prefill graph "
-            f"{passes['prefill_graph']}, eager {passes['eager']}; steps with prompt rows "
+            f"{passes['prefill_graph']} ({passes.get('prefill_graph_small_rank', 0)} "
+            f"small-rank), eager {passes['eager']}; steps with prompt rows "
             f"{passes.get('prompt_steps', '-')}"
         )
     loads = r.get("adapter_loads") or {}
