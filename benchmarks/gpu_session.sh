@@ -38,6 +38,11 @@
 #               --no-lora-fused-decode (SWEEP_PHASES=fused lora_sweep: the kernels alone)  (3)
 #   probe_fused32  the probe with --lora-fused-max-rank 16, 32, 64: rank-32 rows and S2's  (5)
 #   probe_rank  the probe at S1's batch, engines with --max-lora-rank 8, 16 and 64       (3)
+#   probe_r32_small  rank-32 rows at 8, 32 and 224 rows, fused at 32 against two launches (1.5)
+#   probe_s4_fused  S4 n = 5's batch: grouped, per row fused up to 64, per row two launches (2)
+#   mixed_s1_width  mixed_s1's LoRA half on tables for 8 and 64, decode rows graphed and
+#               eager: prompt rows' LoRA tiles at the server's default width            (3)
+#   s1n10000    S1 with 10,000 adapters registered, 35 req/s for 90 s (~2,700 served)  (2.5)
 #   probe_s1_side  the probe at S1's saturated batch, with and without --lora-side-stream (3)
 #   profile128  profile_step.py at batch 128, with and without adapters           (2)
 #   profile224  the same at batch 224, context 420 (S2 n=2000's decode steps)      (3)
