@@ -77,6 +77,7 @@ def test_driver_end_to_end(engine_args):
     passes = result["forward_passes"]  # no graphs on the CPU: every pass eager, one a step
     assert passes["decode_graph"] == passes["prefill_graph"] == 0
     assert passes["decode_graph_grouped"] == passes["decode_graph_small_rank"] == 0
+    assert passes["prefill_graph_small_rank"] == 0
     assert passes["eager"] == sum(steps[k]["steps"] for k in ("decode", "mixed", "changed"))
     # a step with prompt rows is one where a request got its first token
     assert steps["mixed"]["steps"] == passes["prompt_steps"]

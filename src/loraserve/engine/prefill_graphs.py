@@ -101,7 +101,9 @@ class PrefillGraphs:
         # default) otherwise run 64-row tiles. Session 17 on an H200, 5 prompts of 430
         # tokens beside 237 decode rows (eager): prompt LoRA 3.63 ms in tables for rank 64
         # against 2.69 in tables for rank 8.
-        small = adapter_cache.small_rank if adapter_cache.max_loras else 0
+        # (not for the padded bmm ablation, which pads every adapter to the tables' width)
+        padded = lora_backend == "bmm" or not adapter_cache.max_loras
+        small = 0 if padded else adapter_cache.small_rank
         self.widths = [adapter_cache.max_rank] + ([small] if small else [])
         self._static: dict[tuple[int, int], _Static] = {}  # by (tokens, width)
         self.steps = 0  # replays (or padded eager passes) this served
