@@ -148,6 +148,8 @@ class LLMEngine:
         self.adapter_cache.rank_pack = config.lora_rank_pack
         self.adapter_cache.fused_decode = config.lora_fused_decode
         self.adapter_cache.fused_max_rank = config.lora_fused_max_rank
+        # the padded bmm ablation pads every adapter to the tables' width
+        self.adapter_cache.narrow_tiles = config.lora_backend != "bmm"
         self.adapters = AdapterManager(
             self.adapter_store, self.adapter_cache, threads=config.lora.io_threads
         )

@@ -276,10 +276,7 @@ class DecodeGraphs:
 
     def step_rank(self, requests: list[Request]) -> int:
         """The largest rank of the step's adapters (0: none)."""
-        ranks = self.cache.slot_ranks
-        return max(
-            (ranks[r.adapter_slot] for r in requests if r.adapter_slot is not None), default=0
-        )
+        return self.cache.slots_rank(r.adapter_slot for r in requests if r.adapter_slot is not None)
 
     @staticmethod
     def _select(static: _Static, targets: int, form: int) -> None:

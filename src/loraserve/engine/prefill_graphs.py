@@ -71,7 +71,6 @@ class _Static:
     turn: int = 0
     logits: torch.Tensor | None = None  # [S, vocab] fp32
     graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)  # by LoRA targets
-    width: int = 0  # the LoRA tiles' max_rank: the tables' width or AdapterCache.small_rank
 
 
 class PrefillGraphs:
@@ -101,9 +100,7 @@ class PrefillGraphs:
         # default) otherwise run 64-row tiles. Session 17 on an H200, 5 prompts of 430
         # tokens beside 237 decode rows (eager): prompt LoRA 3.63 ms in tables for rank 64
         # against 2.69 in tables for rank 8.
-        # (not for the padded bmm ablation, which pads every adapter to the tables' width)
-        padded = lora_backend == "bmm" or not adapter_cache.max_loras
-        small = 0 if padded else adapter_cache.small_rank
+        small = adapter_cache.small_rank if adapter_cache.max_loras else 0
         self.widths = [adapter_cache.max_rank] + ([small] if small else [])
         self._static: dict[tuple[int, int], _Static] = {}  # by (tokens, width)
         self.steps = 0  # replays (or padded eager passes) this served
@@ -246,7 +243,7 @@ class PrefillGraphs:
             lora=LoRAInputs(self.cache.pool.buffer.view(-1), meta, self.lora_backend),
             attn_tiles=i32(2 * maps["attn_map"][0]).view(-1, 2),
         )
-        return _Static(tokens, maps, layout, batch, inputs, hosts, width=width)
+        return _Static(tokens, maps, layout, batch, inputs, hosts)
 
     def _unpack(self, static: _Static) -> None:
         """Device-side: the int32 inputs from the int64 buffer (captured in the graph)."""

@@ -183,9 +183,8 @@ class ModelRunner:
         for k, (seg_start, seg_slot) in enumerate(segments):
             longest = max(b - a for a, b in zip(seg_start, seg_start[1:], strict=False))
             starts, slots = tensors[2 * k], tensors[2 * k + 1]
-            # tiles for the part's own ranks where the tables are wider (not for the padded
-            # bmm ablation, which pads every adapter to the tables' width)
-            width = None if self.lora_backend == "bmm" else cache.width_for(seg_slot)
+            # tiles for the part's own ranks where the tables are wider
+            width = cache.width_for(seg_slot)
             metas.append(cache.lora_batch(starts, slots, longest, width))
             for slot in set(seg_slot):
                 targets |= slot_targets[slot]

@@ -126,6 +126,8 @@ class AdapterCache:
         self.rank_pack = False  # LoRABatch.rank_pack of the batches made here (the engine's)
         self.fused_decode = False  # ... and LoRABatch.fused_decode
         self.fused_max_rank = FUSED_MAX_RANK  # ... and LoRABatch.fused_max_rank
+        # False: every batch takes tiles for the tables' width (the padded bmm ablation)
+        self.narrow_tiles = True
         shape = (max_loras, model.num_hidden_layers, len(LORA_TARGETS))
         self.row_offsets = torch.zeros((*shape, 2, max_rank), dtype=torch.int64, device=self.device)
         self.ranks = torch.zeros(shape, dtype=torch.int32, device=self.device)
@@ -235,15 +237,17 @@ class AdapterCache:
         of them masked: session 17 on an H200, a mixed step of 237 decode rows and 5 prompts
         of 430 tokens, prompt LoRA 3.63 ms against 2.69 in tables for rank 8."""
         width = self.fused_max_rank if self.fused_decode else 16
-        return width if width < self.max_rank else 0
+        return width if self.narrow_tiles and width < self.max_rank else 0
+
+    def slots_rank(self, slots: Iterable[int]) -> int:
+        """The largest rank of the adapters in ``slots`` (0: none)."""
+        return max((self.slot_ranks[s] for s in slots), default=0)
 
     def width_for(self, slots: Iterable[int]) -> int:
         """The ``max_rank`` of a LoRABatch over the adapters in ``slots``: ``small_rank``
         where each has ranks up to it, else the tables' width."""
         small = self.small_rank
-        if small and max((self.slot_ranks[s] for s in slots), default=0) <= small:
-            return small
-        return self.max_rank
+        return small if small and self.slots_rank(slots) <= small else self.max_rank
 
     # ---- loading and eviction -------------------------------------------------------
 
