@@ -30,6 +30,9 @@
 #   s2n2000_side   default vs --lora-side-stream, and base                        (6)
 #   s2n2000_pack   default vs --lora-rank-pack vs --lora-side-stream, and base     (8)
 #   overlap_tests  test_overlap.py and test_graphs.py on CUDA, output to a file      (2)
+#   copy_wait   loads finished on their I/O thread while the engine waits (the default)
+#               against --no-adapter-copy-in-wait: the CUDA tests, S2 n=2000 at R=10
+#               and saturated, one trace each                                      (6)
 #   gpu_tests   tests/kernels/test_lora.py and the graph-path engine tests on CUDA, output
 #               to a file (over 5 min since session 15's fused tests)             (6-8)
 #   probe_grouped  the probe at S4 n = 5's and a grouped S2 batch, the grouped K split
@@ -117,6 +120,14 @@ for part in "$@"; do
         tests/kernels/test_lora.py tests/engine/test_graphs.py tests/engine/test_prefill_graphs.py \
         tests/engine/test_overlap.py > "$OUT/gpu_tests.txt" 2>&1
       grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gpu_tests.txt" | tail -15 ;;
+    copy_wait)  # session 18: AdapterManager.device_wait, on against off, one trace each
+      LORASERVE_TEST_DEVICE=cuda timeout 120 python -m pytest -q tests/engine/test_adapter_io.py \
+        tests/engine/test_overlap.py -k "device_wait or packed_while or copy_in_wait" 2>&1 \
+        | grep -E "^(FAILED|ERROR)|passed|failed" | tail -8
+      bench 200 --setting S2 -n 2000 --rate 10 --duration 20 --time-limit 30 \
+        --variant 'nowait=--no-adapter-copy-in-wait' --out "$OUT/bench_S2_n2000_r10_wait.json"
+      bench 330 --setting S2 -n 2000 --rate 60 --duration 60 --time-limit 60 \
+        --variant 'nowait=--no-adapter-copy-in-wait' --out "$OUT/bench_S2_n2000_r60_wait.json" ;;
     s2n2000_pg)  # prompt rows as graph replays too (--prefill-graphs), on one trace
       bench 560 --setting S2 -n 2000 --rate 40 --duration 50 --baselines base \
         --time-limit 70 --variant 'pg=--prefill-graphs' \

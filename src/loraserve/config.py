@@ -316,6 +316,9 @@ class LoRAConfig:
     prefetch: int = 16  # adapters of queued requests to prefetch per step
     adapter_pool_bytes: int | None = None
     io_threads: int | None = None  # threads reading and packing adapters; None: by cores
+    # an I/O thread that packs an adapter while the engine thread waits for the device loads
+    # it into the pool too (AdapterManager.device_wait); False: the engine thread does
+    copy_in_wait: bool = True
 
     def __post_init__(self) -> None:
         if self.max_loras <= 0:

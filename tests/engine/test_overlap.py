@@ -498,11 +498,14 @@ def test_time_device_gives_the_device_time_of_each_collected_step(setup):
         assert all(t is None for t in timings)
 
 
-def test_an_adapter_packed_while_a_step_computes_gets_its_pages_in_that_step(setup):
+@pytest.mark.parametrize("in_wait", [True, False])
+def test_an_adapter_packed_while_a_step_computes_gets_its_pages_in_that_step(setup, in_wait):
     """A queued request's adapter whose packing finishes while the device computes a step
-    is given its pool pages and copy once that step's results are in, not at the next
-    step's prefetch (which runs after the next step's admission has looked)."""
-    engine = warm_adapters(make_engine(setup, overlap=True))
+    is given its pool pages and copy within that step, not at the next step's prefetch
+    (which runs after the next step's admission has looked): by the I/O thread that packed
+    it, while the engine thread waits for the step (adapter_copy_in_wait, the default), or
+    else by the engine thread once the step's results are in."""
+    engine = warm_adapters(make_engine(setup, overlap=True, adapter_copy_in_wait=in_wait))
     engine.adapter_cache.evict("b")
     gate = threading.Event()
     pack = engine.adapters._pack
@@ -514,15 +517,24 @@ def test_an_adapter_packed_while_a_step_computes_gets_its_pages_in_that_step(set
     engine.step()
     assert engine.adapters.stage("b") == "reading"
     collect = engine.runner.collect
+    in_collect = []
+    thread_loads = engine.adapters.thread_loads
 
     def collect_after_b_is_packed(pending):
+        future = engine.adapters._fetching["b"]
         gate.set()
-        engine.adapters._fetching["b"].result(timeout=30)
+        future.result(timeout=30)
+        in_collect.append(engine.adapters.stage("b"))
         return collect(pending)
 
     engine.runner.collect = collect_after_b_is_packed
     engine.step()
     assert engine.adapters.stage("b") in ("copying", "ready")
+    if in_wait:
+        assert in_collect[0] in ("copying", "ready")
+        assert engine.adapters.thread_loads == thread_loads + 1
+    else:
+        assert in_collect[0] == "packed" and engine.adapters.thread_loads == thread_loads
     engine.runner.collect = collect
     outs = {}
     while engine.has_unfinished():

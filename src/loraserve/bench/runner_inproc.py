@@ -260,6 +260,7 @@ class InprocDriver:
         self._io0 = self.engine.adapters.io_seconds
         self._loads0 = len(self.engine.adapters.load_times.records)
         self._no_room0 = self.engine.adapters.no_room
+        self._thread_loads0 = self.engine.adapters.thread_loads
         self._staging0 = self.engine.adapter_cache.staging
         host0 = self.engine.adapter_store.stats
         pending = deque(self.requests)
@@ -446,6 +447,9 @@ class InprocDriver:
             "load_times": self.engine.adapters.load_times.as_dict(self._loads0),
             # Tries to load a packed adapter that found no room in the pool or the slots.
             "load_no_room": self.engine.adapters.no_room - self._no_room0,
+            # Loads given pages and copies by the I/O thread that packed them, while the
+            # engine thread waited for the device (AdapterManager.device_wait).
+            "loads_in_wait": self.engine.adapters.thread_loads - self._thread_loads0,
             # Host staging buffers made during the run (pinned on CUDA: slow to make).
             "staging_allocations": staging["allocations"] - self._staging0["allocations"],
             "staging_alloc_s": staging["seconds"] - self._staging0["seconds"],

@@ -526,6 +526,11 @@ def format_run(where: str, r: dict[str, Any]) -> str:
             )
             if loads.get("load_no_room") is not None:
                 line += f"; {loads['load_no_room']} tries found no room in the pool"
+            if loads.get("loads_in_wait") is not None:
+                line += (
+                    f"; {loads['loads_in_wait']} loaded by their I/O thread while the engine "
+                    "waited for the device"
+                )
     admission = r.get("admission") or {}
     if admission.get("admissions"):
         line += (

@@ -5,7 +5,10 @@
         --engine thread: pages, tables, side-stream copy--> pool pages (AdapterCache) --> ready
 
 The engine thread does only the page allocation and the copy launches (a few per page); the
-reading, generating and packing of weights run on ``IO_THREADS`` background threads.
+reading, generating and packing of weights run on ``IO_THREADS`` background threads. While
+the engine thread waits for the device (``device_wait``), an I/O thread that finishes packing
+takes the engine thread's part too: the load gets its pages and its copy then, not at the
+engine thread's next look (after the step: on average half a step later).
 
 ``ensure(name)`` is non-blocking: it starts whatever step is missing and says whether the
 adapter is ready on the device now. The scheduler admits a request only when its adapter is
@@ -15,12 +18,13 @@ adapters of queued requests while the device computes a step.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -98,6 +102,7 @@ class AdapterManager:
         cache: AdapterCache,
         background: bool = True,
         threads: int | None = None,  # None: IO_THREADS
+        copy_in_wait: bool = True,
     ) -> None:
         self.store = store
         self.cache = cache
@@ -107,7 +112,7 @@ class AdapterManager:
             if background
             else None
         )
-        self._fetching: dict[str, Future[PackedAdapter]] = {}
+        self._fetching: dict[str, Future[PackedAdapter | None]] = {}
         # packed adapters whose load found no room (no slot or pages free of the protected)
         self._held: dict[str, PackedAdapter] = {}
         self._failed: dict[str, str] = {}
@@ -121,6 +126,14 @@ class AdapterManager:
         # protected and the pinned): what a long "packed" phase waits for, if not the engine
         # thread's next look
         self.no_room = 0
+        # Who may touch the cache, the pool and this manager's state: the engine thread holds
+        # this lock except inside ``device_wait``, where an I/O thread that has packed an
+        # adapter takes it to load the adapter itself (``_pack_and_load``).
+        self.copy_in_wait = copy_in_wait and self._executor is not None
+        self._engine_away = threading.Lock()
+        self._engine_away.acquire()
+        self._wait_names: list[str] = []  # device_wait's order of need (protects earlier ones)
+        self.thread_loads = 0  # loads given pages and copies on an I/O thread
 
     def __contains__(self, name: str) -> bool:
         return name in self.store
@@ -217,6 +230,48 @@ class AdapterManager:
             except AdapterLoadError:
                 continue  # reported to the request when it is scheduled
 
+    @contextlib.contextmanager
+    def device_wait(self, names: list[str]) -> Iterator[None]:
+        """For the engine thread, around a wait for the device that touches no adapter
+        state: an I/O thread that finishes packing an adapter meanwhile loads it (pages,
+        tables, copy launch) as ``ensure(name, protect)`` would, ``protect`` being the
+        adapters before it in ``names`` (all of them if it is not in ``names``). Leaving
+        waits for a load under way on an I/O thread (page allocation and copy launches)."""
+        if not self.copy_in_wait:
+            yield
+            return
+        self._wait_names = names
+        self._engine_away.release()
+        try:
+            yield
+        finally:
+            self._engine_away.acquire()
+
+    def _pack_and_load(
+        self, name: str, ticket: list[Future[PackedAdapter | None]]
+    ) -> PackedAdapter | None:
+        """On an I/O thread: pack ``name``; if the engine thread is in ``device_wait``, load
+        it too and return None (the engine thread's next ``ensure`` finds it resident, or
+        packed in ``_held`` if it found no room); otherwise return the packed adapter for
+        the engine thread's next ``ensure``. ``ticket`` holds this load's future."""
+        packed = self._pack(name)
+        if not self.copy_in_wait or not self._engine_away.acquire(blocking=False):
+            return packed
+        try:
+            if self._fetching.get(name) is not ticket[0]:
+                return packed  # forgotten meanwhile: the engine thread's callback discards it
+            del self._fetching[name]
+            self._held[name] = packed
+            names = self._wait_names
+            protect = names[: names.index(name)] if name in names else names
+            with contextlib.suppress(AdapterLoadError):  # (kept in _failed for the engine)
+                self.ensure(name, protect)
+            if name in self.cache:
+                self.thread_loads += 1
+            return None
+        finally:
+            self._engine_away.release()
+
     def _packed(self, name: str) -> PackedAdapter | None:
         """The packed host copy if available now; otherwise start making it, return None."""
         held = self._held.pop(name, None)
@@ -227,7 +282,10 @@ class AdapterManager:
             self._mark(name, 0)
             if self._executor is None:
                 return self._read(name)
-            self._fetching[name] = self._executor.submit(self._pack, name)
+            ticket: list[Future[PackedAdapter | None]] = []
+            future = self._executor.submit(self._pack_and_load, name, ticket)
+            ticket.append(future)  # (before an I/O thread can look: this thread holds the lock)
+            self._fetching[name] = future
             return None
         if not future.done():
             return None
@@ -282,8 +340,8 @@ class AdapterManager:
         if name in self.cache:
             self.cache.evict(name)
 
-    def _discard(self, future: Future[PackedAdapter]) -> None:
-        if future.exception() is None:
+    def _discard(self, future: Future[PackedAdapter | None]) -> None:
+        if future.exception() is None and future.result() is not None:
             self.cache.discard(future.result())
 
     def clear_failure(self, name: str) -> None:
@@ -291,6 +349,7 @@ class AdapterManager:
 
     def shutdown(self) -> None:
         if self._executor is not None:
+            self.copy_in_wait = False  # (no I/O thread loads anything from now)
             self._executor.shutdown(wait=True, cancel_futures=True)
         self._fetching.clear()
         self._held.clear()

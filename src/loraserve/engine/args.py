@@ -180,6 +180,12 @@ class EngineArgs:
         "threads that read (or generate) and pack adapters in the background; default: "
         "half the CPU cores, 2 to 8",
     )
+    adapter_copy_in_wait: bool = _opt(
+        True,
+        "an I/O thread that finishes packing an adapter while the engine thread waits for "
+        "the device gives it pool pages and starts its copy itself, instead of leaving that "
+        "to the engine thread after the step",
+    )
     seed: int = _opt(
         0, "seed of the sampler for requests without their own seed", flag="engine-seed"
     )
@@ -285,6 +291,7 @@ class EngineArgs:
                 prefetch=self.adapter_prefetch,
                 adapter_pool_bytes=self.adapter_pool_bytes,
                 io_threads=self.adapter_io_threads,
+                copy_in_wait=self.adapter_copy_in_wait,
             ),
             lora_backend=self.lora_backend,
             cuda_graph_max_batch=graph_batch,

@@ -151,8 +151,12 @@ class LLMEngine:
         # the padded bmm ablation pads every adapter to the tables' width
         self.adapter_cache.narrow_tiles = config.lora_backend != "bmm"
         self.adapters = AdapterManager(
-            self.adapter_store, self.adapter_cache, threads=config.lora.io_threads
+            self.adapter_store,
+            self.adapter_cache,
+            threads=config.lora.io_threads,
+            copy_in_wait=config.lora.copy_in_wait,
         )
+        self._prefetch_names: list[str] = []  # the latest _prefetch's, in order of need
         self.scheduler = Scheduler(config.scheduler, self.kv, self.adapters)
         self.last_step = StepTiming(0.0, 0.0, 0.0, 0.0, 0.0)  # of the latest step()
         # A decode step launched behind the one the latest step() returned (overlap_steps).
@@ -402,7 +406,10 @@ class LLMEngine:
         # The device is computing: bring the queue's adapters closer meanwhile.
         self._prefetch()
         t3 = clock()
-        result = self.runner.collect(pending)
+        # Adapters packed while the device computes get their pages and copies on the I/O
+        # threads that packed them.
+        with self.adapters.device_wait(self._prefetch_names):
+            result = self.runner.collect(pending)
         t4 = clock()
         self._device_time(pending)
         # Loads packed while the device computed get their pages and copies now, so the
@@ -427,7 +434,8 @@ class LLMEngine:
 
     def _prefetch(self) -> None:
         """Move the loads of the queue's first ``lora.prefetch`` adapters on."""
-        self.adapters.prefetch(self.scheduler.waiting_adapters(self.config.lora.prefetch))
+        self._prefetch_names = self.scheduler.waiting_adapters(self.config.lora.prefetch)
+        self.adapters.prefetch(self._prefetch_names)
 
     def _launch_next(self, pending: PendingStep) -> tuple[ScheduledBatch, PendingStep] | None:
         """Overlapped decode: enqueue the graphed decode step after ``pending`` before
