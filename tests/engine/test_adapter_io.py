@@ -163,3 +163,24 @@ def test_adapter_copy_in_wait_is_an_engine_option(tiny_model_factory):
             assert engine.adapters.copy_in_wait is value
         finally:
             engine.shutdown()
+
+
+def test_an_error_in_an_io_threads_load_is_raised_on_the_engine_thread():
+    manager, gates = gated_manager()
+    try:
+        manager.ensure("a")
+        future = manager._fetching["a"]
+
+        def broken_load(*args, **kwargs):
+            raise RuntimeError("a bug in the load")
+
+        manager.cache.load = broken_load
+        with pytest.raises(RuntimeError, match="I/O thread failed.*a bug in the load"):
+            with manager.device_wait(["a"]):
+                gates["a"].set()
+                with pytest.raises(RuntimeError, match="a bug in the load"):
+                    future.result(timeout=30)
+        with manager.device_wait(["a"]):  # raised once
+            pass
+    finally:
+        manager.shutdown()

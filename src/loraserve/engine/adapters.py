@@ -133,6 +133,7 @@ class AdapterManager:
         self._engine_away = threading.Lock()
         self._engine_away.acquire()
         self._wait_names: list[str] = []  # device_wait's order of need (protects earlier ones)
+        self._load_error: BaseException | None = None  # raised by an I/O thread's load
         self.thread_loads = 0  # loads given pages and copies on an I/O thread
 
     def __contains__(self, name: str) -> bool:
@@ -236,7 +237,9 @@ class AdapterManager:
         state: an I/O thread that finishes packing an adapter meanwhile loads it (pages,
         tables, copy launch) as ``ensure(name, protect)`` would, ``protect`` being the
         adapters before it in ``names`` (all of them if it is not in ``names``). Leaving
-        waits for a load under way on an I/O thread (page allocation and copy launches)."""
+        waits for a load under way on an I/O thread (page allocation and copy launches),
+        and raises what such a load raised other than AdapterLoadError (a bug, or a CUDA
+        error), as the engine thread's own load would have."""
         if not self.copy_in_wait:
             yield
             return
@@ -246,6 +249,9 @@ class AdapterManager:
             yield
         finally:
             self._engine_away.acquire()
+        error, self._load_error = self._load_error, None
+        if error is not None:
+            raise RuntimeError(f"an adapter load on an I/O thread failed: {error!r}") from error
 
     def _pack_and_load(
         self, name: str, ticket: list[Future[PackedAdapter | None]]
@@ -264,8 +270,13 @@ class AdapterManager:
             self._held[name] = packed
             names = self._wait_names
             protect = names[: names.index(name)] if name in names else names
-            with contextlib.suppress(AdapterLoadError):  # (kept in _failed for the engine)
+            try:
                 self.ensure(name, protect)
+            except AdapterLoadError:
+                pass  # kept in _failed: the engine thread's next ensure reports it
+            except BaseException as e:
+                self._load_error = e  # for the engine thread, when its wait ends
+                raise
             if name in self.cache:
                 self.thread_loads += 1
             return None
