@@ -49,6 +49,7 @@ def test_sweep_writes_json_and_png(tiny_model, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "n=4 rate=10 separate:" in err and "decode step" in err
     assert "admission: " in err and " requests (" in err and "waiting for its adapter" in err
+    assert "; engine started in " in err
 
 
 def test_one_engine_serves_a_sweep_and_its_base_runs(tiny_model, tmp_path, monkeypatch):
@@ -80,6 +81,9 @@ def test_one_engine_serves_a_sweep_and_its_base_runs(tiny_model, tmp_path, monke
         if runs["loraserve"]["decode"]["decode_steps"] and runs["base"]["decode"]["decode_steps"]:
             extra = runs["loraserve"]["lora_extra"]  # decode time over base's, vs adapter bytes
             assert extra["adapter_floor_ms"] > 0 and "extra_over_adapter_floor" in extra
+    # The start-up is recorded where it was paid: the first run's; the others reused it.
+    assert first["loraserve"]["engine_start_s"] > 0
+    assert first["base"]["engine_start_s"] is second["loraserve"]["engine_start_s"] is None
 
 
 def test_rate_sweep_to_stdout_with_plot(tiny_model, tmp_path, capsys):

@@ -21,6 +21,7 @@ import logging
 import platform
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -154,18 +155,22 @@ def _run_point(
         if "base" in config.baselines:
             done("base", _http_run(config, base, "base", model, files))
     else:
-        run = _drive_engine(config, engines.get(config.engine), workload, requests, "loraserve")
-        done("loraserve", run)
+
+        def drive(args: EngineArgs, reqs: list[BenchRequest], label: str) -> dict[str, Any]:
+            engine = engines.get(args)
+            result = _drive_engine(config, engine, workload, reqs, label)
+            return {**result, "engine_start_s": engines.start_s}
+
+        done("loraserve", drive(config.engine, requests, "loraserve"))
         for name, args in config.variants:
             label = f"loraserve:{name}"
-            done(label, _drive_engine(config, engines.get(args), workload, requests, label))
+            done(label, drive(args, requests, label))
         trace = tuple((r.trace.arrival, r.trace.input_len, r.trace.output_len) for r in base)
         for name, args in _engine_baselines(config, runs["loraserve"]["engine"]).items():
             if name == "base" and trace in base_runs:
                 done(name, base_runs[trace])
                 continue
-            variant = base if name == "base" else requests
-            done(name, _drive_engine(config, engines.get(args), workload, variant, name))
+            done(name, drive(args, base if name == "base" else requests, name))
             if name == "base":
                 base_runs[trace] = {**runs[name], "reused_from_n": workload.num_adapters}
     if "peft" in config.baselines and config.url:
@@ -286,6 +291,9 @@ class _Engines:
         self.args: EngineArgs | None = None
         self.engine: LLMEngine | None = None
         self.created = 0
+        # seconds the latest get() spent creating its engine (kernels compiled, graphs
+        # captured); None: it reused the engine before
+        self.start_s: float | None = None
 
     def __enter__(self) -> _Engines:
         return self
@@ -296,9 +304,12 @@ class _Engines:
     def get(self, args: EngineArgs) -> LLMEngine:
         if self.engine is not None and self._same(args):
             _reset(self.engine)
+            self.start_s = None
             return self.engine
         self.close()
+        start = time.perf_counter()
         self.engine, self.args = args.create_engine(), args
+        self.start_s = time.perf_counter() - start
         self.created += 1
         return self.engine
 
@@ -489,6 +500,8 @@ def format_run(where: str, r: dict[str, Any]) -> str:
             if isinstance(v, dict) and v["steps"]
         ]
         line += f"\n    steps: {', '.join(parts)}; outside steps {steps['outside_steps_s']:.1f} s"
+    if r.get("engine_start_s") is not None:
+        line += f"; engine started in {r['engine_start_s']:.1f} s"
     compiles = r.get("triton_compiles")
     if compiles:
         line += f", Triton compiles during the run {sum(compiles.values())}"
