@@ -3,6 +3,7 @@ engine thread waits for the device, the I/O thread that packed an adapter loads 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -55,9 +56,10 @@ def test_adapter_io_threads_is_an_engine_option(tiny_model_factory):
 TINY = ModelConfig(100, 24, 40, 3, 4, 2, 6)  # hidden 24, GQA 4/2 heads, intermediate 40
 
 
+@contextlib.contextmanager
 def gated_manager(max_loras=4, copy_in_wait=True):
     """An AdapterManager over a CPU pool with adapters a, b, c (rank 4, all targets) whose
-    generation waits for the returned gates."""
+    generation waits for the gates given with it; shut down on leaving."""
     cache = AdapterCache(PagePool(200, 100, torch.float32, "cpu"), TINY, max_loras, 8)
     store = AdapterStore(TINY, torch.float32, 1 << 30)
     gates = {}
@@ -71,12 +73,14 @@ def gated_manager(max_loras=4, copy_in_wait=True):
 
         store.register_generated(name, make, weights.nbytes)
     manager = AdapterManager(store, cache, threads=2, copy_in_wait=copy_in_wait)
-    return manager, gates
+    try:
+        yield manager, gates
+    finally:
+        manager.shutdown()
 
 
 def test_an_adapter_packed_during_a_device_wait_is_loaded_by_its_io_thread():
-    manager, gates = gated_manager()
-    try:
+    with gated_manager() as (manager, gates):
         assert not manager.ensure("a") and manager.stage("a") == "reading"
         future = manager._fetching["a"]
         with manager.device_wait(["a"]):
@@ -87,14 +91,11 @@ def test_an_adapter_packed_during_a_device_wait_is_loaded_by_its_io_thread():
         assert manager.ensure("a")
         assert [len(r) for r in manager.load_times.records] == [4]
         manager.cache.check_integrity()
-    finally:
-        manager.shutdown()
 
 
 @pytest.mark.parametrize("copy_in_wait", [True, False])
 def test_outside_a_device_wait_a_packed_adapter_waits_for_the_engine_thread(copy_in_wait):
-    manager, gates = gated_manager(copy_in_wait=copy_in_wait)
-    try:
+    with gated_manager(copy_in_wait=copy_in_wait) as (manager, gates):
         manager.ensure("a")
         future = manager._fetching["a"]
         gates["a"].set()
@@ -104,15 +105,12 @@ def test_outside_a_device_wait_a_packed_adapter_waits_for_the_engine_thread(copy
             with manager.device_wait(["a"]):
                 assert manager.stage("a") == "packed"
         assert manager.ensure("a") and manager.thread_loads == 0
-    finally:
-        manager.shutdown()
 
 
 @pytest.mark.parametrize("c_first", [False, True])
 def test_a_load_in_a_device_wait_evicts_none_of_the_adapters_needed_before_it(c_first):
     # room for two adapters: a and b resident and idle, c packed during the wait
-    manager, gates = gated_manager(max_loras=2)
-    try:
+    with gated_manager(max_loras=2) as (manager, gates):
         for name in "ab":
             gates[name].set()
             manager.ensure(name)
@@ -132,13 +130,10 @@ def test_a_load_in_a_device_wait_evicts_none_of_the_adapters_needed_before_it(c_
             assert manager.ensure("c", ["a"])  # the engine thread's next look: b makes room
             assert "a" in manager.cache and "b" not in manager.cache
         manager.cache.check_integrity()
-    finally:
-        manager.shutdown()
 
 
 def test_an_adapter_forgotten_while_it_packs_is_not_loaded_in_a_device_wait():
-    manager, gates = gated_manager()
-    try:
+    with gated_manager() as (manager, gates):
         manager.ensure("a")
         future = manager._fetching["a"]
         manager.forget("a")
@@ -149,8 +144,6 @@ def test_an_adapter_forgotten_while_it_packs_is_not_loaded_in_a_device_wait():
         assert "a" not in manager.cache and manager.thread_loads == 0
         assert len(manager.cache._staging._buffers) == spare + 1  # its buffer came back
         assert manager.cache.pool.num_used(PageKind.ADAPTER) == 0
-    finally:
-        manager.shutdown()
 
 
 def test_adapter_copy_in_wait_is_an_engine_option(tiny_model_factory):
@@ -166,8 +159,7 @@ def test_adapter_copy_in_wait_is_an_engine_option(tiny_model_factory):
 
 
 def test_an_error_in_an_io_threads_load_is_raised_on_the_engine_thread():
-    manager, gates = gated_manager()
-    try:
+    with gated_manager() as (manager, gates):
         manager.ensure("a")
         future = manager._fetching["a"]
 
@@ -182,5 +174,3 @@ def test_an_error_in_an_io_threads_load_is_raised_on_the_engine_thread():
                     future.result(timeout=30)
         with manager.device_wait(["a"]):  # raised once
             pass
-    finally:
-        manager.shutdown()
